@@ -1,0 +1,1 @@
+//! Links over rtnetlink: bridge, ports, addresses, policy routing (placeholder until it lands).

@@ -1,0 +1,1 @@
+//! policy -> nft model (placeholder until it lands).

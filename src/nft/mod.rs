@@ -1,0 +1,217 @@
+//! A small nftables ruleset model: the tables, sets, chains and rules brdivert owns.
+//!
+//! The model is deliberately high level (one variant per match or statement brdivert uses),
+//! so that both back ends stay simple and agree:
+//! - [`render`] prints it as nft text, exactly as `nft list table` prints it back;
+//! - [`netlink`] lowers it to kernel expressions and applies it in one transaction.
+//!
+//! [`compile`] builds it from the validated policy. Nothing else builds rulesets.
+
+pub mod compile;
+pub mod netlink;
+pub mod render;
+
+use std::net::IpAddr;
+
+use ipnet::{Ipv4Net, Ipv6Net};
+
+/// Name of every table brdivert owns (one per family it uses). Nothing else is touched.
+pub const TABLE_NAME: &str = "brdivert";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    Bridge,
+    Inet,
+}
+
+impl Family {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Bridge => "bridge",
+            Family::Inet => "inet",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ruleset {
+    pub tables: Vec<Table>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    pub family: Family,
+    pub name: String,
+    pub sets: Vec<Set>,
+    pub chains: Vec<Chain>,
+}
+
+/// The key type of a named set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetKind {
+    Ipv4Addr,
+    Ipv6Addr,
+    /// tcp/udp port (`inet_service`)
+    InetService,
+    /// interface name (`ifname`)
+    IfName,
+    EtherAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetElem {
+    V4(Ipv4Net),
+    V6(Ipv6Net),
+    /// inclusive port range; `lo == hi` is a single port
+    Ports(u16, u16),
+    IfName(String),
+    Ether([u8; 6]),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Set {
+    pub name: String,
+    pub kind: SetKind,
+    /// `flags interval`: prefixes and port ranges. Elements are already merged and sorted
+    /// (no overlaps), as the kernel requires.
+    pub interval: bool,
+    pub elements: Vec<SetElem>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Prerouting,
+    Input,
+    Forward,
+    Output,
+    Postrouting,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainType {
+    Filter,
+    Nat,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseChain {
+    pub kind: ChainType,
+    pub hook: Hook,
+    /// numeric priority; render prints the standard name when one matches (`filter`, `dstnat`, …)
+    pub priority: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    pub name: String,
+    /// `None` for a regular chain (a jump target).
+    pub base: Option<BaseChain>,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// All must hold, in this order (the order `nft list` prints).
+    pub matches: Vec<Match>,
+    /// Applied in order.
+    pub stmts: Vec<Stmt>,
+    /// Names the rule-file rule this came from.
+    pub comment: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    Src,
+    Dst,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L4 {
+    Tcp,
+    Udp,
+}
+
+impl L4 {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            L4::Tcp => "tcp",
+            L4::Udp => "udp",
+        }
+    }
+}
+
+/// One match expression. Set references name a set of the same table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Match {
+    /// `iifname @set` / `iifname != @set`
+    IifName { negate: bool, set: String },
+    /// `ether saddr @set`
+    EtherSaddr { set: String },
+    /// `vlan id N` (802.1Q tagged frames, bridge family)
+    VlanId(u16),
+    /// `meta l4proto tcp` — only needed where no port match implies it
+    L4Proto(L4),
+    /// `ip saddr @set`, `ip6 daddr != @set`, …
+    Addr {
+        family: IpFamily,
+        dir: Dir,
+        negate: bool,
+        set: String,
+    },
+    /// `tcp dport @set`, `udp sport != @set`, …
+    Port {
+        l4: L4,
+        dir: Dir,
+        negate: bool,
+        set: String,
+    },
+    /// `meta mark & MASK == VALUE`
+    Mark { mask: u32, value: u32 },
+    /// `socket transparent 1` (inet family: an established TPROXY socket exists)
+    SocketTransparent,
+}
+
+/// One statement (action). Verdicts come last.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stmt {
+    /// `counter`
+    Counter,
+    /// `meta mark set meta mark & KEEP | VALUE` — set our bits, keep everyone else's
+    MarkSetMasked {
+        keep: u32,
+        value: u32,
+    },
+    /// `meta mark set VALUE` — the whole mark (IPVS fwmark services match it exactly)
+    MarkSet(u32),
+    /// `meta pkttype set host` — the frame diverter's move, part 1
+    PkttypeSetHost,
+    /// `ether daddr set MAC` — the frame diverter's move, part 2 (the bridge's own MAC)
+    EtherDaddrSet([u8; 6]),
+    /// `meta broute set 1` — where the kernel has it, replaces the two above
+    BrouteSet,
+    /// `redirect to :PORT`
+    Redirect {
+        port: u16,
+    },
+    /// `tproxy ip to 127.0.0.1:3129` / `tproxy ip6 to [::1]:3129` / `tproxy ip to :3129`
+    Tproxy {
+        family: IpFamily,
+        addr: Option<IpAddr>,
+        port: u16,
+    },
+    Accept,
+    Drop,
+    Return,
+}
+
+impl Ruleset {
+    pub fn table(&self, family: Family) -> Option<&Table> {
+        self.tables.iter().find(|t| t.family == family)
+    }
+}

@@ -1,0 +1,1 @@
+//! netlink back end (nftnl + mnl): placeholder until it lands.

@@ -1,0 +1,1 @@
+//! The validated policy model (placeholder until it lands).

@@ -1,0 +1,1 @@
+//! Kernel capability probing (placeholder until it lands).

@@ -1,0 +1,1 @@
+//! Rule files (placeholder until it lands).

@@ -1,0 +1,336 @@
+//! Daemon settings (`/etc/brdivert/brdivert.toml`), loaded with the `config` crate: the file,
+//! then `BRDIVERT_*` environment overrides (`BRDIVERT_BRIDGE__NAME=br1`, lists comma-separated:
+//! `BRDIVERT_BRIDGE__PORTS=eth0,eth1`).
+
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::diag::{Diagnostic, Pos, Refused};
+
+pub const DEFAULT_PATH: &str = "/etc/brdivert/brdivert.toml";
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Rule files or glob patterns; relative paths are relative to the settings file.
+    #[serde(default = "default_rules")]
+    pub rules: Vec<String>,
+    pub bridge: BridgeSettings,
+    #[serde(default)]
+    pub queue: QueueSettings,
+    #[serde(default)]
+    pub control: ControlSettings,
+    #[serde(default)]
+    pub metrics: MetricsSettings,
+    #[serde(default)]
+    pub kernel: KernelSettings,
+    /// Directory of the settings file (rule paths are resolved against it). Not a key.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+fn default_rules() -> Vec<String> {
+    vec!["/etc/brdivert/rules.d/*.toml".into()]
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Datapath {
+    #[default]
+    Kernel,
+    Userspace,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeSettings {
+    /// Kernel bridge device (created if missing), or the TAP local port in userspace mode.
+    #[serde(default = "default_bridge_name")]
+    pub name: String,
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub datapath: Datapath,
+    /// The host's addresses on the segment (REDIRECT answers from the bridge's address).
+    #[serde(default)]
+    pub address: Vec<IpNet>,
+}
+
+fn default_bridge_name() -> String {
+    "br0".into()
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueSettings {
+    pub num: u16,
+    pub fail_open: bool,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        QueueSettings {
+            num: 0,
+            fail_open: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlSettings {
+    pub socket: PathBuf,
+}
+
+impl Default for ControlSettings {
+    fn default() -> Self {
+        ControlSettings {
+            socket: "/run/brdivert/control.sock".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    pub listen: String,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings {
+            listen: "127.0.0.1:9477".into(),
+        }
+    }
+}
+
+/// How brdivert uses shared kernel resources, so it can live beside other users of them.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KernelSettings {
+    /// Bits of the packet mark brdivert owns (must be contiguous). Each diverting rule gets a
+    /// small number inside these bits; all other bits of the mark are left as they were.
+    pub mark_mask: u32,
+    /// Policy-routing table for TPROXY (`ip rule fwmark … lookup TABLE`, local default route).
+    pub route_table: u32,
+    /// Priority of that `ip rule`.
+    pub rule_priority: u32,
+    /// Keep br_netfilter (`net.bridge.bridge-nf-call-ip{,6}tables`) as it is instead of
+    /// turning it off in brdivert's network namespace. Off is what TPROXY through a bridge
+    /// needs: with it on, bridged packets cross the ip hooks a second time.
+    pub keep_br_netfilter: bool,
+}
+
+impl Default for KernelSettings {
+    fn default() -> Self {
+        KernelSettings {
+            mark_mask: 0x00ff_0000,
+            route_table: 3129,
+            rule_priority: 3129,
+            keep_br_netfilter: false,
+        }
+    }
+}
+
+impl KernelSettings {
+    /// Shift of the lowest bit of `mark_mask`.
+    pub fn mark_shift(&self) -> u32 {
+        self.mark_mask.trailing_zeros()
+    }
+
+    /// How many distinct non-zero tags fit in the mask.
+    pub fn mark_capacity(&self) -> u32 {
+        (self.mark_mask >> self.mark_shift()).min(u32::MAX - 1)
+    }
+}
+
+impl Settings {
+    /// Load `path` with `BRDIVERT_*` overrides and check it.
+    pub fn load(path: &Path) -> Result<Settings, Refused> {
+        let refuse =
+            |what: String, fix: &str| Refused(vec![Diagnostic::error(path, Pos::NONE, what, fix)]);
+        if !path.exists() {
+            return Err(refuse(
+                "settings file not found".into(),
+                "create it (see docs/configuration.md) or pass another with -c FILE",
+            ));
+        }
+        let built = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("BRDIVERT")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .list_separator(",")
+                    .with_list_parse_key("rules")
+                    .with_list_parse_key("bridge.ports")
+                    .with_list_parse_key("bridge.address")
+                    .try_parsing(true),
+            )
+            .build()
+            .map_err(|e| refuse(e.to_string(), "fix the TOML syntax"))?;
+        let mut s: Settings = built.try_deserialize().map_err(|e| {
+            refuse(
+                e.to_string(),
+                "see docs/configuration.md for every key and its type",
+            )
+        })?;
+        s.path = path.to_path_buf();
+        s.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        s.validate()?;
+        Ok(s)
+    }
+
+    fn validate(&self) -> Result<(), Refused> {
+        let mut errs = Vec::new();
+        let mut err = |what: String, fix: &str| {
+            errs.push(Diagnostic::error(&self.path, Pos::NONE, what, fix))
+        };
+        if !valid_ifname(&self.bridge.name) {
+            err(
+                format!(
+                    "bridge.name {:?} is not a valid interface name",
+                    self.bridge.name
+                ),
+                "use 1-15 characters, no '/', ':' or whitespace",
+            );
+        }
+        if self.bridge.ports.is_empty() {
+            err(
+                "bridge.ports is empty".into(),
+                "list the interfaces to bridge, e.g. [\"eth0\", \"eth1\"]",
+            );
+        }
+        for (i, p) in self.bridge.ports.iter().enumerate() {
+            if !valid_ifname(p) {
+                err(
+                    format!("bridge.ports[{i}] {p:?} is not a valid interface name"),
+                    "use 1-15 characters, no '/', ':' or whitespace",
+                );
+            }
+            if p == &self.bridge.name || self.bridge.ports[..i].contains(p) {
+                err(
+                    format!("bridge.ports[{i}] {p:?} is listed twice or is the bridge itself"),
+                    "list each port once",
+                );
+            }
+        }
+        let m = self.kernel.mark_mask;
+        if m == 0
+            || (m >> m.trailing_zeros()).count_ones()
+                != 32 - (m >> m.trailing_zeros()).leading_zeros()
+        {
+            err(
+                format!("kernel.mark_mask {m:#x} is not one contiguous run of bits"),
+                "use e.g. 0x00ff0000",
+            );
+        }
+        if self.kernel.route_table == 0 || (253..=255).contains(&self.kernel.route_table) {
+            err(
+                format!("kernel.route_table {} is reserved", self.kernel.route_table),
+                "pick an unused table number such as 3129",
+            );
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(Refused(errs))
+        }
+    }
+
+    /// The rule files the `rules` patterns name, sorted, each once.
+    pub fn rule_files(&self) -> Result<Vec<PathBuf>, Refused> {
+        let mut out = Vec::new();
+        for pat in &self.rules {
+            let full = if Path::new(pat).is_absolute() {
+                PathBuf::from(pat)
+            } else {
+                self.base_dir.join(pat)
+            };
+            let full_s = full.to_string_lossy().into_owned();
+            if full_s.contains(['*', '?', '[']) {
+                let paths = glob::glob(&full_s).map_err(|e| {
+                    Refused(vec![Diagnostic::error(
+                        &self.path,
+                        Pos::NONE,
+                        format!("bad rules pattern {pat:?}: {e}"),
+                        "fix the glob pattern",
+                    )])
+                })?;
+                let mut found: Vec<PathBuf> = paths.filter_map(Result::ok).collect();
+                found.sort();
+                out.extend(found);
+            } else if full.exists() {
+                out.push(full);
+            } else {
+                return Err(Refused(vec![Diagnostic::error(
+                    &self.path,
+                    Pos::NONE,
+                    format!("rule file {} not found", full.display()),
+                    "create it or fix the `rules` list",
+                )]));
+            }
+        }
+        out.dedup();
+        Ok(out)
+    }
+}
+
+/// Linux interface names: 1..=15 bytes, no '/', ':' or whitespace, not "." or "..".
+pub fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(text: &str) -> Result<Settings, Refused> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("brdivert.toml");
+        std::fs::write(&p, text).unwrap();
+        Settings::load(&p)
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let s = load_str("[bridge]\nports = [\"a\", \"b\"]\n").unwrap();
+        assert_eq!(s.bridge.name, "br0");
+        assert_eq!(s.bridge.datapath, Datapath::Kernel);
+        assert_eq!(s.kernel.mark_mask, 0x00ff_0000);
+        assert_eq!(s.kernel.mark_shift(), 16);
+        assert_eq!(s.kernel.mark_capacity(), 255);
+        assert!(s.queue.fail_open);
+    }
+
+    #[test]
+    fn unknown_key_refused() {
+        let e = load_str("[bridge]\nports = [\"a\"]\nportz = 1\n").unwrap_err();
+        assert!(e.to_string().contains("portz"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_refused() {
+        let e = load_str("[bridge]\nname = \"a/b\"\nports = []\n[kernel]\nmark_mask = 0x0101\n")
+            .unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("bridge.name"), "{s}");
+        assert!(s.contains("bridge.ports is empty"), "{s}");
+        assert!(s.contains("contiguous"), "{s}");
+    }
+
+    #[test]
+    fn missing_file_refused() {
+        let e = Settings::load(Path::new("/nonexistent/brdivert.toml")).unwrap_err();
+        assert!(e.to_string().contains("not found"));
+    }
+}
