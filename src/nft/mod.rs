@@ -205,9 +205,20 @@ pub enum Stmt {
         addr: Option<IpAddr>,
         port: u16,
     },
+    /// Hand the packet to NFQUEUE `num` (`fanout` queues from `num`), bypass when no
+    /// listener. Rendered and lowered in the form the kernel supports (see [`QueueForm`]).
+    Queue { num: u16, fanout: u16, bypass: bool, form: QueueForm },
     Accept,
     Drop,
     Return,
+}
+
+/// Native nft `queue` (needs CONFIG_NFT_QUEUE) or the xtables `NFQUEUE` target through nft
+/// compat (`xt target NFQUEUE`); which one is chosen by probing the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueForm {
+    Native,
+    XtCompat,
 }
 
 impl Ruleset {
