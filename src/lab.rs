@@ -1,1 +1,0 @@
-//! The network-namespace lab (placeholder until it lands).
