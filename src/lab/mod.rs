@@ -282,14 +282,14 @@ fn listening_ports(l4: L4) -> io::Result<Vec<u16>> {
         };
         for line in text.lines().skip(1) {
             let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() > 3 && cols[3] == state {
-                if let Some(port) = cols[1]
+            if cols.len() > 3
+                && cols[3] == state
+                && let Some(port) = cols[1]
                     .rsplit(':')
                     .next()
                     .and_then(|h| u16::from_str_radix(h, 16).ok())
-                {
-                    ports.push(port);
-                }
+            {
+                ports.push(port);
             }
         }
     }
