@@ -47,7 +47,10 @@ pub enum OneOrMany<T> {
 pub fn items<T>(v: &Spanned<OneOrMany<T>>) -> Vec<(usize, &T)> {
     match v.get_ref() {
         OneOrMany::One(t) => vec![(v.span().start, t)],
-        OneOrMany::Many(items) => items.iter().map(|i| (i.span().start, i.get_ref())).collect(),
+        OneOrMany::Many(items) => items
+            .iter()
+            .map(|i| (i.span().start, i.get_ref()))
+            .collect(),
     }
 }
 
@@ -226,6 +229,12 @@ mod tests {
         let d = f.diverts[0].get_ref();
         let it = items(d.from.as_ref().unwrap());
         assert_eq!(it.len(), 2);
-        assert_eq!(f.pos(it[1].0), Pos { line: 4, column: 14 });
+        assert_eq!(
+            f.pos(it[1].0),
+            Pos {
+                line: 4,
+                column: 14
+            }
+        );
     }
 }

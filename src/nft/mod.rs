@@ -210,7 +210,12 @@ pub enum Stmt {
     },
     /// Hand the packet to NFQUEUE `num` (`fanout` queues from `num`), bypass when no
     /// listener. Rendered and lowered in the form the kernel supports (see [`QueueForm`]).
-    Queue { num: u16, fanout: u16, bypass: bool, form: QueueForm },
+    Queue {
+        num: u16,
+        fanout: u16,
+        bypass: bool,
+        form: QueueForm,
+    },
     /// `jump CHAIN` (a regular chain of the same table)
     Jump(String),
     Accept,
