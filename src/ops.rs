@@ -90,7 +90,11 @@ pub fn check(settings_path: &std::path::Path) -> Result<String, Failure> {
         settings.bridge.ports.join(", ")
     );
     let _ = writeln!(out, "kernel:\n{caps}");
-    let _ = writeln!(out, "plan ({} rules, first match wins):", policy.rules.len());
+    let _ = writeln!(
+        out,
+        "plan ({} rules, first match wins):",
+        policy.rules.len()
+    );
     let t = target(&settings, &caps, None);
     for r in &policy.rules {
         let fams: Vec<&str> = r
@@ -140,7 +144,7 @@ pub fn check(settings_path: &std::path::Path) -> Result<String, Failure> {
 pub fn render_text(settings_path: &std::path::Path) -> Result<String, Failure> {
     let (settings, policy) = load(settings_path)?;
     let caps = probe::probe();
-    let mac = link::bridge_mac_blocking(&settings.bridge.name);
+    let mac = link::bridge_mac_blocking(&settings.bridge.name).ok();
     let mut out = String::new();
     if mac.is_none() {
         let _ = writeln!(
@@ -149,7 +153,9 @@ pub fn render_text(settings_path: &std::path::Path) -> Result<String, Failure> {
             settings.bridge.name
         );
     }
-    out.push_str(&render::render(&ruleset_for(&settings, &policy, &caps, mac)));
+    out.push_str(&render::render(&ruleset_for(
+        &settings, &policy, &caps, mac,
+    )));
     Ok(out)
 }
 
@@ -167,20 +173,23 @@ fn ruleset_for(settings: &Settings, policy: &Policy, caps: &Caps, mac: Option<[u
 pub fn apply(settings_path: &std::path::Path) -> Result<String, Failure> {
     let (settings, policy) = load(settings_path)?;
     if settings.bridge.datapath == Datapath::Userspace {
-        return Err(Failure::Input(Refused(vec![crate::diag::Diagnostic::error(
-            &settings.path,
-            crate::diag::Pos::NONE,
-            "apply sets up the kernel datapath only; with bridge.datapath = \"userspace\" nothing would forward frames without the daemon",
-            "run `brdivert run`, or set bridge.datapath = \"kernel\"",
-        )])));
+        return Err(Failure::Input(Refused(vec![
+            crate::diag::Diagnostic::error(
+                &settings.path,
+                crate::diag::Pos::NONE,
+                "apply sets up the kernel datapath only; with bridge.datapath = \"userspace\" nothing would forward frames without the daemon",
+                "run `brdivert run`, or set bridge.datapath = \"kernel\"",
+            ),
+        ])));
     }
     let caps = probe::probe();
-    let info = link::setup_blocking(&settings)?;
+    let info = link::setup_blocking(&settings).map_err(anyhow::Error::from)?;
     let rs = ruleset_for(&settings, &policy, &caps, Some(info.mac));
     netlink::apply(&rs).map_err(anyhow::Error::from)?;
     let t = target(&settings, &caps, Some(info.mac));
     if policy.uses_tproxy() {
-        link::setup_tproxy_routing_blocking(&settings.kernel, t.tproxy_mark(), t.mark_mask)?;
+        link::setup_tproxy_routing_blocking(&settings.kernel, t.tproxy_mark(), t.mark_mask)
+            .map_err(anyhow::Error::from)?;
     }
     Ok(format!(
         "applied {} rules to bridge {} ({}; {} ports)",
@@ -194,7 +203,12 @@ pub fn apply(settings_path: &std::path::Path) -> Result<String, Failure> {
 /// `brdivert flush`: remove brdivert's tables and undo what `apply` set up.
 pub fn flush(settings_path: &std::path::Path) -> Result<String, Failure> {
     let settings = Settings::load(settings_path)?;
-    netlink::delete_tables(&[Family::Bridge, Family::Inet], TABLE_NAME).map_err(anyhow::Error::from)?;
-    link::teardown_blocking(&settings)?;
-    Ok(format!("flushed brdivert's tables and links for bridge {}", settings.bridge.name))
+    netlink::delete_tables(&[Family::Bridge, Family::Inet], TABLE_NAME)
+        .map_err(anyhow::Error::from)?;
+    link::teardown_tproxy_routing_blocking(&settings.kernel).map_err(anyhow::Error::from)?;
+    link::teardown_blocking(&settings).map_err(anyhow::Error::from)?;
+    Ok(format!(
+        "flushed brdivert's tables and links for bridge {}",
+        settings.bridge.name
+    ))
 }

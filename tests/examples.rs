@@ -49,12 +49,21 @@ fn every_example_passes_check() {
 fn broken_file_exits_2_with_position() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, "[[divert]]\nname = \"web\"\nproto = \"tcp\"\ndport = 99999\naction = \"pass\"\n")
-        .expect("write");
+    std::fs::write(
+        &bad,
+        "[[divert]]\nname = \"web\"\nproto = \"tcp\"\ndport = 99999\naction = \"pass\"\n",
+    )
+    .expect("write");
     let out = check(&bad);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("{}:4:9: error: port 99999 is out of range", bad.display())), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}:4:9: error: port 99999 is out of range",
+            bad.display()
+        )),
+        "{err}"
+    );
 }
 
 #[test]

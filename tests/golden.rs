@@ -37,14 +37,19 @@ fn rendered(path: &Path, broute: bool) -> String {
 }
 
 fn check_golden(name: &str, got: &str) {
-    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
     if std::env::var_os("BRDIVERT_BLESS").is_some() {
         std::fs::write(&golden, got).expect("write golden file");
         return;
     }
     let want = std::fs::read_to_string(&golden)
         .unwrap_or_else(|_| panic!("{} missing: run with BRDIVERT_BLESS=1", golden.display()));
-    assert_eq!(got, want, "render of {name} changed; if intended, re-bless and review");
+    assert_eq!(
+        got, want,
+        "render of {name} changed; if intended, re-bless and review"
+    );
 }
 
 #[test]
