@@ -84,9 +84,12 @@ pub fn check(settings_path: &std::path::Path) -> Result<String, Failure> {
     }
     let _ = writeln!(
         out,
-        "bridge {} ({:?} datapath), ports {}",
+        "bridge {} ({} datapath), ports {}",
         settings.bridge.name,
-        settings.bridge.datapath,
+        match settings.bridge.datapath {
+            Datapath::Kernel => "kernel",
+            Datapath::Userspace => "userspace",
+        },
         settings.bridge.ports.join(", ")
     );
     let _ = writeln!(out, "kernel:\n{caps}");
@@ -115,7 +118,9 @@ pub fn check(settings_path: &std::path::Path) -> Result<String, Failure> {
             Action::Pass => "bridge untouched".into(),
             Action::Drop => "drop".into(),
         };
-        let mark = if r.action.diverts() {
+        let mark = if let Action::Local { fwmark: Some(_) } = r.action {
+            String::new()
+        } else if r.action.diverts() {
             format!(", mark {:#010x}/{:#010x}", t.tag_mark(r.tag), t.mark_mask)
         } else {
             String::new()
