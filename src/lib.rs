@@ -10,6 +10,7 @@ pub mod diag;
 pub mod lab;
 pub mod link;
 pub mod nft;
+pub mod ops;
 pub mod policy;
 pub mod probe;
 pub mod rules;

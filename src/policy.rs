@@ -1,1 +1,1014 @@
-//! The validated policy model (placeholder until it lands).
+//! The validated policy: the single source of truth that both the nft compiler
+//! ([`crate::nft::compile`]) and the Rust classifier read.
+//!
+//! [`Policy::build`] checks every key of every `[[divert]]` and either returns a typed model
+//! (plus warnings) or refuses with `file:line:column: what; how to fix` for every problem.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde_spanned::Spanned;
+
+use crate::diag::{Diagnostic, Refused};
+use crate::rules::{self, RawDivert, RuleFile};
+use crate::settings::Settings;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+pub const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// Inclusive port range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        self.lo <= port && port <= self.hi
+    }
+}
+
+/// A list of prefixes, split by family, each list merged (no overlaps) and sorted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Prefixes {
+    pub v4: Vec<Ipv4Net>,
+    pub v6: Vec<Ipv6Net>,
+}
+
+impl Prefixes {
+    fn from_nets(nets: Vec<IpNet>) -> Prefixes {
+        let mut v4 = Vec::new();
+        let mut v6 = Vec::new();
+        for n in nets {
+            match n {
+                IpNet::V4(n) => v4.push(n.trunc()),
+                IpNet::V6(n) => v6.push(n.trunc()),
+            }
+        }
+        Prefixes {
+            v4: Ipv4Net::aggregate(&v4),
+            v6: Ipv6Net::aggregate(&v6),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
+
+    pub fn has(&self, f: Family) -> bool {
+        match f {
+            Family::V4 => !self.v4.is_empty(),
+            Family::V6 => !self.v6.is_empty(),
+        }
+    }
+
+    /// Does the list hold every address of family `f` (`0.0.0.0/0` or `::/0`)?
+    pub fn is_all(&self, f: Family) -> bool {
+        match f {
+            Family::V4 => self.v4.iter().any(|n| n.prefix_len() == 0),
+            Family::V6 => self.v6.iter().any(|n| n.prefix_len() == 0),
+        }
+    }
+
+    pub fn contains(&self, a: IpAddr) -> bool {
+        match a {
+            IpAddr::V4(a) => self.v4.iter().any(|n| n.contains(&a)),
+            IpAddr::V6(a) => self.v6.iter().any(|n| n.contains(&a)),
+        }
+    }
+
+    /// Is every address of `other` in `self`?
+    fn covers(&self, other: &Prefixes) -> bool {
+        other
+            .v4
+            .iter()
+            .all(|o| self.v4.iter().any(|s| s.contains(o)))
+            && other
+                .v6
+                .iter()
+                .all(|o| self.v6.iter().any(|s| s.contains(o)))
+    }
+}
+
+/// `src`/`dst`: any address, or only the listed prefixes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddrMatch {
+    Any,
+    Only(Prefixes),
+}
+
+impl AddrMatch {
+    /// Can this match hold for family `f` at all?
+    pub fn allows(&self, f: Family) -> bool {
+        match self {
+            AddrMatch::Any => true,
+            AddrMatch::Only(p) => p.has(f),
+        }
+    }
+
+    /// The prefixes to match for family `f`, or `None` when every address matches.
+    pub fn restricts(&self, f: Family) -> Option<&Prefixes> {
+        match self {
+            AddrMatch::Only(p) if !p.is_all(f) => Some(p),
+            _ => None,
+        }
+    }
+
+    pub fn contains(&self, a: IpAddr) -> bool {
+        match self {
+            AddrMatch::Any => true,
+            AddrMatch::Only(p) => p.contains(a),
+        }
+    }
+
+    fn covers(&self, other: &AddrMatch) -> bool {
+        match (self, other) {
+            (AddrMatch::Any, _) => true,
+            (AddrMatch::Only(_), AddrMatch::Any) => false,
+            (AddrMatch::Only(a), AddrMatch::Only(b)) => a.covers(b),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// NAT REDIRECT to a local port (Squid `intercept`).
+    Redirect {
+        port: u16,
+    },
+    /// TPROXY to a local address:port (Squid `tproxy`); `addr: None` = the address the
+    /// packet arrived on.
+    Tproxy {
+        addr: Option<IpAddr>,
+        port: u16,
+    },
+    /// Deliver to the local stack unchanged; with `fwmark`, set the whole packet mark
+    /// (IPVS fwmark services match it exactly).
+    Local {
+        fwmark: Option<u32>,
+    },
+    /// Bridge it untouched (stop looking at later rules).
+    Pass,
+    Drop,
+}
+
+impl Action {
+    /// Does this action take the frame into the local stack?
+    pub fn diverts(&self) -> bool {
+        matches!(
+            self,
+            Action::Redirect { .. } | Action::Tproxy { .. } | Action::Local { .. }
+        )
+    }
+
+    pub fn keyword(&self) -> &'static str {
+        match self {
+            Action::Redirect { .. } => "redirect",
+            Action::Tproxy { .. } => "tproxy",
+            Action::Local { .. } => "local",
+            Action::Pass => "pass",
+            Action::Drop => "drop",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decide {
+    /// Every packet is decided by the kernel rules alone.
+    Kernel,
+    /// The first packet of each new flow is decided in userspace (NFQUEUE).
+    Queue,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    pub connect: SocketAddr,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub fall: u32,
+    pub rise: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnhealthy {
+    Bypass,
+    Drop,
+}
+
+/// Where a rule was written, for messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// One validated `[[divert]]` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DivertRule {
+    pub name: String,
+    pub origin: Origin,
+    /// Small number identifying the rule inside the mark bits brdivert owns; 0 for rules
+    /// that do not divert.
+    pub tag: u32,
+    /// Ingress ports; empty = every port.
+    pub from: Vec<String>,
+    /// Source MACs; empty = any.
+    pub src_mac: Vec<[u8; 6]>,
+    pub proto: Option<Proto>,
+    /// Destination ports, merged and sorted; empty = any (only without `proto`-less rules).
+    pub dport: Vec<PortRange>,
+    pub src: AddrMatch,
+    pub dst: AddrMatch,
+    pub except_src: Prefixes,
+    pub except_dst: Prefixes,
+    pub action: Action,
+    pub decide: Decide,
+    pub arp_shield: bool,
+    pub health: Option<Health>,
+    pub on_unhealthy: OnUnhealthy,
+}
+
+impl DivertRule {
+    /// The IP families this rule can match.
+    pub fn families(&self) -> Vec<Family> {
+        FAMILIES
+            .into_iter()
+            .filter(|&f| self.src.allows(f) && self.dst.allows(f))
+            .filter(|&f| match self.action {
+                Action::Tproxy { addr: Some(a), .. } => family_of(a) == f,
+                _ => true,
+            })
+            .collect()
+    }
+}
+
+pub fn family_of(a: IpAddr) -> Family {
+    match a {
+        IpAddr::V4(_) => Family::V4,
+        IpAddr::V6(_) => Family::V6,
+    }
+}
+
+/// The validated rules of all rule files, in evaluation order (files sorted by path, rules
+/// in file order; the first rule that matches decides).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub rules: Vec<DivertRule>,
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// What validation needs to know beyond the rule files.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The bridge's ports (`from` must name some of them); `None` skips that check.
+    pub ports: Option<Vec<String>>,
+    /// Bits of the packet mark brdivert owns.
+    pub mark_mask: u32,
+}
+
+impl Context {
+    pub fn from_settings(s: &Settings) -> Context {
+        Context {
+            ports: Some(s.bridge.ports.clone()),
+            mark_mask: s.kernel.mark_mask,
+        }
+    }
+
+    /// Tags available for diverting rules: 1..=max (the highest value is kept for TPROXY's
+    /// "deliver locally" mark, see `nft::compile`).
+    pub fn max_tag(&self) -> u32 {
+        (self.mark_mask >> self.mark_mask.trailing_zeros()).saturating_sub(1)
+    }
+}
+
+impl Policy {
+    /// Read every rule file the settings name and validate them together.
+    pub fn load(settings: &Settings) -> Result<Policy, Refused> {
+        let mut files = Vec::new();
+        let mut errors = Vec::new();
+        for path in settings.rule_files()? {
+            match rules::read(&path) {
+                Ok(f) => files.push(f),
+                Err(Refused(mut d)) => errors.append(&mut d),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(Refused(errors));
+        }
+        Policy::build(&files, &Context::from_settings(settings))
+    }
+
+    /// Validate parsed rule files into a policy.
+    pub fn build(files: &[RuleFile], ctx: &Context) -> Result<Policy, Refused> {
+        let mut v = Validator {
+            ctx,
+            errors: Vec::new(),
+            warnings: Vec::new(),
+            names: HashMap::new(),
+        };
+        let mut rules = Vec::new();
+        for file in files {
+            for raw in &file.diverts {
+                if let Some(rule) = v.rule(file, raw) {
+                    rules.push(rule);
+                }
+            }
+        }
+        // Tags in evaluation order; only diverting rules use one.
+        let mut next_tag = 1;
+        for r in rules.iter_mut().filter(|r| r.action.diverts()) {
+            r.tag = next_tag;
+            next_tag += 1;
+        }
+        if next_tag - 1 > ctx.max_tag() {
+            let r = &rules[rules.len() - 1];
+            v.errors.push(Diagnostic::error(
+                &r.origin.file,
+                crate::diag::Pos {
+                    line: r.origin.line,
+                    column: 1,
+                },
+                format!(
+                    "{} diverting rules do not fit in kernel.mark_mask {:#x} ({} at most)",
+                    next_tag - 1,
+                    ctx.mark_mask,
+                    ctx.max_tag()
+                ),
+                "merge rules, or widen kernel.mark_mask in the settings",
+            ));
+        }
+        v.shadow_warnings(&rules);
+        if v.errors.is_empty() {
+            Ok(Policy {
+                rules,
+                warnings: v.warnings,
+            })
+        } else {
+            let mut all = v.errors;
+            all.extend(v.warnings);
+            Err(Refused(all))
+        }
+    }
+
+    /// Does any rule need the NFQUEUE daemon?
+    pub fn uses_queue(&self) -> bool {
+        self.rules.iter().any(|r| r.decide == Decide::Queue)
+    }
+
+    /// Does any rule use TPROXY (and so need its policy routing)?
+    pub fn uses_tproxy(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| matches!(r.action, Action::Tproxy { .. }))
+    }
+}
+
+struct Validator<'a> {
+    ctx: &'a Context,
+    errors: Vec<Diagnostic>,
+    warnings: Vec<Diagnostic>,
+    /// rule name -> where first defined
+    names: HashMap<String, Origin>,
+}
+
+impl Validator<'_> {
+    fn err(&mut self, file: &RuleFile, offset: usize, what: String, fix: &str) {
+        self.errors
+            .push(Diagnostic::error(&file.path, file.pos(offset), what, fix));
+    }
+
+    fn rule(&mut self, file: &RuleFile, raw: &Spanned<RawDivert>) -> Option<DivertRule> {
+        let before = self.errors.len();
+        let r = raw.get_ref();
+        let origin = Origin {
+            file: file.path.clone(),
+            line: file.pos(raw.span().start).line,
+        };
+
+        let name = r.name.get_ref().clone();
+        if !valid_rule_name(&name) {
+            self.err(
+                file,
+                r.name.span().start,
+                format!("rule name {name:?} is not allowed"),
+                "use 1-32 characters: a letter first, then letters, digits, '_' or '-'",
+            );
+        } else if let Some(first) = self.names.get(&name) {
+            let what = format!("rule name {name:?} is already used at {first}");
+            self.err(
+                file,
+                r.name.span().start,
+                what,
+                "give every rule a unique name",
+            );
+        } else {
+            self.names.insert(name.clone(), origin.clone());
+        }
+
+        let from = self.from(file, r);
+        let src_mac = self.macs(file, r);
+        let proto = r.proto.as_ref().and_then(|p| match p.get_ref().as_str() {
+            "tcp" => Some(Proto::Tcp),
+            "udp" => Some(Proto::Udp),
+            other => {
+                let what = format!("proto {other:?} is not supported");
+                self.err(file, p.span().start, what, "use \"tcp\" or \"udp\"");
+                None
+            }
+        });
+        let dport = self.ports(file, r);
+        if !dport.is_empty() && proto.is_none() && r.proto.is_none() {
+            let at = r.dport.as_ref().map_or(0, |d| d.span().start);
+            self.err(
+                file,
+                at,
+                "dport needs proto".into(),
+                "add proto = \"tcp\" or proto = \"udp\"",
+            );
+        }
+        let src = self.addr_match(file, &r.src, "src");
+        let dst = self.addr_match(file, &r.dst, "dst");
+        let except_src = self.prefixes(file, &r.except_src, "except_src");
+        let except_dst = self.prefixes(file, &r.except_dst, "except_dst");
+
+        let action = self.action(file, r, proto);
+        let decide = match &r.decide {
+            None => Decide::Kernel,
+            Some(d) => match d.get_ref().as_str() {
+                "kernel" => Decide::Kernel,
+                "queue" => Decide::Queue,
+                other => {
+                    let what = format!("decide {other:?} is not known");
+                    self.err(file, d.span().start, what, "use \"queue\" or leave it out");
+                    Decide::Kernel
+                }
+            },
+        };
+        let arp_shield = r.arp_shield.as_ref().is_some_and(|a| *a.get_ref());
+        if let (Some(a), Some(act)) = (&r.arp_shield, action)
+            && *a.get_ref()
+            && !matches!(act, Action::Local { .. })
+        {
+            self.err(
+                file,
+                a.span().start,
+                "arp_shield only applies to action = \"local\"".into(),
+                "remove arp_shield, or use it on the VIP's local rule",
+            );
+        }
+        let health = r.health.as_ref().and_then(|h| self.health(file, h));
+        let on_unhealthy = match &r.on_unhealthy {
+            None => OnUnhealthy::Bypass,
+            Some(o) => match o.get_ref().as_str() {
+                "bypass" => OnUnhealthy::Bypass,
+                "drop" => OnUnhealthy::Drop,
+                other => {
+                    let what = format!("on_unhealthy {other:?} is not known");
+                    self.err(file, o.span().start, what, "use \"bypass\" or \"drop\"");
+                    OnUnhealthy::Bypass
+                }
+            },
+        };
+        if let (Some(o), None) = (&r.on_unhealthy, &r.health) {
+            self.err(
+                file,
+                o.span().start,
+                "on_unhealthy without a health check".into(),
+                "add health = { connect = \"ADDR:PORT\" } or remove on_unhealthy",
+            );
+        }
+        if let (Some(h), Some(act)) = (&r.health, action)
+            && !act.diverts()
+        {
+            let what = format!(
+                "health checks need a diverting action, not {:?}",
+                act.keyword()
+            );
+            self.err(file, h.span().start, what, "remove health from this rule");
+        }
+        if let (Some(d), Some(act)) = (&r.decide, action)
+            && decide == Decide::Queue
+            && !act.diverts()
+        {
+            let what = format!(
+                "decide = \"queue\" needs a diverting action, not {:?}",
+                act.keyword()
+            );
+            self.err(file, d.span().start, what, "remove decide from this rule");
+        }
+
+        let rule = DivertRule {
+            name,
+            origin,
+            tag: 0,
+            from,
+            src_mac,
+            proto,
+            dport,
+            src,
+            dst,
+            except_src,
+            except_dst,
+            action: action?,
+            decide,
+            arp_shield,
+            health,
+            on_unhealthy,
+        };
+        if self.errors.len() != before {
+            return None;
+        }
+        self.family_checks(file, raw, &rule);
+        (self.errors.len() == before).then_some(rule)
+    }
+
+    fn from(&mut self, file: &RuleFile, r: &RawDivert) -> Vec<String> {
+        let Some(list) = &r.from else {
+            return Vec::new();
+        };
+        let items = rules::items(list);
+        if items.is_empty() {
+            self.err(
+                file,
+                list.span().start,
+                "from is an empty list".into(),
+                "list ingress ports, or leave `from` out to match every port",
+            );
+        }
+        let mut out = Vec::new();
+        for (at, name) in items {
+            if !crate::settings::valid_ifname(name) {
+                let what = format!("{name:?} is not a valid interface name");
+                self.err(
+                    file,
+                    at,
+                    what,
+                    "use 1-15 characters, no '/', ':' or whitespace",
+                );
+            } else if let Some(ports) = &self.ctx.ports
+                && !ports.contains(name)
+            {
+                let what = format!(
+                    "{name:?} is not a port of the bridge ({})",
+                    ports.join(", ")
+                );
+                self.err(file, at, what, "name one of bridge.ports, or add it there");
+            } else if !out.contains(name) {
+                out.push(name.clone());
+            }
+        }
+        out
+    }
+
+    fn macs(&mut self, file: &RuleFile, r: &RawDivert) -> Vec<[u8; 6]> {
+        let Some(list) = &r.src_mac else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (at, text) in rules::items(list) {
+            match parse_mac(text) {
+                Some(m) => out.push(m),
+                None => {
+                    let what = format!("{text:?} is not a MAC address");
+                    self.err(file, at, what, "write it as 02:00:00:00:00:01");
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    fn ports(&mut self, file: &RuleFile, r: &RawDivert) -> Vec<PortRange> {
+        let Some(list) = &r.dport else {
+            return Vec::new();
+        };
+        let items = rules::items(list);
+        if items.is_empty() {
+            self.err(
+                file,
+                list.span().start,
+                "dport is an empty list".into(),
+                "list ports, or leave dport out to match every port",
+            );
+        }
+        let mut out = Vec::new();
+        for (at, v) in items {
+            match parse_port_item(v) {
+                Ok(p) => out.push(p),
+                Err(what) => self.err(file, at, what, "use a port 1-65535 or a range \"LO-HI\""),
+            }
+        }
+        merge_ports(out)
+    }
+
+    fn nets(&mut self, file: &RuleFile, list: &rules::Strings, key: &str) -> Vec<IpNet> {
+        let mut out = Vec::new();
+        let items = rules::items(list);
+        if items.is_empty() {
+            let what = format!("{key} is an empty list");
+            self.err(
+                file,
+                list.span().start,
+                what,
+                "list prefixes, or leave the key out",
+            );
+        }
+        for (at, text) in items {
+            match parse_prefix(text) {
+                Ok(n) => out.push(n),
+                Err(what) => self.err(
+                    file,
+                    at,
+                    format!("{key}: {what}"),
+                    "write an address (10.0.0.1, 2001:db8::1) or a prefix (10.0.0.0/8, ::/0)",
+                ),
+            }
+        }
+        out
+    }
+
+    fn addr_match(
+        &mut self,
+        file: &RuleFile,
+        list: &Option<rules::Strings>,
+        key: &str,
+    ) -> AddrMatch {
+        match list {
+            None => AddrMatch::Any,
+            Some(l) => AddrMatch::Only(Prefixes::from_nets(self.nets(file, l, key))),
+        }
+    }
+
+    fn prefixes(&mut self, file: &RuleFile, list: &Option<rules::Strings>, key: &str) -> Prefixes {
+        match list {
+            None => Prefixes::default(),
+            Some(l) => Prefixes::from_nets(self.nets(file, l, key)),
+        }
+    }
+
+    fn action(&mut self, file: &RuleFile, r: &RawDivert, proto: Option<Proto>) -> Option<Action> {
+        let kw = r.action.get_ref().as_str();
+        let at = r.action.span().start;
+        let port = match &r.port {
+            None => None,
+            Some(p) => match u16::try_from(*p.get_ref()) {
+                Ok(v) if v > 0 => Some(v),
+                _ => {
+                    let what = format!("port {} is out of range", p.get_ref());
+                    self.err(file, p.span().start, what, "use a port 1-65535");
+                    return None;
+                }
+            },
+        };
+        let address = match &r.address {
+            None => None,
+            Some(a) => match a.get_ref().parse::<IpAddr>() {
+                Ok(ip) => Some(ip),
+                Err(_) => {
+                    let what = format!("address {:?} is not an IP address", a.get_ref());
+                    self.err(
+                        file,
+                        a.span().start,
+                        what,
+                        "write e.g. \"127.0.0.1\" or \"::1\"",
+                    );
+                    return None;
+                }
+            },
+        };
+        let fwmark = match &r.fwmark {
+            None => None,
+            Some(m) => match u32::try_from(*m.get_ref()) {
+                Ok(v) if v > 0 && v & self.ctx.mark_mask == 0 => Some(v),
+                Ok(v) if v > 0 => {
+                    let what = format!(
+                        "fwmark {v:#x} uses bits of kernel.mark_mask {:#x}, which brdivert owns",
+                        self.ctx.mark_mask
+                    );
+                    self.err(
+                        file,
+                        m.span().start,
+                        what,
+                        "pick a mark outside the mask, or move the mask",
+                    );
+                    return None;
+                }
+                _ => {
+                    let what = format!("fwmark {} is out of range", m.get_ref());
+                    self.err(file, m.span().start, what, "use a mark 1-4294967295");
+                    return None;
+                }
+            },
+        };
+        let needs_port = matches!(kw, "redirect" | "tproxy");
+        if !needs_port && let Some(p) = &r.port {
+            let what = format!("port only applies to redirect and tproxy, not {kw:?}");
+            self.err(file, p.span().start, what, "remove port");
+        }
+        if kw != "tproxy"
+            && let Some(a) = &r.address
+        {
+            let what = format!("address only applies to tproxy, not {kw:?}");
+            self.err(file, a.span().start, what, "remove address");
+        }
+        if kw != "local"
+            && let Some(m) = &r.fwmark
+        {
+            let what = format!("fwmark only applies to action = \"local\", not {kw:?}");
+            self.err(
+                file,
+                m.span().start,
+                what,
+                "remove fwmark, or use action = \"local\"",
+            );
+        }
+        if needs_port && proto.is_none() {
+            let what = format!("{kw} needs proto");
+            self.err(file, at, what, "add proto = \"tcp\" (or \"udp\")");
+        }
+        if needs_port && port.is_none() {
+            let what = format!("{kw} needs port, the local port to divert to");
+            self.err(file, at, what, "add e.g. port = 3129");
+            return None;
+        }
+        match kw {
+            "redirect" => Some(Action::Redirect { port: port? }),
+            "tproxy" => Some(Action::Tproxy {
+                addr: address,
+                port: port?,
+            }),
+            "local" => Some(Action::Local { fwmark }),
+            "pass" => Some(Action::Pass),
+            "drop" => Some(Action::Drop),
+            other => {
+                let what = format!("action {other:?} is not known");
+                self.err(
+                    file,
+                    at,
+                    what,
+                    "use one of redirect, tproxy, local, pass, drop",
+                );
+                None
+            }
+        }
+    }
+
+    fn health(&mut self, file: &RuleFile, h: &Spanned<rules::RawHealth>) -> Option<Health> {
+        let r = h.get_ref();
+        let connect = match r.connect.get_ref().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                let what = format!("health.connect {:?} is not ADDR:PORT", r.connect.get_ref());
+                self.err(
+                    file,
+                    r.connect.span().start,
+                    what,
+                    "write e.g. \"127.0.0.1:3129\" or \"[::1]:3129\"",
+                );
+                None
+            }
+        };
+        let mut dur = |v: &Option<Spanned<String>>, key: &str, default: Duration| match v {
+            None => Some(default),
+            Some(s) => match parse_duration(s.get_ref()) {
+                Some(d) if !d.is_zero() => Some(d),
+                _ => {
+                    let what = format!("health.{key} {:?} is not a duration", s.get_ref());
+                    self.err(file, s.span().start, what, "write e.g. \"2s\" or \"500ms\"");
+                    None
+                }
+            },
+        };
+        let interval = dur(&r.interval, "interval", Duration::from_secs(2));
+        let timeout = dur(&r.timeout, "timeout", Duration::from_secs(1));
+        let mut count = |v: &Option<Spanned<i64>>, key: &str, default: u32| match v {
+            None => Some(default),
+            Some(n) => match u32::try_from(*n.get_ref()) {
+                Ok(c) if (1..=100).contains(&c) => Some(c),
+                _ => {
+                    let what = format!("health.{key} {} is out of range", n.get_ref());
+                    self.err(file, n.span().start, what, "use a count 1-100");
+                    None
+                }
+            },
+        };
+        let fall = count(&r.fall, "fall", 3);
+        let rise = count(&r.rise, "rise", 2);
+        Some(Health {
+            connect: connect?,
+            interval: interval?,
+            timeout: timeout?,
+            fall: fall?,
+            rise: rise?,
+        })
+    }
+
+    /// Checks across keys that need the whole rule: does it match anything, and do the
+    /// families of its lists and its TPROXY address agree?
+    fn family_checks(&mut self, file: &RuleFile, raw: &Spanned<RawDivert>, rule: &DivertRule) {
+        let r = raw.get_ref();
+        if let Action::Tproxy { addr: Some(a), .. } = rule.action {
+            let fam = family_of(a);
+            for (key, m) in [("src", &rule.src), ("dst", &rule.dst)] {
+                if let AddrMatch::Only(p) = m {
+                    let other = if fam == Family::V4 {
+                        Family::V6
+                    } else {
+                        Family::V4
+                    };
+                    if p.has(other)
+                        && let Some(at) = r.address.as_ref().map(|a| a.span().start)
+                    {
+                        let what = format!(
+                            "tproxy address {a} is {} but {key} lists {} prefixes",
+                            fam_name(fam),
+                            fam_name(other)
+                        );
+                        self.err(file, at, what, "split the rule in two, one per family, each with an address of its family");
+                    }
+                }
+            }
+        }
+        if rule.families().is_empty() {
+            self.err(
+                file,
+                raw.span().start,
+                format!(
+                    "rule {:?} can never match: src and dst share no address family",
+                    rule.name
+                ),
+                "give src and dst prefixes of the same family (IPv4 or IPv6)",
+            );
+        }
+        if rule.proto.is_none()
+            && matches!(rule.src, AddrMatch::Any)
+            && matches!(rule.dst, AddrMatch::Any)
+        {
+            self.err(
+                file,
+                raw.span().start,
+                format!("rule {:?} would match every IP packet", rule.name),
+                "narrow it with proto, dst or src",
+            );
+        }
+    }
+
+    /// Warn about a rule that can never match because an earlier rule takes all its traffic.
+    fn shadow_warnings(&mut self, rules: &[DivertRule]) {
+        for (i, later) in rules.iter().enumerate() {
+            if let Some(earlier) = rules[..i].iter().find(|e| shadows(e, later)) {
+                self.warnings.push(Diagnostic::warning(
+                    &later.origin.file,
+                    crate::diag::Pos {
+                        line: later.origin.line,
+                        column: 1,
+                    },
+                    format!(
+                        "rule {:?} never matches: rule {:?} ({}) comes first and matches all it does",
+                        later.name, earlier.name, earlier.origin
+                    ),
+                    "reorder the rules or narrow the earlier one",
+                ));
+            }
+        }
+    }
+}
+
+/// Does `a` (evaluated first) match every packet `b` matches?
+fn shadows(a: &DivertRule, b: &DivertRule) -> bool {
+    let from =
+        a.from.is_empty() || (!b.from.is_empty() && b.from.iter().all(|p| a.from.contains(p)));
+    let macs = a.src_mac.is_empty()
+        || (!b.src_mac.is_empty() && b.src_mac.iter().all(|m| a.src_mac.contains(m)));
+    let proto = a.proto.is_none() || a.proto == b.proto;
+    let ports = a.dport.is_empty()
+        || (!b.dport.is_empty()
+            && b.dport
+                .iter()
+                .all(|p| a.dport.iter().any(|q| q.lo <= p.lo && p.hi <= q.hi)));
+    // Exemptions of `a` let some of b's traffic through to b.
+    let no_holes = a.except_src.is_empty() && a.except_dst.is_empty();
+    from && macs && proto && ports && no_holes && a.src.covers(&b.src) && a.dst.covers(&b.dst)
+}
+
+fn fam_name(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "IPv4",
+        Family::V6 => "IPv6",
+    }
+}
+
+fn valid_rule_name(n: &str) -> bool {
+    let mut chars = n.chars();
+    n.len() <= 32
+        && chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split([':', '-']);
+    for b in &mut out {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+fn parse_port_item(v: &toml::Value) -> Result<PortRange, String> {
+    let one = |n: i64| -> Result<u16, String> {
+        match u16::try_from(n) {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err(format!("port {n} is out of range")),
+        }
+    };
+    match v {
+        toml::Value::Integer(n) => one(*n).map(|p| PortRange { lo: p, hi: p }),
+        toml::Value::String(s) => {
+            let (lo, hi) = s.split_once('-').unwrap_or((s, s));
+            let num = |t: &str| {
+                t.trim()
+                    .parse::<i64>()
+                    .map_err(|_| format!("{s:?} is not a port or a range"))
+                    .and_then(one)
+            };
+            let (lo, hi) = (num(lo)?, num(hi)?);
+            if lo > hi {
+                return Err(format!("range {s:?} runs backwards"));
+            }
+            Ok(PortRange { lo, hi })
+        }
+        other => Err(format!("{other} is not a port or a range")),
+    }
+}
+
+/// Sort and merge overlapping or adjacent ranges (interval sets may not overlap).
+pub fn merge_ports(mut v: Vec<PortRange>) -> Vec<PortRange> {
+    v.sort();
+    let mut out: Vec<PortRange> = Vec::with_capacity(v.len());
+    for p in v {
+        match out.last_mut() {
+            Some(last) if u32::from(p.lo) <= u32::from(last.hi) + 1 => last.hi = last.hi.max(p.hi),
+            _ => out.push(p),
+        }
+    }
+    out
+}
+
+fn parse_prefix(s: &str) -> Result<IpNet, String> {
+    if let Ok(n) = s.parse::<IpNet>() {
+        if n.trunc() != n {
+            return Err(format!(
+                "{s:?} has host bits set (did you mean {}?)",
+                n.trunc()
+            ));
+        }
+        return Ok(n);
+    }
+    s.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("{s:?} is not an address or prefix"))
+}
+
+/// "2s", "500ms", "1m", "1.5s".
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return None,
+    };
+    Duration::try_from_secs_f64(secs).ok()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,721 @@
-//! policy -> nft model (placeholder until it lands).
+//! policy -> nft ruleset (kernel datapath).
+//!
+//! Two tables, both named [`TABLE_NAME`], both owned whole by brdivert:
+//!
+//! `bridge brdivert` decides, per frame, at bridge prerouting. Chain `prerouting` holds one
+//! `jump` per rule, in rule order, on what is cheap to test (ingress port, source MAC, L4
+//! protocol and port). Each rule's own chain first `return`s its exemptions (counted), then
+//! applies the action to what its address sets match: `pass` and `drop` as said; a divert
+//! marks the packet with the rule's tag (inside `kernel.mark_mask`) and hands the frame to the
+//! local stack — `meta broute set 1` where the kernel has it, else the frame diverter's move:
+//! `meta pkttype set host` + `ether daddr set <bridge MAC>`. The first rule that diverts,
+//! passes or drops a frame ends the evaluation.
+//!
+//! `inet brdivert` acts on what arrived in the local stack *with a tag*: REDIRECT at dstnat,
+//! TPROXY at mangle. Matching the tag (not `iifname br0`) keeps exempted and bridged packets
+//! untouched even when br_netfilter makes them cross these hooks too. TPROXY'd packets get
+//! the tproxy mark (every bit of the mask), which the policy-routing rule sends to the local
+//! table; replies of the origin to a TPROXY'd flow are diverted back by a reply chain in the
+//! bridge table (matched by source port, honouring the same exemptions) and found by
+//! `socket transparent 1`.
+
+use std::net::IpAddr;
+
+use super::{
+    BaseChain, Chain, ChainType, Dir, Family, Hook, IpFamily, L4, Match, Rule, Ruleset, Set,
+    SetElem, SetKind, Stmt, TABLE_NAME, Table,
+};
+use crate::policy::{self, Action, DivertRule, Policy, Prefixes, Proto};
+
+/// What compiling needs beyond the policy: facts about this bridge and kernel.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The bridge's own MAC: diverted frames are re-addressed to it.
+    pub bridge_mac: [u8; 6],
+    /// Use `meta broute set 1` (kernel support probed) instead of pkttype + daddr.
+    pub broute: bool,
+    /// Bits of the packet mark brdivert owns.
+    pub mark_mask: u32,
+}
+
+impl Target {
+    fn shift(&self) -> u32 {
+        self.mark_mask.trailing_zeros()
+    }
+
+    /// The mark value of a rule's tag.
+    pub fn tag_mark(&self, tag: u32) -> u32 {
+        (tag << self.shift()) & self.mark_mask
+    }
+
+    /// The mark that routes a TPROXY'd packet to the local table: every bit of the mask
+    /// (a value no rule tag uses, see `policy::Context::max_tag`).
+    pub fn tproxy_mark(&self) -> u32 {
+        self.mark_mask
+    }
+}
+
+/// Bridge priority `filter` (-200): after the bridge learned the source, before forwarding.
+pub const BRIDGE_PRIORITY: i32 = -200;
+/// inet priority `dstnat`.
+pub const DSTNAT_PRIORITY: i32 = -100;
+/// inet priority `mangle` (TPROXY must run before routing).
+pub const MANGLE_PRIORITY: i32 = -150;
+
+/// The whole kernel-datapath ruleset: the bridge table and the local-stack table.
+pub fn compile(policy: &Policy, target: &Target) -> Ruleset {
+    Ruleset {
+        tables: vec![
+            bridge_table(policy, target),
+            local_stack_table(policy, target),
+        ],
+    }
+}
+
+/// `bridge brdivert`: exemptions, then diverts, per rule, at bridge prerouting.
+pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
+    let mut t = Table {
+        family: Family::Bridge,
+        name: TABLE_NAME.into(),
+        sets: Vec::new(),
+        chains: Vec::new(),
+    };
+    let mut prerouting = Vec::new();
+    let mut rule_chains = Vec::new();
+    for r in &policy.rules {
+        let l4 = r.proto.map(l4_of);
+        // Cheap matches first, in the base chain: ingress port, source MAC, L4 + port.
+        let mut head = Vec::new();
+        if !r.from.is_empty() {
+            let set = add_set(
+                &mut t.sets,
+                r,
+                "from",
+                SetKind::IfName,
+                false,
+                ifname_elems(&r.from),
+            );
+            head.push(Match::IifName { negate: false, set });
+        }
+        if !r.src_mac.is_empty() {
+            let elems = r.src_mac.iter().map(|m| SetElem::Ether(*m)).collect();
+            let set = add_set(&mut t.sets, r, "src_mac", SetKind::EtherAddr, false, elems);
+            head.push(Match::EtherSaddr { set });
+        }
+        let dport_set = (!r.dport.is_empty()).then(|| {
+            add_set(
+                &mut t.sets,
+                r,
+                "dport",
+                SetKind::InetService,
+                true,
+                port_elems(r),
+            )
+        });
+        head.extend(l4_match(l4, Dir::Dst, &dport_set));
+        prerouting.push(Rule {
+            matches: head,
+            stmts: vec![Stmt::Jump(chain_name(r))],
+            comment: Some(r.name.clone()),
+        });
+
+        let verdict = action_stmts(r, target);
+        let mut chain = Vec::new();
+        for f in r.families() {
+            let fam = ip_family(f);
+            let xsrc = prefix_set(&mut t.sets, r, "except_src", &r.except_src, f);
+            let xdst = prefix_set(&mut t.sets, r, "except_dst", &r.except_dst, f);
+            for (set, dir, what) in [
+                (xsrc, Dir::Src, "except_src"),
+                (xdst, Dir::Dst, "except_dst"),
+            ] {
+                if let Some(set) = set {
+                    chain.push(exempt_rule(r, fam, dir, set, what));
+                }
+            }
+            let src = r
+                .src
+                .restricts(f)
+                .and_then(|p| prefix_set(&mut t.sets, r, "src", p, f));
+            let dst = r
+                .dst
+                .restricts(f)
+                .and_then(|p| prefix_set(&mut t.sets, r, "dst", p, f));
+            chain.push(Rule {
+                matches: addr_matches(fam, &src, &dst),
+                stmts: verdict.clone(),
+                comment: Some(r.name.clone()),
+            });
+        }
+        rule_chains.push(Chain {
+            name: chain_name(r),
+            base: None,
+            rules: chain,
+        });
+
+        // TPROXY return path: the origin's replies go to the client's address, so the bridge
+        // would deliver them to the client; divert them to the proxy's spoofed socket instead.
+        if let Action::Tproxy { .. } = r.action {
+            let mut head = Vec::new();
+            if !r.from.is_empty() {
+                head.push(Match::IifName {
+                    negate: true,
+                    set: set_name(r, "from"),
+                });
+            }
+            head.extend(l4_match(l4, Dir::Src, &dport_set));
+            prerouting.push(Rule {
+                matches: head,
+                stmts: vec![Stmt::Jump(reply_chain_name(r))],
+                comment: Some(format!("{}: reply", r.name)),
+            });
+            let mut chain = Vec::new();
+            for f in r.families() {
+                let fam = ip_family(f);
+                // The same exemptions, seen from the reply's side.
+                let xsrc = existing_prefix_set(&t.sets, r, "except_src", f);
+                let xdst = existing_prefix_set(&t.sets, r, "except_dst", f);
+                for (set, dir, what) in [
+                    (xsrc, Dir::Dst, "except_src"),
+                    (xdst, Dir::Src, "except_dst"),
+                ] {
+                    if let Some(set) = set {
+                        chain.push(exempt_rule(r, fam, dir, set, what));
+                    }
+                }
+                let src = existing_prefix_set(&t.sets, r, "dst", f);
+                let dst = existing_prefix_set(&t.sets, r, "src", f);
+                chain.push(Rule {
+                    matches: addr_matches(fam, &src, &dst),
+                    stmts: verdict.clone(),
+                    comment: Some(format!("{}: reply", r.name)),
+                });
+            }
+            rule_chains.push(Chain {
+                name: reply_chain_name(r),
+                base: None,
+                rules: chain,
+            });
+        }
+    }
+    t.chains.push(Chain {
+        name: "prerouting".into(),
+        base: Some(BaseChain {
+            kind: ChainType::Filter,
+            hook: Hook::Prerouting,
+            priority: BRIDGE_PRIORITY,
+        }),
+        rules: prerouting,
+    });
+    t.chains.extend(rule_chains);
+    t
+}
+
+/// `inet brdivert`: REDIRECT and TPROXY for packets carrying a rule's tag. Also what the
+/// userspace datapath installs for its TAP local port.
+pub fn local_stack_table(policy: &Policy, target: &Target) -> Table {
+    let mut t = Table {
+        family: Family::Inet,
+        name: TABLE_NAME.into(),
+        sets: Vec::new(),
+        chains: Vec::new(),
+    };
+    let mut dstnat = Vec::new();
+    let mut mangle = Vec::new();
+    let to_tproxy_mark = Stmt::MarkSetMasked {
+        keep: !target.mark_mask,
+        value: target.tproxy_mark(),
+    };
+    for r in &policy.rules {
+        let tagged = Match::Mark {
+            mask: target.mark_mask,
+            value: target.tag_mark(r.tag),
+        };
+        let l4 = r.proto.map(l4_of);
+        match r.action {
+            Action::Redirect { port } => {
+                let dport = (!r.dport.is_empty()).then(|| {
+                    add_set(
+                        &mut t.sets,
+                        r,
+                        "dport",
+                        SetKind::InetService,
+                        true,
+                        port_elems(r),
+                    )
+                });
+                let mut m = vec![tagged];
+                m.extend(l4_match(l4, Dir::Dst, &dport));
+                dstnat.push(Rule {
+                    matches: m,
+                    stmts: vec![Stmt::Counter, Stmt::Redirect { port }],
+                    comment: Some(r.name.clone()),
+                });
+            }
+            Action::Tproxy { addr, port } => {
+                let dport = (!r.dport.is_empty()).then(|| {
+                    add_set(
+                        &mut t.sets,
+                        r,
+                        "dport",
+                        SetKind::InetService,
+                        true,
+                        port_elems(r),
+                    )
+                });
+                // Packets of flows the proxy already holds (and the origin's replies to them)
+                // go to the proxy's socket.
+                mangle.push(Rule {
+                    matches: vec![tagged.clone(), Match::SocketTransparent],
+                    stmts: vec![to_tproxy_mark.clone(), Stmt::Counter, Stmt::Accept],
+                    comment: Some(format!("{}: established", r.name)),
+                });
+                for f in r.families() {
+                    let family = ip_family(f);
+                    let mut m = vec![tagged.clone(), Match::Family(family)];
+                    m.extend(l4_match(l4, Dir::Dst, &dport));
+                    mangle.push(Rule {
+                        matches: m,
+                        stmts: vec![
+                            Stmt::Tproxy { family, addr, port },
+                            to_tproxy_mark.clone(),
+                            Stmt::Counter,
+                            Stmt::Accept,
+                        ],
+                        comment: Some(r.name.clone()),
+                    });
+                }
+            }
+            Action::Local { .. } | Action::Pass | Action::Drop => {}
+        }
+    }
+    t.chains.push(Chain {
+        name: "dstnat".into(),
+        base: Some(BaseChain {
+            kind: ChainType::Nat,
+            hook: Hook::Prerouting,
+            priority: DSTNAT_PRIORITY,
+        }),
+        rules: dstnat,
+    });
+    t.chains.push(Chain {
+        name: "mangle".into(),
+        base: Some(BaseChain {
+            kind: ChainType::Filter,
+            hook: Hook::Prerouting,
+            priority: MANGLE_PRIORITY,
+        }),
+        rules: mangle,
+    });
+    t
+}
+
+/// What the bridge does with a frame the rule's main match takes.
+fn action_stmts(r: &DivertRule, target: &Target) -> Vec<Stmt> {
+    let mut s = vec![Stmt::Counter];
+    match r.action {
+        Action::Pass => s.push(Stmt::Accept),
+        Action::Drop => s.push(Stmt::Drop),
+        Action::Redirect { .. } | Action::Tproxy { .. } | Action::Local { .. } => {
+            match r.action {
+                Action::Local { fwmark: Some(m) } => s.push(Stmt::MarkSet(m)),
+                _ => s.push(Stmt::MarkSetMasked {
+                    keep: !target.mark_mask,
+                    value: target.tag_mark(r.tag),
+                }),
+            }
+            if target.broute {
+                s.push(Stmt::BrouteSet);
+            } else {
+                s.push(Stmt::PkttypeSetHost);
+                s.push(Stmt::EtherDaddrSet(target.bridge_mac));
+            }
+            s.push(Stmt::Accept);
+        }
+    }
+    s
+}
+
+fn exempt_rule(r: &DivertRule, family: IpFamily, dir: Dir, set: String, what: &str) -> Rule {
+    Rule {
+        matches: vec![Match::Addr {
+            family,
+            dir,
+            negate: false,
+            set,
+        }],
+        stmts: vec![Stmt::Counter, Stmt::Return],
+        comment: Some(format!("{}: {what}", r.name)),
+    }
+}
+
+/// Address matches for one family; with none, the family itself (so the v4 and v6 rules
+/// of one policy rule stay distinct).
+fn addr_matches(family: IpFamily, src: &Option<String>, dst: &Option<String>) -> Vec<Match> {
+    let mut m = Vec::new();
+    for (set, dir) in [(src, Dir::Src), (dst, Dir::Dst)] {
+        if let Some(set) = set {
+            m.push(Match::Addr {
+                family,
+                dir,
+                negate: false,
+                set: set.clone(),
+            });
+        }
+    }
+    if m.is_empty() {
+        m.push(Match::Family(family));
+    }
+    m
+}
+
+fn l4_match(l4: Option<L4>, dir: Dir, ports: &Option<String>) -> Option<Match> {
+    let l4 = l4?;
+    Some(match ports {
+        Some(set) => Match::Port {
+            l4,
+            dir,
+            negate: false,
+            set: set.clone(),
+        },
+        None => Match::L4Proto(l4),
+    })
+}
+
+pub fn chain_name(r: &DivertRule) -> String {
+    format!("rule_{}", r.name)
+}
+
+fn reply_chain_name(r: &DivertRule) -> String {
+    format!("reply_{}", r.name)
+}
+
+fn set_name(r: &DivertRule, what: &str) -> String {
+    format!("{}_{what}", r.name)
+}
+
+fn family_suffix(f: policy::Family) -> &'static str {
+    match f {
+        policy::Family::V4 => "4",
+        policy::Family::V6 => "6",
+    }
+}
+
+fn add_set(
+    sets: &mut Vec<Set>,
+    r: &DivertRule,
+    what: &str,
+    kind: SetKind,
+    interval: bool,
+    elements: Vec<SetElem>,
+) -> String {
+    let name = set_name(r, what);
+    if !sets.iter().any(|s| s.name == name) {
+        sets.push(Set {
+            name: name.clone(),
+            kind,
+            interval,
+            elements,
+        });
+    }
+    name
+}
+
+/// The set of `p`'s prefixes of family `f` (named `<rule>_<what>4|6`), if it has any.
+fn prefix_set(
+    sets: &mut Vec<Set>,
+    r: &DivertRule,
+    what: &str,
+    p: &Prefixes,
+    f: policy::Family,
+) -> Option<String> {
+    let (kind, elems): (SetKind, Vec<SetElem>) = match f {
+        policy::Family::V4 => (
+            SetKind::Ipv4Addr,
+            p.v4.iter().map(|n| SetElem::V4(*n)).collect(),
+        ),
+        policy::Family::V6 => (
+            SetKind::Ipv6Addr,
+            p.v6.iter().map(|n| SetElem::V6(*n)).collect(),
+        ),
+    };
+    if elems.is_empty() {
+        return None;
+    }
+    Some(add_set(
+        sets,
+        r,
+        &format!("{what}{}", family_suffix(f)),
+        kind,
+        true,
+        elems,
+    ))
+}
+
+fn existing_prefix_set(
+    sets: &[Set],
+    r: &DivertRule,
+    what: &str,
+    f: policy::Family,
+) -> Option<String> {
+    let name = set_name(r, &format!("{what}{}", family_suffix(f)));
+    sets.iter().any(|s| s.name == name).then_some(name)
+}
+
+fn ifname_elems(names: &[String]) -> Vec<SetElem> {
+    names.iter().map(|n| SetElem::IfName(n.clone())).collect()
+}
+
+fn port_elems(r: &DivertRule) -> Vec<SetElem> {
+    r.dport.iter().map(|p| SetElem::Ports(p.lo, p.hi)).collect()
+}
+
+fn l4_of(p: Proto) -> L4 {
+    match p {
+        Proto::Tcp => L4::Tcp,
+        Proto::Udp => L4::Udp,
+    }
+}
+
+pub fn ip_family(f: policy::Family) -> IpFamily {
+    match f {
+        policy::Family::V4 => IpFamily::V4,
+        policy::Family::V6 => IpFamily::V6,
+    }
+}
+
+/// The address a TPROXY rule sends to, for people (`check`'s plan).
+pub fn describe_tproxy(addr: Option<IpAddr>, port: u16) -> String {
+    match addr {
+        Some(IpAddr::V6(a)) => format!("[{a}]:{port}"),
+        Some(IpAddr::V4(a)) => format!("{a}:{port}"),
+        None => format!(":{port}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::policy::Context;
+    use crate::rules;
+
+    fn target() -> Target {
+        Target {
+            bridge_mac: [2, 0, 0, 0, 0, 0xfe],
+            broute: false,
+            mark_mask: 0x00ff_0000,
+        }
+    }
+
+    fn policy(text: &str) -> Policy {
+        let f = rules::parse(Path::new("r.toml"), text.into()).unwrap();
+        Policy::build(
+            &[f],
+            &Context {
+                ports: None,
+                mark_mask: 0x00ff_0000,
+            },
+        )
+        .unwrap()
+    }
+
+    fn set<'a>(t: &'a Table, name: &str) -> &'a Set {
+        t.sets
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no set {name}"))
+    }
+
+    fn chain<'a>(t: &'a Table, name: &str) -> &'a Chain {
+        t.chains
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no chain {name}"))
+    }
+
+    #[test]
+    fn v4_v6_split_and_sets() {
+        let p = policy(
+            "[[divert]]\nname = \"web\"\nproto = \"tcp\"\ndport = [80, \"8080-8090\"]\n\
+             dst = [\"10.0.0.0/8\", \"2001:db8::/32\"]\nexcept_src = \"10.0.0.5\"\n\
+             action = \"redirect\"\nport = 3129\n",
+        );
+        let rs = compile(&p, &target());
+        let b = rs.table(Family::Bridge).unwrap();
+        assert_eq!(
+            set(b, "web_dport").elements,
+            vec![SetElem::Ports(80, 80), SetElem::Ports(8080, 8090)]
+        );
+        assert!(set(b, "web_dport").interval);
+        assert_eq!(
+            set(b, "web_dst4").elements,
+            vec![SetElem::V4("10.0.0.0/8".parse().unwrap())]
+        );
+        assert_eq!(
+            set(b, "web_dst6").elements,
+            vec![SetElem::V6("2001:db8::/32".parse().unwrap())]
+        );
+        assert!(
+            b.sets.iter().all(|s| s.name != "web_except_src6"),
+            "no empty sets"
+        );
+        let c = chain(b, "rule_web");
+        // v4: exemption then divert; v6: divert only
+        assert_eq!(c.rules.len(), 3);
+        assert_eq!(c.rules[0].stmts, vec![Stmt::Counter, Stmt::Return]);
+        assert_eq!(
+            c.rules[1].matches,
+            vec![Match::Addr {
+                family: IpFamily::V4,
+                dir: Dir::Dst,
+                negate: false,
+                set: "web_dst4".into()
+            }]
+        );
+        assert_eq!(
+            c.rules[1].stmts,
+            vec![
+                Stmt::Counter,
+                Stmt::MarkSetMasked {
+                    keep: 0xff00_ffff,
+                    value: 0x0001_0000
+                },
+                Stmt::PkttypeSetHost,
+                Stmt::EtherDaddrSet([2, 0, 0, 0, 0, 0xfe]),
+                Stmt::Accept
+            ]
+        );
+        let pre = chain(b, "prerouting");
+        assert_eq!(pre.rules.len(), 1);
+        assert_eq!(pre.rules[0].stmts, vec![Stmt::Jump("rule_web".into())]);
+        let inet = rs.table(Family::Inet).unwrap();
+        let dnat = chain(inet, "dstnat");
+        assert_eq!(
+            dnat.rules[0].matches[0],
+            Match::Mark {
+                mask: 0x00ff_0000,
+                value: 0x0001_0000
+            }
+        );
+        assert_eq!(
+            dnat.rules[0].stmts.last(),
+            Some(&Stmt::Redirect { port: 3129 })
+        );
+    }
+
+    #[test]
+    fn family_pins_rules_without_addresses() {
+        let p =
+            policy("[[divert]]\nname = \"web\"\nproto = \"tcp\"\ndport = 80\naction = \"local\"\n");
+        let b = bridge_table(&p, &target());
+        let c = chain(&b, "rule_web");
+        assert_eq!(c.rules[0].matches, vec![Match::Family(IpFamily::V4)]);
+        assert_eq!(c.rules[1].matches, vec![Match::Family(IpFamily::V6)]);
+    }
+
+    #[test]
+    fn broute_when_kernel_has_it() {
+        let p = policy(
+            "[[divert]]\nname = \"v\"\ndst = \"10.0.0.100\"\naction = \"local\"\nfwmark = 16\n",
+        );
+        let t = Target {
+            broute: true,
+            ..target()
+        };
+        let b = bridge_table(&p, &t);
+        let c = chain(&b, "rule_v");
+        assert_eq!(
+            c.rules[0].stmts,
+            vec![
+                Stmt::Counter,
+                Stmt::MarkSet(16),
+                Stmt::BrouteSet,
+                Stmt::Accept
+            ]
+        );
+        // local needs nothing in the local-stack table
+        let inet = local_stack_table(&p, &t);
+        assert!(inet.chains.iter().all(|c| c.rules.is_empty()));
+    }
+
+    #[test]
+    fn tproxy_has_reply_path_and_socket_rule() {
+        let p = policy(
+            "[[divert]]\nname = \"tp\"\nfrom = \"eth1\"\nproto = \"tcp\"\ndport = 8080\n\
+             except_src = \"10.77.0.3\"\naction = \"tproxy\"\naddress = \"127.0.0.1\"\nport = 3130\n",
+        );
+        let rs = compile(&p, &target());
+        let b = rs.table(Family::Bridge).unwrap();
+        let pre = chain(b, "prerouting");
+        assert_eq!(pre.rules.len(), 2);
+        assert_eq!(
+            pre.rules[1].matches,
+            vec![
+                Match::IifName {
+                    negate: true,
+                    set: "tp_from".into()
+                },
+                Match::Port {
+                    l4: L4::Tcp,
+                    dir: Dir::Src,
+                    negate: false,
+                    set: "tp_dport".into()
+                }
+            ]
+        );
+        let reply = chain(b, "reply_tp");
+        // the exempt client's replies are left alone: matched by destination
+        assert_eq!(
+            reply.rules[0].matches,
+            vec![Match::Addr {
+                family: IpFamily::V4,
+                dir: Dir::Dst,
+                negate: false,
+                set: "tp_except_src4".into()
+            }]
+        );
+        assert_eq!(reply.rules[1].matches, vec![Match::Family(IpFamily::V4)]);
+        let inet = rs.table(Family::Inet).unwrap();
+        let m = chain(inet, "mangle");
+        assert_eq!(m.rules.len(), 2, "socket rule + one v4 tproxy rule");
+        assert!(m.rules[0].matches.contains(&Match::SocketTransparent));
+        assert!(m.rules[1].stmts.contains(&Stmt::Tproxy {
+            family: IpFamily::V4,
+            addr: Some("127.0.0.1".parse().unwrap()),
+            port: 3130
+        }));
+        assert!(m.rules[1].stmts.contains(&Stmt::MarkSetMasked {
+            keep: 0xff00_ffff,
+            value: 0x00ff_0000
+        }));
+    }
+
+    #[test]
+    fn pass_and_drop() {
+        let p = policy(
+            "[[divert]]\nname = \"ssh\"\nproto = \"tcp\"\ndport = 22\ndst = \"10.0.0.1\"\naction = \"pass\"\n\
+             [[divert]]\nname = \"bad\"\nproto = \"udp\"\nsrc_mac = \"02:00:00:00:00:09\"\naction = \"drop\"\n",
+        );
+        let b = bridge_table(&p, &target());
+        assert_eq!(
+            chain(&b, "rule_ssh").rules[0].stmts,
+            vec![Stmt::Counter, Stmt::Accept]
+        );
+        let pre = chain(&b, "prerouting");
+        assert_eq!(
+            pre.rules[1].matches,
+            vec![
+                Match::EtherSaddr {
+                    set: "bad_src_mac".into()
+                },
+                Match::L4Proto(L4::Udp)
+            ]
+        );
+        assert_eq!(
+            chain(&b, "rule_bad").rules[1].stmts,
+            vec![Stmt::Counter, Stmt::Drop]
+        );
+    }
+}

@@ -157,6 +157,9 @@ pub enum Match {
     VlanId(u16),
     /// `meta l4proto tcp` — only needed where no port match implies it
     L4Proto(L4),
+    /// `ether type ip` (bridge) / `meta nfproto ipv4` (inet): pins a rule to one IP family
+    /// where no address match does
+    Family(IpFamily),
     /// `ip saddr @set`, `ip6 daddr != @set`, …
     Addr {
         family: IpFamily,
@@ -207,7 +210,14 @@ pub enum Stmt {
     },
     /// Hand the packet to NFQUEUE `num` (`fanout` queues from `num`), bypass when no
     /// listener. Rendered and lowered in the form the kernel supports (see [`QueueForm`]).
-    Queue { num: u16, fanout: u16, bypass: bool, form: QueueForm },
+    Queue {
+        num: u16,
+        fanout: u16,
+        bypass: bool,
+        form: QueueForm,
+    },
+    /// `jump CHAIN` (a regular chain of the same table)
+    Jump(String),
     Accept,
     Drop,
     Return,

@@ -1,1 +1,0 @@
-//! Links over rtnetlink: bridge, ports, addresses, policy routing (placeholder until it lands).

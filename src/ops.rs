@@ -1,0 +1,219 @@
+//! The one-shot operations behind the CLI: check, render, apply, flush.
+//!
+//! Order matters for safety: settings and every rule file are validated before anything in
+//! the kernel changes, so a refused file leaves the running rules in place.
+
+use std::fmt::Write as _;
+
+use crate::diag::Refused;
+use crate::link;
+use crate::nft::compile::{self, Target};
+use crate::nft::{Family, Ruleset, TABLE_NAME, netlink, render};
+use crate::policy::{Action, Policy};
+use crate::probe::{self, Caps};
+use crate::settings::{Datapath, Settings};
+
+/// Why an operation failed, and so the exit code.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad input (exit 2): nothing was changed.
+    Input(Refused),
+    /// The system refused or broke (exit 1).
+    Runtime(anyhow::Error),
+}
+
+impl Failure {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Failure::Input(_) => 2,
+            Failure::Runtime(_) => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Input(r) => write!(f, "{r}"),
+            Failure::Runtime(e) => write!(f, "error: {e:#}"),
+        }
+    }
+}
+
+impl From<Refused> for Failure {
+    fn from(r: Refused) -> Self {
+        Failure::Input(r)
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Runtime(e)
+    }
+}
+
+/// Settings and policy, validated together; warnings are printed to stderr.
+pub fn load(settings_path: &std::path::Path) -> Result<(Settings, Policy), Failure> {
+    let settings = Settings::load(settings_path)?;
+    let policy = Policy::load(&settings)?;
+    for w in &policy.warnings {
+        eprintln!("{w}");
+    }
+    Ok((settings, policy))
+}
+
+/// The compile target for this machine: the bridge's MAC if the bridge exists, and the
+/// probed kernel forms.
+fn target(settings: &Settings, caps: &Caps, mac: Option<[u8; 6]>) -> Target {
+    Target {
+        bridge_mac: mac.unwrap_or([0; 6]),
+        broute: caps.meta_broute,
+        mark_mask: settings.kernel.mark_mask,
+    }
+}
+
+/// `brdivert check`: validate, probe the kernel, print the plan.
+pub fn check(settings_path: &std::path::Path) -> Result<String, Failure> {
+    let (settings, policy) = load(settings_path)?;
+    let caps = probe::probe();
+    let mut out = String::new();
+    let files = settings.rule_files()?;
+    let _ = writeln!(out, "settings: {} ok", settings.path.display());
+    for f in &files {
+        let _ = writeln!(out, "rules: {} ok", f.display());
+    }
+    let _ = writeln!(
+        out,
+        "bridge {} ({} datapath), ports {}",
+        settings.bridge.name,
+        match settings.bridge.datapath {
+            Datapath::Kernel => "kernel",
+            Datapath::Userspace => "userspace",
+        },
+        settings.bridge.ports.join(", ")
+    );
+    let _ = writeln!(out, "kernel:\n{caps}");
+    let _ = writeln!(
+        out,
+        "plan ({} rules, first match wins):",
+        policy.rules.len()
+    );
+    let t = target(&settings, &caps, None);
+    for r in &policy.rules {
+        let fams: Vec<&str> = r
+            .families()
+            .iter()
+            .map(|f| match f {
+                crate::policy::Family::V4 => "ipv4",
+                crate::policy::Family::V6 => "ipv6",
+            })
+            .collect();
+        let action = match r.action {
+            Action::Redirect { port } => format!("redirect to local port {port}"),
+            Action::Tproxy { addr, port } => {
+                format!("tproxy to {}", compile::describe_tproxy(addr, port))
+            }
+            Action::Local { fwmark: Some(m) } => format!("deliver locally with fwmark {m:#x}"),
+            Action::Local { fwmark: None } => "deliver locally".into(),
+            Action::Pass => "bridge untouched".into(),
+            Action::Drop => "drop".into(),
+        };
+        let mark = if let Action::Local { fwmark: Some(_) } = r.action {
+            String::new()
+        } else if r.action.diverts() {
+            format!(", mark {:#010x}/{:#010x}", t.tag_mark(r.tag), t.mark_mask)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "  {} ({}): {action} [{}{mark}]",
+            r.name,
+            r.origin,
+            fams.join("+")
+        );
+    }
+    if policy.uses_tproxy() {
+        let _ = writeln!(
+            out,
+            "policy routing: fwmark {:#x}/{:#x} lookup table {} (local default route)",
+            t.tproxy_mark(),
+            t.mark_mask,
+            settings.kernel.route_table
+        );
+    }
+    Ok(out)
+}
+
+/// `brdivert render`: the nft text `apply` would load.
+pub fn render_text(settings_path: &std::path::Path) -> Result<String, Failure> {
+    let (settings, policy) = load(settings_path)?;
+    let caps = probe::probe();
+    let mac = link::bridge_mac_blocking(&settings.bridge.name).ok();
+    let mut out = String::new();
+    if mac.is_none() {
+        let _ = writeln!(
+            out,
+            "# bridge {} does not exist yet: apply uses its MAC where this shows 00:00:00:00:00:00",
+            settings.bridge.name
+        );
+    }
+    out.push_str(&render::render(&ruleset_for(
+        &settings, &policy, &caps, mac,
+    )));
+    Ok(out)
+}
+
+fn ruleset_for(settings: &Settings, policy: &Policy, caps: &Caps, mac: Option<[u8; 6]>) -> Ruleset {
+    let t = target(settings, caps, mac);
+    match settings.bridge.datapath {
+        Datapath::Kernel => compile::compile(policy, &t),
+        Datapath::Userspace => Ruleset {
+            tables: vec![compile::local_stack_table(policy, &t)],
+        },
+    }
+}
+
+/// `brdivert apply`: set up the bridge and apply the rules once (kernel datapath).
+pub fn apply(settings_path: &std::path::Path) -> Result<String, Failure> {
+    let (settings, policy) = load(settings_path)?;
+    if settings.bridge.datapath == Datapath::Userspace {
+        return Err(Failure::Input(Refused(vec![
+            crate::diag::Diagnostic::error(
+                &settings.path,
+                crate::diag::Pos::NONE,
+                "apply sets up the kernel datapath only; with bridge.datapath = \"userspace\" nothing would forward frames without the daemon",
+                "run `brdivert run`, or set bridge.datapath = \"kernel\"",
+            ),
+        ])));
+    }
+    let caps = probe::probe();
+    let info = link::setup_blocking(&settings).map_err(anyhow::Error::from)?;
+    let rs = ruleset_for(&settings, &policy, &caps, Some(info.mac));
+    netlink::apply(&rs).map_err(anyhow::Error::from)?;
+    let t = target(&settings, &caps, Some(info.mac));
+    if policy.uses_tproxy() {
+        link::setup_tproxy_routing_blocking(&settings.kernel, t.tproxy_mark(), t.mark_mask)
+            .map_err(anyhow::Error::from)?;
+    }
+    Ok(format!(
+        "applied {} rules to bridge {} ({}; {} ports)",
+        policy.rules.len(),
+        settings.bridge.name,
+        if info.created { "created" } else { "existing" },
+        settings.bridge.ports.len()
+    ))
+}
+
+/// `brdivert flush`: remove brdivert's tables and undo what `apply` set up.
+pub fn flush(settings_path: &std::path::Path) -> Result<String, Failure> {
+    let settings = Settings::load(settings_path)?;
+    netlink::delete_tables(&[Family::Bridge, Family::Inet], TABLE_NAME)
+        .map_err(anyhow::Error::from)?;
+    link::teardown_tproxy_routing_blocking(&settings.kernel).map_err(anyhow::Error::from)?;
+    link::teardown_blocking(&settings).map_err(anyhow::Error::from)?;
+    Ok(format!(
+        "flushed brdivert's tables and links for bridge {}",
+        settings.bridge.name
+    ))
+}

@@ -1,0 +1,462 @@
+//! Every validation error path, with its position.
+
+use std::path::Path;
+
+use super::*;
+use crate::rules;
+
+fn ctx() -> Context {
+    Context {
+        ports: Some(vec!["eth0".into(), "eth1".into(), "eth2".into()]),
+        mark_mask: 0x00ff_0000,
+    }
+}
+
+fn build(text: &str) -> Result<Policy, Refused> {
+    let f = rules::parse(Path::new("r.toml"), text.into())?;
+    Policy::build(&[f], &ctx())
+}
+
+/// The single error for `text`, as printed.
+fn error(text: &str) -> String {
+    let e = build(text).expect_err("should be refused");
+    let errs: Vec<_> = e.0.iter().filter(|d| d.is_error()).collect();
+    assert_eq!(errs.len(), 1, "expected one error, got: {e}");
+    errs[0].to_string()
+}
+
+fn rule(extra: &str) -> String {
+    format!(
+        "[[divert]]\nname = \"web\"\nproto = \"tcp\"\ndport = 80\naction = \"redirect\"\nport = 3129\n{extra}"
+    )
+}
+
+#[test]
+fn minimal_redirect() {
+    let p = build(&rule("")).unwrap();
+    let r = &p.rules[0];
+    assert_eq!(r.action, Action::Redirect { port: 3129 });
+    assert_eq!(r.dport, vec![PortRange { lo: 80, hi: 80 }]);
+    assert_eq!(r.tag, 1);
+    assert_eq!(r.families(), vec![Family::V4, Family::V6]);
+    assert_eq!(r.origin.line, 1);
+    assert!(p.warnings.is_empty());
+}
+
+#[test]
+fn full_rule_from_design() {
+    let text = r#"
+[[divert]]
+name    = "web"
+from    = ["eth1"]
+proto   = "tcp"
+dport   = [80, "8080-8090"]
+dst     = ["0.0.0.0/0", "::/0"]
+src     = ["10.0.0.0/8"]
+except_src = ["10.0.0.5"]
+except_dst = ["192.0.2.0/24"]
+action  = "redirect"
+port    = 3129
+health  = { connect = "127.0.0.1:3129", interval = "2s", fall = 3, rise = 2 }
+on_unhealthy = "bypass"
+"#;
+    let p = build(text).unwrap();
+    let r = &p.rules[0];
+    assert_eq!(r.from, vec!["eth1"]);
+    assert_eq!(
+        r.dport,
+        vec![
+            PortRange { lo: 80, hi: 80 },
+            PortRange { lo: 8080, hi: 8090 }
+        ]
+    );
+    // src lists only IPv4, so the rule is IPv4 only
+    assert_eq!(r.families(), vec![Family::V4]);
+    assert!(
+        r.dst.restricts(Family::V4).is_none(),
+        "0.0.0.0/0 is no restriction"
+    );
+    assert_eq!(r.except_src.v4, vec!["10.0.0.5/32".parse().unwrap()]);
+    let h = r.health.as_ref().unwrap();
+    assert_eq!(h.connect, "127.0.0.1:3129".parse().unwrap());
+    assert_eq!(h.interval, Duration::from_secs(2));
+    assert_eq!((h.fall, h.rise), (3, 2));
+}
+
+#[test]
+fn prefixes_merge() {
+    let p = build(&rule(
+        "dst = [\"10.0.0.0/8\", \"10.1.0.0/16\", \"10.0.0.1\", \"2001:db8::/32\"]\n",
+    ))
+    .unwrap();
+    let AddrMatch::Only(d) = &p.rules[0].dst else {
+        panic!()
+    };
+    assert_eq!(d.v4, vec!["10.0.0.0/8".parse().unwrap()]);
+    assert_eq!(d.v6, vec!["2001:db8::/32".parse().unwrap()]);
+}
+
+#[test]
+fn ports_merge() {
+    let m = merge_ports(vec![
+        PortRange { lo: 90, hi: 95 },
+        PortRange { lo: 80, hi: 80 },
+        PortRange { lo: 81, hi: 85 },
+        PortRange { lo: 94, hi: 100 },
+    ]);
+    assert_eq!(
+        m,
+        vec![PortRange { lo: 80, hi: 85 }, PortRange { lo: 90, hi: 100 }]
+    );
+}
+
+#[test]
+fn bad_prefix() {
+    let e = error(&rule("dst = [\"10.0.0.0/33\"]\n"));
+    assert!(e.starts_with("r.toml:7:8: error: dst:"), "{e}");
+}
+
+#[test]
+fn host_bits_set() {
+    let e = error(&rule("src = [\"10.0.0.1/8\"]\n"));
+    assert!(
+        e.contains("r.toml:7:8") && e.contains("host bits") && e.contains("10.0.0.0/8"),
+        "{e}"
+    );
+}
+
+#[test]
+fn port_out_of_range() {
+    let e = error(
+        "[[divert]]\nname = \"a\"\nproto = \"tcp\"\ndport = [80, 70000]\naction = \"pass\"\n",
+    );
+    assert!(
+        e.starts_with("r.toml:4:14: error: port 70000 is out of range"),
+        "{e}"
+    );
+    let e = error("[[divert]]\nname = \"a\"\nproto = \"tcp\"\ndport = 0\naction = \"pass\"\n");
+    assert!(e.starts_with("r.toml:4:9:"), "{e}");
+}
+
+#[test]
+fn backwards_range() {
+    let e =
+        error("[[divert]]\nname = \"a\"\nproto = \"tcp\"\ndport = \"90-80\"\naction = \"pass\"\n");
+    assert!(e.contains("r.toml:4:9") && e.contains("backwards"), "{e}");
+}
+
+#[test]
+fn target_port_out_of_range() {
+    let e = error(
+        "[[divert]]\nname = \"a\"\nproto = \"tcp\"\ndport = 80\naction = \"redirect\"\nport = 65536\n",
+    );
+    assert!(e.starts_with("r.toml:6:8: error: port 65536"), "{e}");
+}
+
+#[test]
+fn empty_name() {
+    let e = error("[[divert]]\nname = \"\"\nproto = \"tcp\"\naction = \"pass\"\n");
+    assert!(e.starts_with("r.toml:2:8: error: rule name \"\""), "{e}");
+}
+
+#[test]
+fn duplicate_name() {
+    let text = format!(
+        "{}{}",
+        rule(""),
+        rule("").replace("dport = 80", "dport = 81")
+    );
+    let e = error(&text);
+    assert!(
+        e.starts_with("r.toml:8:8: error: rule name \"web\" is already used at r.toml:1"),
+        "{e}"
+    );
+}
+
+#[test]
+fn port_missing_for_redirect_and_tproxy() {
+    for act in ["redirect", "tproxy"] {
+        let e = error(&format!(
+            "[[divert]]\nname = \"a\"\nproto = \"tcp\"\naction = \"{act}\"\n"
+        ));
+        assert!(
+            e.starts_with("r.toml:4:10:") && e.contains("needs port"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn redirect_needs_proto() {
+    let e =
+        error("[[divert]]\nname = \"a\"\ndst = \"10.0.0.1\"\naction = \"redirect\"\nport = 1\n");
+    assert!(
+        e.starts_with("r.toml:4:10:") && e.contains("needs proto"),
+        "{e}"
+    );
+}
+
+#[test]
+fn dport_needs_proto() {
+    let e = error("[[divert]]\nname = \"a\"\ndport = 80\ndst = \"10.0.0.1\"\naction = \"pass\"\n");
+    assert!(e.starts_with("r.toml:3:9: error: dport needs proto"), "{e}");
+}
+
+#[test]
+fn tproxy_family_mismatch() {
+    let e = error(
+        "[[divert]]\nname = \"t\"\nproto = \"tcp\"\ndst = [\"0.0.0.0/0\", \"::/0\"]\naction = \"tproxy\"\nport = 3130\naddress = \"127.0.0.1\"\n",
+    );
+    assert!(
+        e.starts_with("r.toml:7:11:") && e.contains("IPv4 but dst lists IPv6"),
+        "{e}"
+    );
+}
+
+#[test]
+fn tproxy_address_sets_family() {
+    let p = build("[[divert]]\nname = \"t\"\nproto = \"tcp\"\naction = \"tproxy\"\nport = 3130\naddress = \"::1\"\n").unwrap();
+    assert_eq!(p.rules[0].families(), vec![Family::V6]);
+    assert!(p.uses_tproxy());
+}
+
+#[test]
+fn fwmark_without_local() {
+    let e = error(&rule("fwmark = 16\n"));
+    assert!(
+        e.starts_with("r.toml:7:10:") && e.contains("fwmark only applies"),
+        "{e}"
+    );
+}
+
+#[test]
+fn fwmark_in_our_bits() {
+    let e = error(
+        "[[divert]]\nname = \"v\"\ndst = \"10.0.0.100\"\naction = \"local\"\nfwmark = 0x10000\n",
+    );
+    assert!(
+        e.starts_with("r.toml:5:10:") && e.contains("mark_mask"),
+        "{e}"
+    );
+}
+
+#[test]
+fn local_with_fwmark() {
+    let p =
+        build("[[divert]]\nname = \"v\"\ndst = \"10.0.0.100\"\naction = \"local\"\nfwmark = 16\n")
+            .unwrap();
+    assert_eq!(p.rules[0].action, Action::Local { fwmark: Some(16) });
+    assert_eq!(p.rules[0].families(), vec![Family::V4]);
+}
+
+#[test]
+fn unknown_action_proto_decide_on_unhealthy() {
+    let e = error("[[divert]]\nname = \"a\"\nproto = \"tcp\"\naction = \"divert\"\n");
+    assert!(
+        e.starts_with("r.toml:4:10: error: action \"divert\""),
+        "{e}"
+    );
+    let e = error("[[divert]]\nname = \"a\"\nproto = \"sctp\"\naction = \"pass\"\n");
+    assert!(e.starts_with("r.toml:3:9: error: proto \"sctp\""), "{e}");
+    let e = error(&rule("decide = \"maybe\"\n"));
+    assert!(e.starts_with("r.toml:7:10: error: decide \"maybe\""), "{e}");
+    let e = error(&rule(
+        "health = { connect = \"127.0.0.1:1\" }\non_unhealthy = \"panic\"\n",
+    ));
+    assert!(
+        e.starts_with("r.toml:8:16: error: on_unhealthy \"panic\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn on_unhealthy_needs_health() {
+    let e = error(&rule("on_unhealthy = \"drop\"\n"));
+    assert!(
+        e.starts_with("r.toml:7:16:") && e.contains("without a health check"),
+        "{e}"
+    );
+}
+
+#[test]
+fn health_errors() {
+    let e = error(&rule("health = { connect = \"localhost\" }\n"));
+    assert!(
+        e.starts_with("r.toml:7:22:") && e.contains("ADDR:PORT"),
+        "{e}"
+    );
+    let e = error(&rule(
+        "health = { connect = \"127.0.0.1:1\", interval = \"soon\" }\n",
+    ));
+    assert!(
+        e.starts_with("r.toml:7:48:") && e.contains("interval"),
+        "{e}"
+    );
+    let e = error(&rule("health = { connect = \"127.0.0.1:1\", fall = 0 }\n"));
+    assert!(e.starts_with("r.toml:7:44:") && e.contains("fall"), "{e}");
+    let e = error(&rule("health = { connect = \"127.0.0.1:1\", bogus = 1 }\n"));
+    assert!(e.contains("r.toml:7:") && e.contains("bogus"), "{e}");
+}
+
+#[test]
+fn health_on_pass_refused() {
+    let e = error(
+        "[[divert]]\nname = \"a\"\nproto = \"tcp\"\naction = \"pass\"\nhealth = { connect = \"127.0.0.1:1\" }\n",
+    );
+    assert!(e.starts_with("r.toml:5:10:"), "{e}");
+}
+
+#[test]
+fn queue_on_drop_refused() {
+    let e =
+        error("[[divert]]\nname = \"a\"\nproto = \"tcp\"\naction = \"drop\"\ndecide = \"queue\"\n");
+    assert!(e.starts_with("r.toml:5:10:"), "{e}");
+}
+
+#[test]
+fn port_and_address_on_wrong_action() {
+    let e = error("[[divert]]\nname = \"a\"\nproto = \"tcp\"\naction = \"pass\"\nport = 1\n");
+    assert!(
+        e.starts_with("r.toml:5:8:") && e.contains("port only applies"),
+        "{e}"
+    );
+    let e = error(&rule("address = \"127.0.0.1\"\n"));
+    assert!(
+        e.starts_with("r.toml:7:11:") && e.contains("address only applies"),
+        "{e}"
+    );
+    let e = error(
+        "[[divert]]\nname = \"a\"\nproto = \"tcp\"\naction = \"tproxy\"\nport = 1\naddress = \"nowhere\"\n",
+    );
+    assert!(
+        e.starts_with("r.toml:6:11:") && e.contains("not an IP"),
+        "{e}"
+    );
+}
+
+#[test]
+fn from_must_be_a_bridge_port() {
+    let e = error(&rule("from = [\"eth1\", \"wlan0\"]\n"));
+    assert!(
+        e.starts_with("r.toml:7:17: error: \"wlan0\" is not a port of the bridge"),
+        "{e}"
+    );
+    let e = error(&rule("from = [\"a/b\"]\n"));
+    assert!(
+        e.starts_with("r.toml:7:9:") && e.contains("interface name"),
+        "{e}"
+    );
+    let e = error(&rule("from = []\n"));
+    assert!(e.starts_with("r.toml:7:8:") && e.contains("empty"), "{e}");
+}
+
+#[test]
+fn bad_mac() {
+    let e = error(&rule(
+        "src_mac = [\"02:00:00:00:00:01\", \"02:00:00:00:00\"]\n",
+    ));
+    assert!(e.starts_with("r.toml:7:33:") && e.contains("MAC"), "{e}");
+    let p = build(&rule("src_mac = \"02-00-00-00-00-0A\"\n")).unwrap();
+    assert_eq!(p.rules[0].src_mac, vec![[2, 0, 0, 0, 0, 10]]);
+}
+
+#[test]
+fn arp_shield_only_on_local() {
+    let e = error(&rule("arp_shield = true\n"));
+    assert!(e.starts_with("r.toml:7:14:"), "{e}");
+}
+
+#[test]
+fn empty_lists_refused() {
+    let e = error(&rule("dst = []\n"));
+    assert!(e.starts_with("r.toml:7:7:") && e.contains("empty"), "{e}");
+    let e = error("[[divert]]\nname = \"a\"\nproto = \"tcp\"\ndport = []\naction = \"pass\"\n");
+    assert!(e.starts_with("r.toml:4:9:") && e.contains("empty"), "{e}");
+}
+
+#[test]
+fn families_must_meet() {
+    let e = error(&rule("src = \"10.0.0.0/8\"\ndst = \"2001:db8::/32\"\n"));
+    assert!(
+        e.starts_with("r.toml:1:1:") && e.contains("never match"),
+        "{e}"
+    );
+}
+
+#[test]
+fn match_everything_refused() {
+    let e = error("[[divert]]\nname = \"a\"\naction = \"drop\"\n");
+    assert!(
+        e.starts_with("r.toml:1:1:") && e.contains("every IP packet"),
+        "{e}"
+    );
+}
+
+#[test]
+fn shadowed_rule_warns() {
+    let text = format!(
+        "{}{}",
+        rule(""),
+        rule("from = \"eth1\"\n").replace("name = \"web\"", "name = \"web2\"")
+    );
+    let p = build(&text).unwrap();
+    assert_eq!(p.warnings.len(), 1);
+    let w = p.warnings[0].to_string();
+    assert!(
+        w.starts_with("r.toml:7:1: warning: rule \"web2\" never matches: rule \"web\" (r.toml:1)"),
+        "{w}"
+    );
+    // an exemption in the earlier rule lets traffic through: no warning
+    let text = format!(
+        "{}{}",
+        rule("except_src = \"10.0.0.5\"\n"),
+        rule("").replace("name = \"web\"", "name = \"web2\"")
+    );
+    assert!(build(&text).unwrap().warnings.is_empty());
+}
+
+#[test]
+fn tags_only_for_diverting_rules() {
+    let text = "[[divert]]\nname = \"p\"\nproto = \"tcp\"\ndport = 22\naction = \"pass\"\n\
+                [[divert]]\nname = \"r\"\nproto = \"tcp\"\ndport = 80\naction = \"redirect\"\nport = 1\n";
+    let p = build(text).unwrap();
+    assert_eq!((p.rules[0].tag, p.rules[1].tag), (0, 1));
+}
+
+#[test]
+fn too_many_rules_for_mask() {
+    let mut text = String::new();
+    for i in 0..3 {
+        text += &format!(
+            "[[divert]]\nname = \"r{i}\"\nproto = \"tcp\"\ndport = {}\naction = \"local\"\n",
+            80 + i
+        );
+    }
+    let f = rules::parse(Path::new("r.toml"), text).unwrap();
+    let ctx = Context {
+        ports: None,
+        mark_mask: 0x3,
+    };
+    let e = Policy::build(&[f], &ctx).unwrap_err().to_string();
+    assert!(
+        e.contains("do not fit in kernel.mark_mask 0x3 (2 at most)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn errors_in_several_rules_all_reported() {
+    let text = "[[divert]]\nname = \"a\"\nproto = \"icmp\"\naction = \"pass\"\n[[divert]]\nname = \"b\"\nproto = \"tcp\"\naction = \"nope\"\n";
+    let e = build(text).unwrap_err();
+    assert_eq!(e.0.len(), 2, "{e}");
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
+    assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+    assert_eq!(parse_duration("1m"), Some(Duration::from_secs(60)));
+    assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+    assert_eq!(parse_duration("2"), None);
+    assert_eq!(parse_duration("s"), None);
+}

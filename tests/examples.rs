@@ -1,0 +1,76 @@
+//! `brdivert check` accepts every example rule file (and refuses a broken one with exit 2).
+
+use std::path::Path;
+use std::process::Command;
+
+fn check(rules: &Path) -> std::process::Output {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = dir.path().join("brdivert.toml");
+    std::fs::write(
+        &settings,
+        format!(
+            "rules = [{:?}]\n[bridge]\nname = \"brx0\"\nports = [\"eth0\", \"eth1\"]\naddress = [\"10.0.0.254/24\"]\n",
+            rules.display().to_string()
+        ),
+    )
+    .expect("write settings");
+    Command::new(env!("CARGO_BIN_EXE_brdivert"))
+        .args(["check", "-c"])
+        .arg(&settings)
+        .output()
+        .expect("run brdivert")
+}
+
+#[test]
+fn every_example_passes_check() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let mut n = 0;
+    for e in std::fs::read_dir(&root).expect("rules/") {
+        let p = e.expect("entry").path();
+        if p.extension().is_none_or(|x| x != "toml") {
+            continue;
+        }
+        let out = check(&p);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{} refused: {}{}",
+            p.display(),
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("plan ("), "{text}");
+        n += 1;
+    }
+    assert!(n >= 3);
+}
+
+#[test]
+fn broken_file_exits_2_with_position() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[divert]]\nname = \"web\"\nproto = \"tcp\"\ndport = 99999\naction = \"pass\"\n",
+    )
+    .expect("write");
+    let out = check(&bad);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}:4:9: error: port 99999 is out of range",
+            bad.display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_settings_exits_2() {
+    let out = Command::new(env!("CARGO_BIN_EXE_brdivert"))
+        .args(["check", "-c", "/nonexistent/brdivert.toml"])
+        .output()
+        .expect("run brdivert");
+    assert_eq!(out.status.code(), Some(2));
+}
