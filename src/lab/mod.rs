@@ -971,7 +971,7 @@ pub fn up(binary: &Path) -> Result<String> {
         binary.display(),
         settings.display()
     );
-    println!("remove it with: brdivert lab down   (or: brdivert lab down {p})");
+    println!("remove it with: brdivert lab down {p}");
     Ok(p)
 }
 
