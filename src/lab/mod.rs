@@ -366,7 +366,9 @@ impl Lab {
         }
         let python = find_program("python3")
             .ok_or_else(|| anyhow!("the lab needs python3 for its origin server"))?;
-        let squid_found = find_program("squid").is_some();
+        // BRDIVERT_LAB_NO_SQUID=1 pretends Squid is missing (to try the fallback relay)
+        let squid_found = find_program("squid").is_some()
+            && std::env::var_os("BRDIVERT_LAB_NO_SQUID").is_none_or(|v| v.is_empty() || v == "0");
         let proxy = match opts.proxy {
             Proxy::Squid if !squid_found => bail!("squid is not installed"),
             Proxy::SquidOrFallback if squid_found => Proxy::Squid,
@@ -871,6 +873,8 @@ pub fn demo(binary: &Path) -> Result<()> {
     if !out.status.success() {
         bail!("brdivert apply failed ({})", out.status);
     }
+    println!("$ ip netns exec {} nft list ruleset", lab.ns(Ns::Br));
+    show_output(&lab.exec(Ns::Br, &["nft", "list", "ruleset"])?);
 
     let mut problems = Vec::new();
     println!("\n-- 1. diverted: c1 -> http://{UP_V4}/demo-diverted (tcp/80)");
