@@ -210,7 +210,6 @@ pub fn flush(settings_path: &std::path::Path) -> Result<String, Failure> {
     let settings = Settings::load(settings_path)?;
     netlink::delete_tables(&[Family::Bridge, Family::Inet], TABLE_NAME)
         .map_err(anyhow::Error::from)?;
-    link::teardown_tproxy_routing_blocking(&settings.kernel).map_err(anyhow::Error::from)?;
     link::teardown_blocking(&settings).map_err(anyhow::Error::from)?;
     Ok(format!(
         "flushed brdivert's tables and links for bridge {}",

@@ -377,3 +377,27 @@ fn userspace_datapath_refused() {
         "{err:?}"
     );
 }
+
+#[test]
+fn teardown_leaves_a_bridge_replaced_by_someone_else() {
+    if !root_or_skip("teardown_leaves_a_bridge_replaced_by_someone_else") {
+        return;
+    }
+    let ns = ns_with_ports();
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings("brt0", &["a0", "b0"], &["10.7.0.1/24"]);
+    let info = ns.run(|| link::setup_at_blocking(&s, dir.path())).unwrap();
+    assert!(info.created);
+    // Someone deletes brdivert's bridge and makes their own of the same name.
+    ns.ip("link del brt0");
+    ns.ip("link add brt0 type bridge");
+    ns.ip("link set a0 master brt0");
+    ns.run(|| link::teardown_at_blocking(&s, dir.path()))
+        .unwrap();
+    assert!(
+        link_present(&ns, "brt0"),
+        "the new owner's bridge must survive"
+    );
+    assert_eq!(master_of(&ns, "a0").as_deref(), Some("brt0"));
+    assert!(!state_path(dir.path(), "brt0").exists());
+}

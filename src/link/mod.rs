@@ -344,70 +344,94 @@ async fn teardown_bridge_inner(
             first_err.get_or_insert(e);
         }
     };
-    let bridge = nl::link_by_name(handle, name).await?;
-
-    if st.created_bridge {
-        match &bridge {
-            Some(b)
-                if b.is_bridge()
-                    && (st.bridge_ifindex.is_none() || st.bridge_ifindex == Some(b.index)) =>
-            {
-                match handle.link().del(b.index).execute().await {
-                    Ok(()) => tracing::info!("deleted bridge {name}"),
-                    Err(e) if errno(&e) == Some(libc::ENODEV) => {}
-                    Err(e) => {
-                        note(Err(LinkError::netlink(
-                            format!("delete bridge {name:?}"),
-                            e,
-                        )));
-                        return first_err.map_or(Ok(()), Err);
+    // If the bridge cannot even be looked up, keep its records for a retry but still
+    // restore the sysctls.
+    let lookup = match nl::link_by_name(handle, name).await {
+        Ok(b) => Some(b),
+        Err(e) => {
+            note(Err(e));
+            None
+        }
+    };
+    if let Some(bridge) = lookup {
+        if st.created_bridge {
+            let deleted = match &bridge {
+                Some(b)
+                    if b.is_bridge()
+                        && (st.bridge_ifindex.is_none() || st.bridge_ifindex == Some(b.index)) =>
+                {
+                    match handle.link().del(b.index).execute().await {
+                        Ok(()) => {
+                            tracing::info!("deleted bridge {name}");
+                            true
+                        }
+                        Err(e) if errno(&e) == Some(libc::ENODEV) => true,
+                        Err(e) => {
+                            note(Err(LinkError::netlink(
+                                format!("delete bridge {name:?}"),
+                                e,
+                            )));
+                            false
+                        }
                     }
                 }
-            }
-            Some(_) => {
-                tracing::warn!("{name} is no longer the bridge brdivert created; leaving it alone")
-            }
-            None => {}
-        }
-        // Deleting the bridge released its ports and dropped its addresses.
-        st.created_bridge = false;
-        st.bridge_ifindex = None;
-        st.enslaved_ports.clear();
-        st.addresses.clear();
-    } else if let Some(b) = &bridge {
-        // The operator's bridge: take back only our addresses and our ports.
-        let present = nl::addresses_of(handle, b).await?;
-        for net in st.addresses.clone() {
-            let found = present
-                .iter()
-                .find(|(ip, len, _)| *ip == net.addr() && *len == net.prefix_len());
-            let r = match found {
-                Some((_, _, msg)) => match handle.address().del(msg.clone()).execute().await {
-                    Ok(()) => Ok(()),
-                    Err(e) if errno(&e) == Some(libc::EADDRNOTAVAIL) => Ok(()),
-                    Err(e) => Err(LinkError::netlink(
-                        format!("remove address {net} from {name:?}"),
-                        e,
-                    )),
-                },
-                None => Ok(()),
+                Some(_) => {
+                    tracing::warn!(
+                        "{name} is no longer the bridge brdivert created; leaving it alone"
+                    );
+                    true
+                }
+                None => true,
             };
-            if r.is_ok() {
-                st.addresses.retain(|a| *a != net);
+            if deleted {
+                // Deleting the bridge released its ports and dropped its addresses.
+                st.created_bridge = false;
+                st.bridge_ifindex = None;
+                st.enslaved_ports.clear();
+                st.addresses.clear();
             }
-            note(r);
-        }
-        for port in st.enslaved_ports.clone() {
-            let r = release_port(handle, &port, b.index).await;
-            if r.is_ok() {
-                st.enslaved_ports.retain(|p| *p != port);
+        } else if let Some(b) = &bridge {
+            // The operator's bridge: take back only our addresses and our ports.
+            // If the addresses cannot be listed, keep their records for a retry.
+            let (present, pending) = match nl::addresses_of(handle, b).await {
+                Ok(p) => (p, st.addresses.clone()),
+                Err(e) => {
+                    note(Err(e));
+                    (Vec::new(), Vec::new())
+                }
+            };
+            for net in pending {
+                let found = present
+                    .iter()
+                    .find(|(ip, len, _)| *ip == net.addr() && *len == net.prefix_len());
+                let r = match found {
+                    Some((_, _, msg)) => match handle.address().del(msg.clone()).execute().await {
+                        Ok(()) => Ok(()),
+                        Err(e) if errno(&e) == Some(libc::EADDRNOTAVAIL) => Ok(()),
+                        Err(e) => Err(LinkError::netlink(
+                            format!("remove address {net} from {name:?}"),
+                            e,
+                        )),
+                    },
+                    None => Ok(()),
+                };
+                if r.is_ok() {
+                    st.addresses.retain(|a| *a != net);
+                }
+                note(r);
             }
-            note(r);
+            for port in st.enslaved_ports.clone() {
+                let r = release_port(handle, &port, b.index).await;
+                if r.is_ok() {
+                    st.enslaved_ports.retain(|p| *p != port);
+                }
+                note(r);
+            }
+        } else {
+            // The bridge is gone: nothing of ours is left on it.
+            st.enslaved_ports.clear();
+            st.addresses.clear();
         }
-    } else {
-        // The bridge is gone: nothing of ours is left on it.
-        st.enslaved_ports.clear();
-        st.addresses.clear();
     }
 
     for v in st.br_netfilter.clone() {

@@ -282,39 +282,57 @@ async fn setup_routing_inner(
         nl::set_up(handle, &lo).await?;
     }
     for family in FAMILIES {
-        let rule = RuleEntry {
-            family,
-            mark,
-            mask,
-            table: kernel.route_table,
-            priority: kernel.rule_priority,
-        };
-        // Our own stale rules of this table (another mark/mask/priority) go first.
-        let stale: Vec<RuleEntry> = st
-            .rules
-            .iter()
-            .filter(|r| r.family == family && **r != rule)
-            .copied()
-            .collect();
-        for old in stale {
-            remove_rule(handle, &old).await?;
-            st.rules.retain(|r| *r != old);
-        }
-        if ensure_rule(handle, &rule).await? {
-            tracing::info!("added {}", rule_desc(&rule));
-            if !st.rules.contains(&rule) {
-                st.rules.push(rule);
+        match setup_family(handle, kernel, family, mark, mask, lo.index, st).await {
+            Err(e) if family == Family::V6 && e.errno() == Some(libc::EAFNOSUPPORT) => {
+                tracing::warn!("IPv6 is disabled in this kernel; no IPv6 TPROXY routing");
             }
+            other => other?,
         }
-        let route = RouteEntry {
-            family,
-            table: kernel.route_table,
-        };
-        if ensure_route(handle, &route, lo.index).await? {
-            tracing::info!("added {}", route_desc(&route));
-            if !st.routes.contains(&route) {
-                st.routes.push(route);
-            }
+    }
+    Ok(())
+}
+
+async fn setup_family(
+    handle: &Handle,
+    kernel: &KernelSettings,
+    family: Family,
+    mark: u32,
+    mask: u32,
+    lo: u32,
+    st: &mut RoutingState,
+) -> Result<(), LinkError> {
+    let rule = RuleEntry {
+        family,
+        mark,
+        mask,
+        table: kernel.route_table,
+        priority: kernel.rule_priority,
+    };
+    // Our own stale rules of this table (another mark/mask/priority) go first.
+    let stale: Vec<RuleEntry> = st
+        .rules
+        .iter()
+        .filter(|r| r.family == family && **r != rule)
+        .copied()
+        .collect();
+    for old in stale {
+        remove_rule(handle, &old).await?;
+        st.rules.retain(|r| *r != old);
+    }
+    if ensure_rule(handle, &rule).await? {
+        tracing::info!("added {}", rule_desc(&rule));
+        if !st.rules.contains(&rule) {
+            st.rules.push(rule);
+        }
+    }
+    let route = RouteEntry {
+        family,
+        table: kernel.route_table,
+    };
+    if ensure_route(handle, &route, lo).await? {
+        tracing::info!("added {}", route_desc(&route));
+        if !st.routes.contains(&route) {
+            st.routes.push(route);
         }
     }
     Ok(())
