@@ -585,8 +585,17 @@ impl Validator<'_> {
         let Some(list) = &r.src_mac else {
             return Vec::new();
         };
+        let items = rules::items(list);
+        if items.is_empty() {
+            self.err(
+                file,
+                list.span().start,
+                "src_mac is an empty list".into(),
+                "list MAC addresses, or leave src_mac out to match any",
+            );
+        }
         let mut out = Vec::new();
-        for (at, text) in rules::items(list) {
+        for (at, text) in items {
             match parse_mac(text) {
                 Some(m) => out.push(m),
                 None => {
@@ -910,7 +919,15 @@ fn shadows(a: &DivertRule, b: &DivertRule) -> bool {
                 .all(|p| a.dport.iter().any(|q| q.lo <= p.lo && p.hi <= q.hi)));
     // Exemptions of `a` let some of b's traffic through to b.
     let no_holes = a.except_src.is_empty() && a.except_dst.is_empty();
-    from && macs && proto && ports && no_holes && a.src.covers(&b.src) && a.dst.covers(&b.dst)
+    let families = b.families().iter().all(|f| a.families().contains(f));
+    families
+        && from
+        && macs
+        && proto
+        && ports
+        && no_holes
+        && a.src.covers(&b.src)
+        && a.dst.covers(&b.dst)
 }
 
 fn fam_name(f: Family) -> &'static str {

@@ -161,14 +161,14 @@ impl Settings {
         let built = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml))
             .add_source(
-                config::Environment::with_prefix("BRDIVERT")
-                    .prefix_separator("_")
+                config::Environment::default()
                     .separator("__")
                     .list_separator(",")
                     .with_list_parse_key("rules")
                     .with_list_parse_key("bridge.ports")
                     .with_list_parse_key("bridge.address")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    .source(Some(setting_overrides(std::env::vars()))),
             )
             .build()
             .map_err(|e| refuse(e.to_string(), "fix the TOML syntax"))?;
@@ -274,9 +274,23 @@ impl Settings {
                 )]));
             }
         }
+        // One order for all patterns together, each file once.
+        out.sort();
         out.dedup();
         Ok(out)
     }
+}
+
+/// The `BRDIVERT_*` variables that override settings keys, keyed as `config` expects
+/// (`BRDIVERT_BRIDGE__NAME` -> `bridge__name`). Only `BRDIVERT_RULES` and names with a `__`
+/// section separator count: `BRDIVERT_CONFIG`, `BRDIVERT_LOG` and `BRDIVERT_STATE_DIR` are
+/// the CLI's own and are not settings keys.
+fn setting_overrides(vars: impl Iterator<Item = (String, String)>) -> config::Map<String, String> {
+    vars.filter_map(|(k, v)| {
+        let key = k.strip_prefix("BRDIVERT_")?;
+        (key == "RULES" || key.contains("__")).then(|| (key.to_ascii_lowercase(), v))
+    })
+    .collect()
 }
 
 /// Linux interface names: 1..=15 bytes, no '/', ':' or whitespace, not "." or "..".
@@ -326,6 +340,45 @@ mod tests {
         assert!(s.contains("bridge.name"), "{s}");
         assert!(s.contains("bridge.ports is empty"), "{s}");
         assert!(s.contains("contiguous"), "{s}");
+    }
+
+    #[test]
+    fn only_sectioned_env_vars_override() {
+        let vars = [
+            ("BRDIVERT_CONFIG", "/x.toml"),
+            ("BRDIVERT_LOG", "debug"),
+            ("BRDIVERT_STATE_DIR", "/tmp/s"),
+            ("BRDIVERT_BRIDGE__NAME", "br1"),
+            ("BRDIVERT_RULES", "/a.toml,/b.toml"),
+            ("OTHER", "1"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let m = setting_overrides(vars.into_iter());
+        let mut keys: Vec<_> = m.keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys, vec!["bridge__name", "rules"]);
+    }
+
+    #[test]
+    fn rule_files_sorted_and_deduplicated_across_patterns() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["b.toml", "a.toml"] {
+            std::fs::write(dir.path().join(f), "").unwrap();
+        }
+        let p = dir.path().join("brdivert.toml");
+        std::fs::write(
+            &p,
+            "rules = [\"b.toml\", \"*.toml\"]\n[bridge]\nports = [\"x\"]\n",
+        )
+        .unwrap();
+        let s = Settings::load(&p).unwrap();
+        let names: Vec<_> = s
+            .rule_files()
+            .unwrap()
+            .iter()
+            .map(|f| f.file_name().unwrap().to_owned())
+            .collect();
+        assert_eq!(names, ["a.toml", "b.toml", "brdivert.toml"]);
     }
 
     #[test]

@@ -55,7 +55,7 @@ impl Target {
     }
 }
 
-/// Bridge priority `filter` (-200): after the bridge learned the source, before forwarding.
+/// Bridge priority `filter` (-200): at bridge prerouting, before the forwarding decision.
 pub const BRIDGE_PRIORITY: i32 = -200;
 /// inet priority `dstnat`.
 pub const DSTNAT_PRIORITY: i32 = -100;

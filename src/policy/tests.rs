@@ -416,6 +416,23 @@ fn shadowed_rule_warns() {
 }
 
 #[test]
+fn tproxy_families_do_not_shadow() {
+    let r = |name: &str, addr: &str| {
+        format!(
+            "[[divert]]\nname = \"{name}\"\nproto = \"tcp\"\ndport = 80\naction = \"tproxy\"\nport = 3130\naddress = \"{addr}\"\n"
+        )
+    };
+    let p = build(&format!("{}{}", r("t4", "127.0.0.1"), r("t6", "::1"))).unwrap();
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+}
+
+#[test]
+fn empty_src_mac_refused() {
+    let e = error(&rule("src_mac = []\n"));
+    assert!(e.starts_with("r.toml:7:11:") && e.contains("empty"), "{e}");
+}
+
+#[test]
 fn tags_only_for_diverting_rules() {
     let text = "[[divert]]\nname = \"p\"\nproto = \"tcp\"\ndport = 22\naction = \"pass\"\n\
                 [[divert]]\nname = \"r\"\nproto = \"tcp\"\ndport = 80\naction = \"redirect\"\nport = 1\n";
