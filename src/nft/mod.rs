@@ -8,6 +8,7 @@
 //! [`compile`] builds it from the validated policy. Nothing else builds rulesets.
 
 pub mod compile;
+pub mod ext;
 pub mod netlink;
 pub mod render;
 
@@ -207,7 +208,12 @@ pub enum Stmt {
     },
     /// Hand the packet to NFQUEUE `num` (`fanout` queues from `num`), bypass when no
     /// listener. Rendered and lowered in the form the kernel supports (see [`QueueForm`]).
-    Queue { num: u16, fanout: u16, bypass: bool, form: QueueForm },
+    Queue {
+        num: u16,
+        fanout: u16,
+        bypass: bool,
+        form: QueueForm,
+    },
     Accept,
     Drop,
     Return,
