@@ -312,16 +312,23 @@ const OPEN_UDATA: [u8; 6] = {
     [1, 4, f[0], f[1], f[2], f[3]]
 };
 
+/// nft's set user data: NFTNL_UDATA_SET_KEYBYTEORDER (0), len 4, nft's byteorder enum
+/// (1 = host, 2 = big endian).
+fn set_udata(host_order_key: bool) -> [u8; 6] {
+    let b = if host_order_key { 1u32 } else { 2u32 }.to_ne_bytes();
+    [0, 4, b[0], b[1], b[2], b[3]]
+}
+
 impl NamedSet {
-    /// `family` is the NFPROTO of the table; `key_type` nft's datatype number (it decides how
-    /// `nft list` prints the elements); `id` unique within the batch.
+    /// `family` is the NFPROTO of the table; `key_type` nft's datatype number and
+    /// `host_order_key` its byte order (both decide how `nft list` prints the elements:
+    /// interface names are host-order strings); `id` unique within the batch.
     pub fn new(
         family: u16,
         table: &str,
         name: &str,
         id: u32,
-        key_type: u32,
-        key_len: u32,
+        (key_type, key_len, host_order_key): (u32, u32, bool),
         flags: u32,
     ) -> Self {
         let table = CString::new(table).unwrap_or_default();
@@ -341,6 +348,13 @@ impl NamedSet {
             sys::nftnl_set_set_u32(s, sys::NFTNL_SET_FLAGS as u16, flags);
             sys::nftnl_set_set_u32(s, sys::NFTNL_SET_KEY_TYPE as u16, key_type);
             sys::nftnl_set_set_u32(s, sys::NFTNL_SET_KEY_LEN as u16, key_len);
+            let ud = set_udata(host_order_key);
+            sys::nftnl_set_set_data(
+                s,
+                sys::NFTNL_SET_USERDATA as u16,
+                ud.as_ptr() as *const c_void,
+                ud.len() as u32,
+            );
         }
         NamedSet { set, family }
     }
