@@ -45,6 +45,8 @@ enum Val {
     U16(u16),
     U32(u32),
     Bytes(Vec<u8>),
+    /// Data libnftnl keeps (and later frees) instead of copying: the compat target's info.
+    Given(Vec<u8>),
     Str(CString),
 }
 
@@ -73,6 +75,10 @@ impl RawExpr {
     }
     fn bytes(mut self, attr: u32, v: &[u8]) -> Self {
         self.attrs.push((attr, Val::Bytes(v.to_vec())));
+        self
+    }
+    fn given(mut self, attr: u32, v: &[u8]) -> Self {
+        self.attrs.push((attr, Val::Given(v.to_vec())));
         self
     }
     fn str(mut self, attr: u32, v: &str) -> Self {
@@ -125,6 +131,21 @@ impl Expression for RawExpr {
                             expr.as_ptr(),
                             attr,
                             b.as_ptr() as *const c_void,
+                            b.len() as u32,
+                        );
+                    }
+                    Val::Given(b) => {
+                        // libnftnl's `target` stores this pointer and free()s it with the
+                        // expression, so it must come from malloc.
+                        let p = libc::malloc(b.len().max(1)) as *mut u8;
+                        if p.is_null() {
+                            std::process::abort();
+                        }
+                        std::ptr::copy_nonoverlapping(b.as_ptr(), p, b.len());
+                        sys::nftnl_expr_set(
+                            expr.as_ptr(),
+                            attr,
+                            p as *const c_void,
                             b.len() as u32,
                         );
                     }
@@ -269,7 +290,7 @@ pub fn xt_nfqueue_v3(num: u16, total: u16, bypass: bool) -> RawExpr {
     RawExpr::new(c"target")
         .str(sys::NFTNL_EXPR_TG_NAME, "NFQUEUE")
         .u32(sys::NFTNL_EXPR_TG_REV, 3)
-        .bytes(sys::NFTNL_EXPR_TG_INFO, &info)
+        .given(sys::NFTNL_EXPR_TG_INFO, &info)
 }
 
 // ---- rule comments -------------------------------------------------------------------------

@@ -537,7 +537,7 @@ fn lower_stmt(s: &Stmt, v: &mut Vec<RawExpr>) {
             v.push(ext::meta_set(ext::NFT_META_MARK));
         }
         Stmt::PkttypeSetHost => {
-            v.push(ext::immediate(ext::NFT_REG_1, &[libc::PACKET_HOST as u8]));
+            v.push(ext::immediate(ext::NFT_REG_1, &[libc::PACKET_HOST]));
             v.push(ext::meta_set(ext::NFT_META_PKTTYPE));
         }
         Stmt::EtherDaddrSet(mac) => {

@@ -375,23 +375,38 @@ pub fn stmt_text(s: &Stmt, after_vlan: bool) -> String {
     }
 }
 
-/// How nft 1.0.6 (built without libxtables) lists a compat `target` expression: only the
-/// name, not the queue number or flags. It cannot be loaded back.
+/// The compat `NFQUEUE` target as text. nft 1.0.6 cannot print it in an inet table
+/// (libxtables: "unhandled NFPROTO"; the statement lists as nothing, leaving two spaces);
+/// newer nft prints untranslatable compat statements this way. Never loadable with `nft -f`.
 pub const XT_NFQUEUE_TEXT: &str = "xt target \"NFQUEUE\"";
 
 /// For comparisons in tests: `nft list` output (or `render` output) with counter values
-/// zeroed, wrapped element lines joined, trailing blanks removed.
+/// zeroed, wrapped element lines joined, trailing blanks removed, and the xt `NFQUEUE`
+/// statement dropped (nft 1.0.6 lists it as nothing; see [`XT_NFQUEUE_TEXT`]).
 pub fn normalise(listing: &str) -> String {
     let joined = listing.replace(",\n\t\t\t     ", ", ");
     let mut out = String::new();
     for line in joined.lines() {
-        let line = line.trim_end();
-        let line = zero_counters(line);
+        let line = line.replace(XT_NFQUEUE_TEXT, "");
+        let line = collapse_spaces(line.trim_end());
+        let line = zero_counters(&line);
         out.push_str(&line);
         out.push('\n');
     }
     while out.ends_with("\n\n") {
         out.pop();
+    }
+    out
+}
+
+/// Runs of spaces become one (leading tabs are kept).
+fn collapse_spaces(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    for c in line.chars() {
+        if c == ' ' && out.ends_with(' ') {
+            continue;
+        }
+        out.push(c);
     }
     out
 }
@@ -760,6 +775,11 @@ mod tests {
         assert_eq!(
             normalise("counter packets 1 bytes 2"),
             "counter packets 0 bytes 0\n"
+        );
+        // nft 1.0.6 lists the xt target as nothing
+        assert_eq!(
+            normalise("\t\tmeta l4proto tcp  comment \"q\"\n"),
+            normalise("\t\tmeta l4proto tcp xt target \"NFQUEUE\" comment \"q\"\n")
         );
     }
 }
