@@ -76,6 +76,8 @@ fn bridge_table() -> Table {
                     v4("192.0.2.0/24"),
                     v4("198.51.100.7/32"),
                     v4("203.0.113.0/25"),
+                    // adjacent to the one before: end element and start element share a key
+                    v4("203.0.113.128/26"),
                 ],
             ),
             set(
@@ -100,6 +102,7 @@ fn bridge_table() -> Table {
                     SetElem::Ports(8080, 8090),
                     SetElem::Ports(9000, 9000),
                     SetElem::Ports(9100, 9199),
+                    SetElem::Ports(9200, 9200),
                     SetElem::Ports(65535, 65535),
                 ],
             ),

@@ -293,19 +293,6 @@ pub fn xt_nfqueue_v3(num: u16, total: u16, bypass: bool) -> RawExpr {
         .given(sys::NFTNL_EXPR_TG_INFO, &info)
 }
 
-// ---- rule comments -------------------------------------------------------------------------
-
-/// nft's comment user data: TLV type 0 (NFTNL_UDATA_RULE_COMMENT), length incl. NUL, string.
-pub fn comment_udata(comment: &str) -> Vec<u8> {
-    let mut v = Vec::with_capacity(comment.len() + 3);
-    let len = (comment.len() + 1).min(255);
-    v.push(0);
-    v.push(len as u8);
-    v.extend_from_slice(&comment.as_bytes()[..len - 1]);
-    v.push(0);
-    v
-}
-
 // ---- named sets ----------------------------------------------------------------------------
 
 /// One element of a named set as the kernel stores it.

@@ -26,8 +26,8 @@ use super::{
 ///
 /// Loadable with `nft -f` except for two statements nft 1.0.6 cannot parse: `meta broute set
 /// 1` (the key is newer than nft 1.0.6; newer nft prints it this way) and the xtables
-/// compat `NFQUEUE` target (printed as nft 1.0.6 lists it, `xt target NFQUEUE`; nft can list
-/// but never load `xt` statements). Both are only emitted when probing chose them.
+/// compat `NFQUEUE` target (see [`XT_NFQUEUE_TEXT`]; no nft can load `xt` statements).
+/// Both are only emitted when probing chose them.
 pub fn render(rs: &Ruleset) -> String {
     let mut out = String::new();
     for t in &rs.tables {
