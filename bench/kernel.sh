@@ -281,6 +281,19 @@ if ((USE_BRDIVERT)); then
     # The render is taken while the bridge exists, so it carries the real bridge MAC.
     bd render -c "$WORK/settings-vips.toml" >"$WORK/vips.nft" 2>"$WORK/render.err" ||
         die "brdivert render failed: $(cat "$WORK/render.err")"
+    # nft 1.0.6 cannot parse `meta broute set 1` (newer than it), which brdivert renders when
+    # the kernel has it. Then load the frame diverter's form instead, the one brdivert itself
+    # uses on kernels without broute (same rule count; the lookup sets are unchanged).
+    NFT_SUBST=""
+    if ! inb nft -c -f "$WORK/vips.nft" 2>"$WORK/nft-check.err"; then
+        if grep -q 'meta broute set 1' "$WORK/vips.nft"; then
+            mac=$(inb cat "/sys/class/net/$BR/address")
+            sed -i "s/meta broute set 1/meta pkttype set host ether daddr set $mac/" "$WORK/vips.nft"
+            NFT_SUBST="nft $(nft --version | cut -d' ' -f2) cannot parse 'meta broute set 1' from brdivert render, so the nft -f file has 'meta pkttype set host ether daddr set <bridge MAC>' in its place (one statement; the sets are identical)."
+        fi
+        inb nft -c -f "$WORK/vips.nft" 2>"$WORK/nft-check.err" ||
+            die "nft -f cannot load brdivert render output: $(head -5 "$WORK/nft-check.err")"
+    fi
     log "apply timing: $APPLY_REPS x (brdivert apply, nft -f, brdivert render); $(wc -l <"$WORK/vips.nft") lines of nft"
     # One shell inside the bridge ns does the timing ($EPOCHREALTIME, no fork for the clock),
     # so `ip netns exec` itself is in neither figure.
@@ -325,7 +338,7 @@ fi
 CFGNOTES="bare = kernel bridge, empty ruleset; (a) = one rule 'tcp dport 80 redirect' (traffic under test is not diverted); (b) = one proto-less 'local' rule, 10,000 scattered VIP /32s in dst + 100 except_src (traffic under test misses both sets and is bridged)"
 ((AA)) && CFGNOTES+="; bare2 = a second bare bridge (A/A: the run's own noise)"
 
-export DATE CMDLINE BRDESC CFGNOTES PAIRS SECS NFTSETS BRNF
+export DATE CMDLINE BRDESC CFGNOTES PAIRS SECS NFTSETS BRNF NFT_SUBST=${NFT_SUBST:-}
 export MACHINE="$(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), kernel $(uname -r)"
 export TOOLS="$(iperf3 --version | head -1 | cut -d' ' -f1-2), $(nft --version), $(ip -V), $(python3 --version)"
 export CONFIGS_JSON=$(printf '%s\n' "${CONFIGS[@]}" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().split()))')
@@ -367,6 +380,8 @@ meta = {
     "configs": json.loads(e["CONFIGS_JSON"]), "config_notes": e["CFGNOTES"],
     "nftsets": e.get("NFTSETS", ""), "notes": notes,
 }
+if e.get("NFT_SUBST"):
+    meta["notes"].append(e["NFT_SUBST"])
 json.dump(meta, open(sys.argv[1], "w"), indent=1)
 EOF
 python3 "$LIB" summary "$SAMPLES" "$APPLY" "$WORK/meta.json" "$OUT"

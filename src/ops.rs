@@ -10,7 +10,7 @@ use crate::link;
 use crate::nft::compile::{self, Target};
 use crate::nft::{Family, Ruleset, TABLE_NAME, netlink, render};
 use crate::policy::{Action, Policy};
-use crate::probe::{self, Caps};
+use crate::probe;
 use crate::settings::{Datapath, Settings};
 
 /// Why an operation failed, and so the exit code.
@@ -62,12 +62,10 @@ pub fn load(settings_path: &std::path::Path) -> Result<(Settings, Policy), Failu
     Ok((settings, policy))
 }
 
-/// The compile target for this machine: the bridge's MAC if the bridge exists, and the
-/// probed kernel forms.
-fn target(settings: &Settings, caps: &Caps, mac: Option<[u8; 6]>) -> Target {
+/// The compile target for this bridge: its MAC (when it exists) and brdivert's mark bits.
+fn target(settings: &Settings, mac: Option<[u8; 6]>) -> Target {
     Target {
         bridge_mac: mac.unwrap_or([0; 6]),
-        broute: caps.meta_broute,
         mark_mask: settings.kernel.mark_mask,
     }
 }
@@ -98,7 +96,7 @@ pub fn check(settings_path: &std::path::Path) -> Result<String, Failure> {
         "plan ({} rules, first match wins):",
         policy.rules.len()
     );
-    let t = target(&settings, &caps, None);
+    let t = target(&settings, None);
     for r in &policy.rules {
         let fams: Vec<&str> = r
             .families()
@@ -148,7 +146,6 @@ pub fn check(settings_path: &std::path::Path) -> Result<String, Failure> {
 /// `brdivert render`: the nft text `apply` would load.
 pub fn render_text(settings_path: &std::path::Path) -> Result<String, Failure> {
     let (settings, policy) = load(settings_path)?;
-    let caps = probe::probe();
     let mac = link::bridge_mac_blocking(&settings.bridge.name).ok();
     let mut out = String::new();
     if mac.is_none() {
@@ -158,14 +155,12 @@ pub fn render_text(settings_path: &std::path::Path) -> Result<String, Failure> {
             settings.bridge.name
         );
     }
-    out.push_str(&render::render(&ruleset_for(
-        &settings, &policy, &caps, mac,
-    )));
+    out.push_str(&render::render(&ruleset_for(&settings, &policy, mac)));
     Ok(out)
 }
 
-fn ruleset_for(settings: &Settings, policy: &Policy, caps: &Caps, mac: Option<[u8; 6]>) -> Ruleset {
-    let t = target(settings, caps, mac);
+fn ruleset_for(settings: &Settings, policy: &Policy, mac: Option<[u8; 6]>) -> Ruleset {
+    let t = target(settings, mac);
     match settings.bridge.datapath {
         Datapath::Kernel => compile::compile(policy, &t),
         Datapath::Userspace => Ruleset {
@@ -187,11 +182,10 @@ pub fn apply(settings_path: &std::path::Path) -> Result<String, Failure> {
             ),
         ])));
     }
-    let caps = probe::probe();
     let info = link::setup_blocking(&settings).map_err(anyhow::Error::from)?;
-    let rs = ruleset_for(&settings, &policy, &caps, Some(info.mac));
+    let rs = ruleset_for(&settings, &policy, Some(info.mac));
     netlink::apply(&rs).map_err(anyhow::Error::from)?;
-    let t = target(&settings, &caps, Some(info.mac));
+    let t = target(&settings, Some(info.mac));
     if policy.uses_tproxy() {
         link::setup_tproxy_routing_blocking(&settings.kernel, t.tproxy_mark(), t.mark_mask)
             .map_err(anyhow::Error::from)?;

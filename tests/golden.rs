@@ -21,7 +21,7 @@ fn examples() -> Vec<PathBuf> {
     v
 }
 
-fn rendered(path: &Path, broute: bool) -> String {
+fn rendered(path: &Path) -> String {
     let file = rules::read(path).unwrap_or_else(|e| panic!("{e}"));
     let ctx = Context {
         ports: Some(vec!["eth0".into(), "eth1".into()]),
@@ -30,7 +30,6 @@ fn rendered(path: &Path, broute: bool) -> String {
     let policy = Policy::build(&[file], &ctx).unwrap_or_else(|e| panic!("{e}"));
     let target = Target {
         bridge_mac: [0x02, 0, 0, 0, 0, 0xfe],
-        broute,
         mark_mask: 0x00ff_0000,
     };
     render(&compile(&policy, &target))
@@ -56,12 +55,6 @@ fn check_golden(name: &str, got: &str) {
 fn examples_render_as_golden() {
     for p in examples() {
         let stem = p.file_stem().unwrap().to_string_lossy().into_owned();
-        check_golden(&format!("{stem}.nft"), &rendered(&p, false));
+        check_golden(&format!("{stem}.nft"), &rendered(&p));
     }
-}
-
-#[test]
-fn broute_form_renders_as_golden() {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/vip-local-fwmark.toml");
-    check_golden("vip-local-fwmark.broute.nft", &rendered(&p, true));
 }

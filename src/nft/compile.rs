@@ -7,9 +7,12 @@
 //! protocol and port). Each rule's own chain first `return`s its exemptions (counted), then
 //! applies the action to what its address sets match: `pass` and `drop` as said; a divert
 //! marks the packet with the rule's tag (inside `kernel.mark_mask`) and hands the frame to the
-//! local stack — `meta broute set 1` where the kernel has it, else the frame diverter's move:
-//! `meta pkttype set host` + `ether daddr set <bridge MAC>`. The first rule that diverts,
-//! passes or drops a frame ends the evaluation.
+//! local stack with the frame diverter's move: `meta pkttype set host` + `ether daddr set
+//! <bridge MAC>`, so the bridge passes it up *on the bridge device*, where the host's
+//! addresses and routes are. (`meta broute set 1`, where a kernel has it, would pass the frame
+//! up on the ingress port instead — no address there for REDIRECT — so it is only probed and
+//! reported, not used.) The first rule that diverts, passes or drops a frame ends the
+//! evaluation.
 //!
 //! `inet brdivert` acts on what arrived in the local stack *with a tag*: REDIRECT at dstnat,
 //! TPROXY at mangle. Matching the tag (not `iifname br0`) keeps exempted and bridged packets
@@ -32,8 +35,6 @@ use crate::policy::{self, Action, DivertRule, Policy, Prefixes, Proto};
 pub struct Target {
     /// The bridge's own MAC: diverted frames are re-addressed to it.
     pub bridge_mac: [u8; 6],
-    /// Use `meta broute set 1` (kernel support probed) instead of pkttype + daddr.
-    pub broute: bool,
     /// Bits of the packet mark brdivert owns.
     pub mark_mask: u32,
 }
@@ -324,12 +325,8 @@ fn action_stmts(r: &DivertRule, target: &Target) -> Vec<Stmt> {
                     value: target.tag_mark(r.tag),
                 }),
             }
-            if target.broute {
-                s.push(Stmt::BrouteSet);
-            } else {
-                s.push(Stmt::PkttypeSetHost);
-                s.push(Stmt::EtherDaddrSet(target.bridge_mac));
-            }
+            s.push(Stmt::PkttypeSetHost);
+            s.push(Stmt::EtherDaddrSet(target.bridge_mac));
             s.push(Stmt::Accept);
         }
     }
@@ -504,7 +501,6 @@ mod tests {
     fn target() -> Target {
         Target {
             bridge_mac: [2, 0, 0, 0, 0, 0xfe],
-            broute: false,
             mark_mask: 0x00ff_0000,
         }
     }

@@ -8,6 +8,7 @@
 //! [`compile`] builds it from the validated policy. Nothing else builds rulesets.
 
 pub mod compile;
+pub mod ext;
 pub mod netlink;
 pub mod render;
 

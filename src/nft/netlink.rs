@@ -1,8 +1,901 @@
-//! netlink back end (temporary placeholder; replaced by the nft back-end branch).
-use super::{Family, Ruleset};
-pub fn apply(_rs: &Ruleset) -> anyhow::Result<()> {
-    anyhow::bail!("netlink back end not merged yet")
+//! netlink back end: lowers the model to kernel expressions (nftnl objects plus [`super::ext`])
+//! and applies it as ONE nfnetlink batch in ONE `sendmsg`.
+//!
+//! For each table: `add table` (so it exists), `delete table`, then the table again with its
+//! sets, elements, chains and rules. The kernel commits all of it or none of it, and only
+//! brdivert's own tables are touched. Every message asks for an ack, so a refusal is mapped
+//! back to the object that caused it.
+//!
+//! Lowering adds the dependencies nft itself adds (checked with `nft --debug=netlink`), so
+//! that `nft list table` prints the rule back exactly as [`super::render`] does:
+//! - bridge: `ip …`/`ip6 …` need `meta protocol ip|ip6`, or `vlan type ip|ip6` (link-layer
+//!   payload at offset 16) after a `vlan id` match; `vlan id` needs `ether type vlan`;
+//! - inet: `ip …`/`ip6 …` need `meta nfproto ipv4|ipv6`;
+//! - both: `tcp|udp …port` needs `meta l4proto tcp|udp`, unless already matched.
+//!
+//! The socket is a plain `AF_NETLINK` socket: `mnl::Socket::send_all` sends a batch page by
+//! page (several `sendmsg`), which would split the transaction.
+use std::ffi::CString;
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use thiserror::Error;
+
+use super::ext::{self, RawElem, RawExpr};
+use super::{
+    Chain, ChainType, Dir, Family, Hook, IpFamily, L4, Match, QueueForm, Rule, Ruleset, Set,
+    SetElem, SetKind, Stmt, Table,
+};
+
+/// Why a transaction was not applied. In every case the kernel's ruleset is unchanged.
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    /// The model cannot be expressed (bad names, a set element of the wrong kind, ...).
+    #[error("invalid ruleset: {0}")]
+    Invalid(String),
+    /// The linked libnftnl does not know an expression type brdivert needs.
+    #[error("libnftnl lacks the `{0}` expression (too old?)")]
+    Libnftnl(String),
+    /// Talking to the kernel failed (socket, send, receive).
+    #[error("nfnetlink {op}: {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel refused one object of the batch; `what` names it.
+    #[error("kernel refused {what}: {source}")]
+    Kernel {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
 }
-pub fn delete_tables(_f: &[Family], _name: &str) -> anyhow::Result<()> {
-    anyhow::bail!("netlink back end not merged yet")
+
+impl ApplyError {
+    /// The errno the kernel answered with, if it refused the batch.
+    pub fn kernel_errno(&self) -> Option<i32> {
+        match self {
+            ApplyError::Kernel { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// Applies `rs` atomically: every table in it is replaced by the model's version.
+pub fn apply(rs: &Ruleset) -> Result<(), ApplyError> {
+    let mut tx = Transaction::new();
+    for t in &rs.tables {
+        tx.replace_table(t)?;
+    }
+    tx.commit()
+}
+
+/// Deletes the tables `name` of the given families, in one transaction. A missing table is
+/// not an error (each is added first, then deleted).
+pub fn delete_tables(families: &[Family], name: &str) -> Result<(), ApplyError> {
+    let mut tx = Transaction::new();
+    for f in families {
+        tx.delete_table(*f, name)?;
+    }
+    tx.commit()
+}
+
+fn proto_family(f: Family) -> nftnl::ProtoFamily {
+    match f {
+        Family::Bridge => nftnl::ProtoFamily::Bridge,
+        Family::Inet => nftnl::ProtoFamily::Inet,
+    }
+}
+
+fn cname(kind: &str, name: &str) -> Result<CString, ApplyError> {
+    // NFT_NAME_MAXLEN is 256 including the NUL
+    if name.is_empty() || name.len() > 255 {
+        return Err(ApplyError::Invalid(format!(
+            "{kind} name {name:?} must be 1..=255 bytes"
+        )));
+    }
+    CString::new(name).map_err(|_| ApplyError::Invalid(format!("{kind} name {name:?} has a NUL")))
+}
+
+/// One nfnetlink batch under construction, with a description of every message so that an
+/// error ack can name what failed.
+pub struct Transaction {
+    batch: nftnl::Batch,
+    what: Vec<String>,
+    next_set_id: u32,
+    /// expression types already checked against the linked libnftnl
+    checked: Vec<&'static std::ffi::CStr>,
+}
+
+impl Default for Transaction {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Transaction {
+    pub fn new() -> Self {
+        Transaction {
+            batch: nftnl::Batch::new(),
+            what: Vec::new(),
+            next_set_id: 1,
+            checked: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, msg: &impl nftnl::NlMsg, t: nftnl::MsgType, what: String) {
+        self.batch.add(msg, t);
+        self.what.push(what);
+    }
+
+    /// `add table` + `delete table`: removes the table whether or not it exists.
+    pub fn delete_table(&mut self, family: Family, name: &str) -> Result<(), ApplyError> {
+        let table = nftnl::Table::new(cname("table", name)?, proto_family(family));
+        let what = format!("table {} {name}", family.as_str());
+        self.push(&table, nftnl::MsgType::Add, what.clone());
+        self.push(&table, nftnl::MsgType::Del, what);
+        Ok(())
+    }
+
+    /// Deletes the table (if any) and creates it again from the model.
+    pub fn replace_table(&mut self, t: &Table) -> Result<(), ApplyError> {
+        self.delete_table(t.family, &t.name)?;
+        self.add_table(t)
+    }
+
+    /// Creates the table with its sets, elements, chains and rules.
+    pub fn add_table(&mut self, t: &Table) -> Result<(), ApplyError> {
+        let fam = t.family.as_str();
+        let table = nftnl::Table::new(cname("table", &t.name)?, proto_family(t.family));
+        self.push(
+            &table,
+            nftnl::MsgType::Add,
+            format!("table {fam} {}", t.name),
+        );
+        for s in &t.sets {
+            cname("set", &s.name)?;
+            let id = self.next_set_id;
+            self.next_set_id += 1;
+            let ns = build_set(t, s, id)?;
+            let n = ns.add_to(&mut self.batch);
+            self.what
+                .push(format!("set {} in table {fam} {}", s.name, t.name));
+            for _ in 1..n {
+                self.what.push(format!(
+                    "elements of set {} in table {fam} {}",
+                    s.name, t.name
+                ));
+            }
+        }
+        // Regular chains first, so base chains can jump to them whatever the model order.
+        for c in &t.chains {
+            let mut chain = nftnl::Chain::new(cname("chain", &c.name)?, &table);
+            if let Some(b) = &c.base {
+                chain.set_hook(nft_hook(b.hook), b.priority);
+                chain.set_type(match b.kind {
+                    ChainType::Filter => nftnl::ChainType::Filter,
+                    ChainType::Nat => nftnl::ChainType::Nat,
+                });
+                chain.set_policy(nftnl::Policy::Accept);
+            }
+            self.push(
+                &chain,
+                nftnl::MsgType::Add,
+                format!("chain {fam} {} {}", t.name, c.name),
+            );
+        }
+        for c in &t.chains {
+            let chain = nftnl::Chain::new(cname("chain", &c.name)?, &table);
+            for (i, r) in c.rules.iter().enumerate() {
+                let exprs = lower_rule(t.family, r)?;
+                for e in &exprs {
+                    if !self.checked.contains(&e.name()) {
+                        if !ext::libnftnl_has(e.name()) {
+                            return Err(ApplyError::Libnftnl(
+                                e.name().to_string_lossy().into_owned(),
+                            ));
+                        }
+                        self.checked.push(e.name());
+                    }
+                }
+                let mut rule = nftnl::Rule::new(&chain);
+                for e in &exprs {
+                    rule.add_expr(e);
+                }
+                if let Some(comment) = &r.comment {
+                    let cc = CString::new(comment.as_str()).map_err(|_| {
+                        ApplyError::Invalid(format!("rule comment {comment:?} has a NUL"))
+                    })?;
+                    rule.set_comment(cc).map_err(|e| {
+                        ApplyError::Invalid(format!("rule comment {comment:?}: {e}"))
+                    })?;
+                }
+                let what = rule_what(t, c, i, r);
+                self.push(&rule, nftnl::MsgType::Add, what);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the batch in one `sendmsg` and waits for the kernel's verdict.
+    pub fn commit(self) -> Result<(), ApplyError> {
+        let Transaction { batch, what, .. } = self;
+        let fin = batch.finalize();
+        let pages: Vec<&[u8]> = fin.iter().collect();
+        let seqs = fin.sequence_numbers();
+        // The range also covers batch begin/end when nftnl asks the kernel to ack those.
+        let extra = (seqs.len() as u64).saturating_sub(what.len() as u64);
+        let first = seqs.start + if extra >= 2 { 1 } else { 0 };
+        let sock = NfSocket::open()?;
+        let total: usize = pages.iter().map(|p| p.len()).sum();
+        sock.size_buffers(total, what.len())?;
+        sock.send_pages(&pages)?;
+        let errors = sock.collect_errors()?;
+        // The first refusal (lowest sequence number) is the cause; later ones usually follow
+        // from it (a rule naming a set the kernel refused, ...).
+        if let Some((seq, errno)) = errors.into_iter().min_by_key(|(s, _)| *s) {
+            let idx = seq.checked_sub(first).map(|i| i as usize);
+            let what = match idx.and_then(|i| what.get(i)) {
+                Some(w) => w.clone(),
+                None => "the batch".to_string(),
+            };
+            return Err(ApplyError::Kernel {
+                what,
+                source: io::Error::from_raw_os_error(errno),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn rule_what(t: &Table, c: &Chain, i: usize, r: &Rule) -> String {
+    let chain = format!("chain {} {} {}", t.family.as_str(), t.name, c.name);
+    match &r.comment {
+        Some(cm) => format!("rule \"{cm}\" in {chain}"),
+        None => format!("rule #{} in {chain}", i + 1),
+    }
+}
+
+fn nft_hook(h: Hook) -> nftnl::Hook {
+    match h {
+        Hook::Prerouting => nftnl::Hook::PreRouting,
+        Hook::Input => nftnl::Hook::In,
+        Hook::Forward => nftnl::Hook::Forward,
+        Hook::Output => nftnl::Hook::Out,
+        Hook::Postrouting => nftnl::Hook::PostRouting,
+    }
+}
+
+// ---- sets ----------------------------------------------------------------------------------
+
+/// nft datatype number, key length and whether the key is in host byte order.
+fn key_type(kind: SetKind) -> (u32, u32, bool) {
+    match kind {
+        SetKind::Ipv4Addr => (7, 4, false),
+        SetKind::Ipv6Addr => (8, 16, false),
+        SetKind::InetService => (13, 2, false),
+        SetKind::IfName => (41, 16, true),
+        SetKind::EtherAddr => (9, 6, false),
+    }
+}
+
+fn nfproto(f: Family) -> u16 {
+    match f {
+        Family::Bridge => libc::NFPROTO_BRIDGE as u16,
+        Family::Inet => libc::NFPROTO_INET as u16,
+    }
+}
+
+fn build_set(t: &Table, s: &Set, id: u32) -> Result<ext::NamedSet, ApplyError> {
+    let flags = if s.interval { ext::NFT_SET_INTERVAL } else { 0 };
+    let mut ns = ext::NamedSet::new(
+        nfproto(t.family),
+        &t.name,
+        &s.name,
+        id,
+        key_type(s.kind),
+        flags,
+    );
+    for e in set_elements(s)? {
+        ns.add(&e);
+    }
+    Ok(ns)
+}
+
+/// The elements as the kernel stores them. Interval sets use nft's encoding: each range is
+/// a start element and an `INTERVAL_END` element at end+1 (none when the range runs to the
+/// end of the key space; the start then carries nft's "open" user data), and a leading
+/// `INTERVAL_END` element at zero when the first range does not start at zero.
+pub fn set_elements(s: &Set) -> Result<Vec<RawElem>, ApplyError> {
+    let bad = |e: &SetElem| {
+        ApplyError::Invalid(format!(
+            "set {}: element {e:?} does not fit type {:?}",
+            s.name, s.kind
+        ))
+    };
+    let mut out = Vec::new();
+    if !s.interval {
+        for e in &s.elements {
+            let key = match (s.kind, e) {
+                (SetKind::Ipv4Addr, SetElem::V4(n)) => n.addr().octets().to_vec(),
+                (SetKind::Ipv6Addr, SetElem::V6(n)) => n.addr().octets().to_vec(),
+                (SetKind::InetService, SetElem::Ports(lo, hi)) if lo == hi => {
+                    lo.to_be_bytes().to_vec()
+                }
+                (SetKind::IfName, SetElem::IfName(n)) => {
+                    if n.is_empty() || n.len() > 15 {
+                        return Err(bad(e));
+                    }
+                    super::render::ifname_key(n).to_vec()
+                }
+                (SetKind::EtherAddr, SetElem::Ether(m)) => m.to_vec(),
+                _ => return Err(bad(e)),
+            };
+            out.push(RawElem {
+                key,
+                flags: 0,
+                open: false,
+            });
+        }
+        return Ok(out);
+    }
+    // (start, end exclusive or None at the end of the key space), as big-endian numbers
+    let width = match s.kind {
+        SetKind::Ipv4Addr => 4,
+        SetKind::Ipv6Addr => 16,
+        SetKind::InetService => 2,
+        _ => {
+            return Err(ApplyError::Invalid(format!(
+                "set {}: interval sets of {:?} are not supported",
+                s.name, s.kind
+            )));
+        }
+    };
+    let mut ranges: Vec<(u128, Option<u128>)> = Vec::new();
+    for e in &s.elements {
+        let r = match (s.kind, e) {
+            (SetKind::Ipv4Addr, SetElem::V4(n)) => {
+                let lo = u128::from(u32::from(n.network()));
+                let hi = u128::from(u32::from(n.broadcast()));
+                (lo, (hi < u128::from(u32::MAX)).then_some(hi + 1))
+            }
+            (SetKind::Ipv6Addr, SetElem::V6(n)) => {
+                let lo = u128::from(n.network());
+                let hi = u128::from(n.broadcast());
+                (lo, hi.checked_add(1))
+            }
+            (SetKind::InetService, SetElem::Ports(lo, hi)) if lo <= hi => (
+                u128::from(*lo),
+                (*hi < u16::MAX).then_some(u128::from(*hi) + 1),
+            ),
+            _ => return Err(bad(e)),
+        };
+        ranges.push(r);
+    }
+    ranges.sort();
+    let key = |v: u128| v.to_be_bytes()[16 - width..].to_vec();
+    if let Some((first, _)) = ranges.first()
+        && *first != 0
+    {
+        out.push(RawElem {
+            key: key(0),
+            flags: ext::NFT_SET_ELEM_INTERVAL_END,
+            open: false,
+        });
+    }
+    for (lo, end) in ranges {
+        out.push(RawElem {
+            key: key(lo),
+            flags: 0,
+            open: end.is_none(),
+        });
+        if let Some(end) = end {
+            out.push(RawElem {
+                key: key(end),
+                flags: ext::NFT_SET_ELEM_INTERVAL_END,
+                open: false,
+            });
+        }
+    }
+    Ok(out)
+}
+
+// ---- rules ---------------------------------------------------------------------------------
+
+fn ethertype(f: IpFamily) -> [u8; 2] {
+    match f {
+        IpFamily::V4 => 0x0800u16.to_be_bytes(),
+        IpFamily::V6 => 0x86ddu16.to_be_bytes(),
+    }
+}
+
+fn l4num(l4: L4) -> u8 {
+    super::render::l4_proto(l4)
+}
+
+/// Lowers one rule to its expressions, with nft's dependencies (see the module docs).
+pub fn lower_rule(family: Family, r: &Rule) -> Result<Vec<RawExpr>, ApplyError> {
+    let mut v = Vec::new();
+    let mut l3: Option<IpFamily> = None;
+    let mut l4: Option<L4> = None;
+    let mut vlan = false;
+    for m in &r.matches {
+        match m {
+            Match::IifName { negate, set } => {
+                v.push(ext::meta_load(ext::NFT_META_IIFNAME));
+                v.push(ext::lookup(set, *negate));
+            }
+            Match::EtherSaddr { set } => {
+                v.push(ext::payload_load(ext::NFT_PAYLOAD_LL_HEADER, 6, 6));
+                v.push(ext::lookup(set, false));
+            }
+            Match::VlanId(id) => {
+                if *id > 4095 {
+                    return Err(ApplyError::Invalid(format!("vlan id {id} > 4095")));
+                }
+                v.push(ext::payload_load(ext::NFT_PAYLOAD_LL_HEADER, 12, 2));
+                v.push(ext::cmp_eq(&0x8100u16.to_be_bytes()));
+                v.push(ext::payload_load(ext::NFT_PAYLOAD_LL_HEADER, 14, 2));
+                v.push(ext::bitwise(&0x0fffu16.to_be_bytes(), &[0, 0]));
+                v.push(ext::cmp_eq(&id.to_be_bytes()));
+                vlan = true;
+            }
+            Match::L4Proto(p) => {
+                v.push(ext::meta_load(ext::NFT_META_L4PROTO));
+                v.push(ext::cmp_eq(&[l4num(*p)]));
+                l4 = Some(*p);
+            }
+            Match::Addr {
+                family: f,
+                dir,
+                negate,
+                set,
+            } => {
+                if l3 != Some(*f) {
+                    match family {
+                        Family::Bridge if vlan => {
+                            v.push(ext::payload_load(ext::NFT_PAYLOAD_LL_HEADER, 16, 2));
+                            v.push(ext::cmp_eq(&ethertype(*f)));
+                        }
+                        Family::Bridge => {
+                            v.push(ext::meta_load(ext::NFT_META_PROTOCOL));
+                            v.push(ext::cmp_eq(&ethertype(*f)));
+                        }
+                        Family::Inet => {
+                            let p = match f {
+                                IpFamily::V4 => ext::NFPROTO_IPV4,
+                                IpFamily::V6 => ext::NFPROTO_IPV6,
+                            };
+                            v.push(ext::meta_load(ext::NFT_META_NFPROTO));
+                            v.push(ext::cmp_eq(&[p as u8]));
+                        }
+                    }
+                    l3 = Some(*f);
+                }
+                let (off, len) = match (f, dir) {
+                    (IpFamily::V4, Dir::Src) => (12, 4),
+                    (IpFamily::V4, Dir::Dst) => (16, 4),
+                    (IpFamily::V6, Dir::Src) => (8, 16),
+                    (IpFamily::V6, Dir::Dst) => (24, 16),
+                };
+                v.push(ext::payload_load(ext::NFT_PAYLOAD_NETWORK_HEADER, off, len));
+                v.push(ext::lookup(set, *negate));
+            }
+            Match::Port {
+                l4: p,
+                dir,
+                negate,
+                set,
+            } => {
+                if l4 != Some(*p) {
+                    v.push(ext::meta_load(ext::NFT_META_L4PROTO));
+                    v.push(ext::cmp_eq(&[l4num(*p)]));
+                    l4 = Some(*p);
+                }
+                let off = match dir {
+                    Dir::Src => 0,
+                    Dir::Dst => 2,
+                };
+                v.push(ext::payload_load(ext::NFT_PAYLOAD_TRANSPORT_HEADER, off, 2));
+                v.push(ext::lookup(set, *negate));
+            }
+            Match::Mark { mask, value } => {
+                v.push(ext::meta_load(ext::NFT_META_MARK));
+                if *mask != u32::MAX {
+                    v.push(ext::bitwise(&mask.to_ne_bytes(), &[0; 4]));
+                }
+                v.push(ext::cmp_eq(&value.to_ne_bytes()));
+            }
+            Match::Family(f) => {
+                // `meta protocol ip|ip6`: the same test in both families, and in the bridge
+                // exactly nft's dependency for a following address match.
+                v.push(ext::meta_load(ext::NFT_META_PROTOCOL));
+                v.push(ext::cmp_eq(&ethertype(*f)));
+                if family == Family::Bridge && !vlan {
+                    l3 = Some(*f);
+                }
+            }
+            Match::SocketTransparent => {
+                v.push(ext::socket_transparent());
+                v.push(ext::cmp_eq(&[1]));
+            }
+        }
+    }
+    for s in &r.stmts {
+        lower_stmt(s, &mut v);
+    }
+    Ok(v)
+}
+
+fn lower_stmt(s: &Stmt, v: &mut Vec<RawExpr>) {
+    match s {
+        Stmt::Counter => v.push(ext::counter()),
+        Stmt::MarkSetMasked { keep, value } => {
+            // mark = (mark & keep & ~value) ^ value, i.e. (mark & keep) | value
+            v.push(ext::meta_load(ext::NFT_META_MARK));
+            v.push(ext::bitwise(
+                &(keep & !value).to_ne_bytes(),
+                &value.to_ne_bytes(),
+            ));
+            v.push(ext::meta_set(ext::NFT_META_MARK));
+        }
+        Stmt::MarkSet(m) => {
+            v.push(ext::immediate(ext::NFT_REG_1, &m.to_ne_bytes()));
+            v.push(ext::meta_set(ext::NFT_META_MARK));
+        }
+        Stmt::PkttypeSetHost => {
+            v.push(ext::immediate(ext::NFT_REG_1, &[libc::PACKET_HOST]));
+            v.push(ext::meta_set(ext::NFT_META_PKTTYPE));
+        }
+        Stmt::EtherDaddrSet(mac) => {
+            v.push(ext::immediate(ext::NFT_REG_1, mac));
+            v.push(ext::payload_write(ext::NFT_PAYLOAD_LL_HEADER, 0, 6));
+        }
+        Stmt::BrouteSet => {
+            v.push(ext::immediate(ext::NFT_REG_1, &[1]));
+            v.push(ext::meta_set(ext::NFT_META_BRI_BROUTE));
+        }
+        Stmt::Redirect { port } => {
+            v.push(ext::immediate(ext::NFT_REG_1, &port.to_be_bytes()));
+            v.push(ext::redir_port_reg1());
+        }
+        Stmt::Tproxy { family, addr, port } => {
+            let fam = match family {
+                IpFamily::V4 => ext::NFPROTO_IPV4,
+                IpFamily::V6 => ext::NFPROTO_IPV6,
+            };
+            match addr {
+                Some(a) => {
+                    let bytes = match a {
+                        IpAddr::V4(a) => a.octets().to_vec(),
+                        IpAddr::V6(a) => a.octets().to_vec(),
+                    };
+                    v.push(ext::immediate(ext::NFT_REG_1, &bytes));
+                    v.push(ext::immediate(ext::NFT_REG_2, &port.to_be_bytes()));
+                    v.push(ext::tproxy(fam, Some(ext::NFT_REG_1), ext::NFT_REG_2));
+                }
+                None => {
+                    v.push(ext::immediate(ext::NFT_REG_1, &port.to_be_bytes()));
+                    v.push(ext::tproxy(fam, None, ext::NFT_REG_1));
+                }
+            }
+        }
+        Stmt::Queue {
+            num,
+            fanout,
+            bypass,
+            form,
+        } => {
+            let total = (*fanout).max(1);
+            match form {
+                QueueForm::Native => {
+                    let flags = if *bypass {
+                        ext::NFT_QUEUE_FLAG_BYPASS
+                    } else {
+                        0
+                    };
+                    v.push(ext::queue(*num, total, flags));
+                }
+                QueueForm::XtCompat => v.push(ext::xt_nfqueue_v3(*num, total, *bypass)),
+            }
+        }
+        Stmt::Accept => v.push(ext::verdict(libc::NF_ACCEPT)),
+        Stmt::Drop => v.push(ext::verdict(libc::NF_DROP)),
+        Stmt::Return => v.push(ext::verdict(libc::NFT_RETURN)),
+        Stmt::Jump(chain) => v.push(ext::jump(chain)),
+    }
+}
+
+// ---- the socket ----------------------------------------------------------------------------
+
+struct NfSocket {
+    fd: OwnedFd,
+}
+
+fn last_os(op: &'static str) -> ApplyError {
+    ApplyError::Io {
+        op,
+        source: io::Error::last_os_error(),
+    }
+}
+
+impl NfSocket {
+    fn open() -> Result<Self, ApplyError> {
+        // SAFETY: plain syscall; the returned fd (if any) is owned by OwnedFd below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_NETFILTER,
+            )
+        };
+        if fd < 0 {
+            return Err(last_os("socket"));
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: zeroed sockaddr_nl is valid (pid 0: the kernel assigns our port id).
+        let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        sa.nl_family = libc::AF_NETLINK as u16;
+        // SAFETY: `sa` is a valid sockaddr_nl of the given size.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &sa as *const libc::sockaddr_nl as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(last_os("bind"));
+        }
+        let s = NfSocket { fd };
+        // Error acks carry only the header of the refused message, not the whole message.
+        s.setsockopt(
+            libc::SOL_NETLINK,
+            libc::NETLINK_CAP_ACK,
+            1,
+            "NETLINK_CAP_ACK",
+        )?;
+        Ok(s)
+    }
+
+    fn setsockopt(
+        &self,
+        level: i32,
+        opt: i32,
+        val: i32,
+        op: &'static str,
+    ) -> Result<(), ApplyError> {
+        // SAFETY: `val` is a live c_int of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                level,
+                opt,
+                &val as *const i32 as *const libc::c_void,
+                std::mem::size_of::<i32>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(ApplyError::Io {
+                op,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The whole batch must fit the send buffer (netlink refuses larger messages with
+    /// EMSGSIZE) and every ack must fit the receive buffer. The FORCE variants pass
+    /// net.core.{w,r}mem_max (we are CAP_NET_ADMIN anyway); fall back to the plain ones.
+    fn size_buffers(&self, batch_len: usize, msgs: usize) -> Result<(), ApplyError> {
+        let snd = (batch_len * 2 + (1 << 20)).min(i32::MAX as usize / 2) as i32;
+        // an ack skb costs well under 1 KiB of receive buffer
+        let rcv = (msgs * 1024 + (4 << 20)).min(i32::MAX as usize / 2) as i32;
+        if self
+            .setsockopt(
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUFFORCE,
+                snd,
+                "SO_SNDBUFFORCE",
+            )
+            .is_err()
+        {
+            self.setsockopt(libc::SOL_SOCKET, libc::SO_SNDBUF, snd, "SO_SNDBUF")?;
+        }
+        if self
+            .setsockopt(
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                rcv,
+                "SO_RCVBUFFORCE",
+            )
+            .is_err()
+        {
+            self.setsockopt(libc::SOL_SOCKET, libc::SO_RCVBUF, rcv, "SO_RCVBUF")?;
+        }
+        Ok(())
+    }
+
+    /// One `sendmsg` with one iovec per batch page: the kernel sees one message buffer.
+    fn send_pages(&self, pages: &[&[u8]]) -> Result<(), ApplyError> {
+        let mut iov: Vec<libc::iovec> = pages
+            .iter()
+            .map(|p| libc::iovec {
+                iov_base: p.as_ptr() as *mut libc::c_void,
+                iov_len: p.len(),
+            })
+            .collect();
+        // SAFETY: zeroed sockaddr_nl / msghdr are valid starting points.
+        let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        sa.nl_family = libc::AF_NETLINK as u16;
+        // SAFETY: as above.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = &mut sa as *mut libc::sockaddr_nl as *mut libc::c_void;
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_nl>() as u32;
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = iov.len();
+        let total: usize = pages.iter().map(|p| p.len()).sum();
+        // SAFETY: `msg` points at `sa` and `iov`, which point at the batch pages; all outlive
+        // the call and the kernel only reads them.
+        let n = unsafe { libc::sendmsg(self.fd.as_raw_fd(), &msg, 0) };
+        if n < 0 {
+            return Err(last_os("sendmsg"));
+        }
+        if n as usize != total {
+            return Err(ApplyError::Io {
+                op: "sendmsg",
+                source: io::Error::other(format!("sent {n} of {total} bytes")),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads every ack. nfnetlink processes the batch inside `sendmsg`, so all acks are
+    /// queued when it returns; read until the queue is empty. Returns (seq, errno) of every
+    /// refusal.
+    fn collect_errors(&self) -> Result<Vec<(u32, i32)>, ApplyError> {
+        let mut errors = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            // SAFETY: `buf` is writable for its length.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    break;
+                }
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(ApplyError::Io {
+                    op: "recv",
+                    source: e,
+                });
+            }
+            if n == 0 {
+                break;
+            }
+            parse_acks(&buf[..n as usize], &mut errors);
+        }
+        Ok(errors)
+    }
+}
+
+/// Walks the netlink messages in `data`, collecting (seq, errno) of NLMSG_ERROR messages with
+/// a non-zero error. Truncated or malformed input ends the walk.
+fn parse_acks(data: &[u8], errors: &mut Vec<(u32, i32)>) {
+    const HDR: usize = 16;
+    let mut off = 0;
+    while off + HDR <= data.len() {
+        let rd32 = |o: usize| -> Option<u32> {
+            data.get(o..o + 4)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_ne_bytes)
+        };
+        let Some(len) = rd32(off) else { break };
+        let len = len as usize;
+        if len < HDR || off + len > data.len() {
+            break;
+        }
+        let ty = u16::from_ne_bytes([data[off + 4], data[off + 5]]);
+        if ty == libc::NLMSG_ERROR as u16
+            && let Some(err) = rd32(off + HDR)
+        {
+            let err = err as i32;
+            // the refused message's header follows the error code
+            if err != 0
+                && let Some(seq) = rd32(off + HDR + 4 + 8)
+            {
+                errors.push((seq, -err));
+            }
+        }
+        off += (len + 3) & !3;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(kind: SetKind, interval: bool, elements: Vec<SetElem>) -> Set {
+        Set {
+            name: "s".into(),
+            kind,
+            interval,
+            elements,
+        }
+    }
+
+    #[test]
+    fn interval_encoding_like_nft() {
+        let s = set(
+            SetKind::Ipv4Addr,
+            true,
+            vec![
+                SetElem::V4("10.0.0.0/8".parse().unwrap()),
+                SetElem::V4("192.168.1.1/32".parse().unwrap()),
+                SetElem::V4("255.255.255.255/32".parse().unwrap()),
+            ],
+        );
+        let e = set_elements(&s).unwrap();
+        let keys: Vec<(Vec<u8>, u32, bool)> =
+            e.into_iter().map(|e| (e.key, e.flags, e.open)).collect();
+        assert_eq!(
+            keys,
+            vec![
+                (vec![0, 0, 0, 0], 1, false),
+                (vec![10, 0, 0, 0], 0, false),
+                (vec![11, 0, 0, 0], 1, false),
+                (vec![192, 168, 1, 1], 0, false),
+                (vec![192, 168, 1, 2], 1, false),
+                (vec![255, 255, 255, 255], 0, true),
+            ]
+        );
+        let s = set(SetKind::InetService, true, vec![SetElem::Ports(0, 0)]);
+        let e = set_elements(&s).unwrap();
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[0].key, vec![0, 0]);
+        assert_eq!(e[1].key, vec![0, 1]);
+        let s = set(
+            SetKind::Ipv6Addr,
+            true,
+            vec![SetElem::V6("::/0".parse().unwrap())],
+        );
+        let e = set_elements(&s).unwrap();
+        assert_eq!(e.len(), 1);
+        assert!(e[0].open);
+    }
+
+    #[test]
+    fn parse_acks_finds_errors() {
+        // NLMSG_ERROR with error -95 for seq 7, then an ack (error 0) for seq 8
+        let mut d = Vec::new();
+        for (seq, err) in [(7u32, -95i32), (8, 0)] {
+            d.extend_from_slice(&36u32.to_ne_bytes());
+            d.extend_from_slice(&(libc::NLMSG_ERROR as u16).to_ne_bytes());
+            d.extend_from_slice(&0u16.to_ne_bytes());
+            d.extend_from_slice(&seq.to_ne_bytes());
+            d.extend_from_slice(&0u32.to_ne_bytes());
+            d.extend_from_slice(&err.to_ne_bytes());
+            d.extend_from_slice(&20u32.to_ne_bytes());
+            d.extend_from_slice(&0u32.to_ne_bytes());
+            d.extend_from_slice(&seq.to_ne_bytes());
+            d.extend_from_slice(&0u32.to_ne_bytes());
+        }
+        let mut errs = Vec::new();
+        parse_acks(&d, &mut errs);
+        assert_eq!(errs, vec![(7, 95)]);
+        parse_acks(&d[..20], &mut errs);
+        assert_eq!(errs.len(), 1);
+    }
 }

@@ -1,0 +1,485 @@
+//! What `nftnl` 0.9 lacks, written once: a generic expression builder (payload load/write,
+//! inverted lookups by set name, meta set of any key, redir, tproxy, socket, native queue,
+//! the xtables compat `target`) and named sets with typed keys, flags and per-element
+//! flags (interval sets). Every `unsafe` block sits in a small wrapper here.
+//!
+//! Everything returned implements nftnl's `Expression` / `NlMsg`, so `netlink` builds rules
+//! and batches with nftnl's own `Rule` and `Batch`.
+
+use std::ffi::{CStr, CString, c_char, c_void};
+use std::ptr::NonNull;
+
+use nftnl::expr::Expression;
+use nftnl::{MsgType, NlMsg, Rule};
+use nftnl_sys as sys;
+
+// Kernel constants that libc / the installed uapi headers may not carry.
+pub const NFT_REG_VERDICT: u32 = 0;
+pub const NFT_REG_1: u32 = 1;
+pub const NFT_REG_2: u32 = 2;
+pub const NFT_PAYLOAD_LL_HEADER: u32 = 0;
+pub const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+pub const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+pub const NFT_META_PROTOCOL: u32 = 1;
+pub const NFT_META_MARK: u32 = 3;
+pub const NFT_META_IIFNAME: u32 = 6;
+pub const NFT_META_NFPROTO: u32 = 15;
+pub const NFT_META_L4PROTO: u32 = 16;
+pub const NFT_META_PKTTYPE: u32 = 19;
+/// `meta broute` (kernel >= 5.19 with CONFIG_NFT_BRIDGE_META); missing from older uapi headers.
+pub const NFT_META_BRI_BROUTE: u32 = 35;
+pub const NFT_LOOKUP_F_INV: u32 = 1;
+pub const NFT_SOCKET_TRANSPARENT: u32 = 0;
+pub const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
+pub const NFT_QUEUE_FLAG_BYPASS: u16 = 1;
+pub const NFT_QUEUE_FLAG_CPU_FANOUT: u16 = 2;
+pub const NFQ_FLAG_BYPASS: u16 = 1;
+pub const NFT_SET_INTERVAL: u32 = 0x4;
+pub const NFT_SET_ELEM_INTERVAL_END: u32 = 0x1;
+pub const NFPROTO_IPV4: u32 = 2;
+pub const NFPROTO_IPV6: u32 = 10;
+
+/// One attribute of a raw expression.
+#[derive(Debug, Clone)]
+enum Val {
+    U16(u16),
+    U32(u32),
+    Bytes(Vec<u8>),
+    /// Data libnftnl keeps (and later frees) instead of copying: the compat target's info.
+    Given(Vec<u8>),
+    Str(CString),
+}
+
+/// A libnftnl expression described by name and attributes. Built by the constructors below,
+/// added to a rule with `Rule::add_expr`.
+#[derive(Debug, Clone)]
+pub struct RawExpr {
+    name: &'static CStr,
+    attrs: Vec<(u32, Val)>,
+}
+
+impl RawExpr {
+    fn new(name: &'static CStr) -> Self {
+        RawExpr {
+            name,
+            attrs: Vec::new(),
+        }
+    }
+    fn u16(mut self, attr: u32, v: u16) -> Self {
+        self.attrs.push((attr, Val::U16(v)));
+        self
+    }
+    fn u32(mut self, attr: u32, v: u32) -> Self {
+        self.attrs.push((attr, Val::U32(v)));
+        self
+    }
+    fn bytes(mut self, attr: u32, v: &[u8]) -> Self {
+        self.attrs.push((attr, Val::Bytes(v.to_vec())));
+        self
+    }
+    fn given(mut self, attr: u32, v: &[u8]) -> Self {
+        self.attrs.push((attr, Val::Given(v.to_vec())));
+        self
+    }
+    fn str(mut self, attr: u32, v: &str) -> Self {
+        // Names come from our own model (set names, target names): no interior NULs. A name
+        // with one is replaced by an empty string, which the kernel then refuses by name.
+        let c = CString::new(v).unwrap_or_default();
+        self.attrs.push((attr, Val::Str(c)));
+        self
+    }
+
+    /// The libnftnl expression type name (`payload`, `tproxy`, ...).
+    pub fn name(&self) -> &'static CStr {
+        self.name
+    }
+}
+
+/// Whether the linked libnftnl knows the expression type `name` (it returns NULL otherwise).
+pub fn libnftnl_has(name: &CStr) -> bool {
+    // SAFETY: `name` is a valid NUL-terminated string; a non-NULL result is ours to free.
+    unsafe {
+        let e = sys::nftnl_expr_alloc(name.as_ptr());
+        if e.is_null() {
+            false
+        } else {
+            sys::nftnl_expr_free(e);
+            true
+        }
+    }
+}
+
+impl Expression for RawExpr {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        // SAFETY: `name` is NUL-terminated and 'static.
+        let expr = unsafe { sys::nftnl_expr_alloc(self.name.as_ptr()) };
+        // `netlink::apply` checks `libnftnl_has` for every name before building, so NULL here
+        // means out of memory: do what nftnl (and libstd) do.
+        let Some(expr) = NonNull::new(expr) else {
+            std::process::abort();
+        };
+        for (attr, val) in &self.attrs {
+            let attr = *attr as u16;
+            // SAFETY: `expr` is a live expression; libnftnl copies the data it is given, and
+            // every pointer/length pair below describes memory owned by `self`.
+            unsafe {
+                match val {
+                    Val::U16(v) => sys::nftnl_expr_set_u16(expr.as_ptr(), attr, *v),
+                    Val::U32(v) => sys::nftnl_expr_set_u32(expr.as_ptr(), attr, *v),
+                    Val::Bytes(b) => {
+                        sys::nftnl_expr_set(
+                            expr.as_ptr(),
+                            attr,
+                            b.as_ptr() as *const c_void,
+                            b.len() as u32,
+                        );
+                    }
+                    Val::Given(b) => {
+                        // libnftnl's `target` stores this pointer and free()s it with the
+                        // expression, so it must come from malloc.
+                        let p = libc::malloc(b.len().max(1)) as *mut u8;
+                        if p.is_null() {
+                            std::process::abort();
+                        }
+                        std::ptr::copy_nonoverlapping(b.as_ptr(), p, b.len());
+                        sys::nftnl_expr_set(
+                            expr.as_ptr(),
+                            attr,
+                            p as *const c_void,
+                            b.len() as u32,
+                        );
+                    }
+                    Val::Str(s) => {
+                        sys::nftnl_expr_set_str(expr.as_ptr(), attr, s.as_ptr());
+                    }
+                }
+            }
+        }
+        expr
+    }
+}
+
+// ---- loads and compares -------------------------------------------------------------------
+
+/// `[ payload load LENb @ BASE + OFFSET => reg 1 ]`
+pub fn payload_load(base: u32, offset: u32, len: u32) -> RawExpr {
+    RawExpr::new(c"payload")
+        .u32(sys::NFTNL_EXPR_PAYLOAD_DREG, NFT_REG_1)
+        .u32(sys::NFTNL_EXPR_PAYLOAD_BASE, base)
+        .u32(sys::NFTNL_EXPR_PAYLOAD_OFFSET, offset)
+        .u32(sys::NFTNL_EXPR_PAYLOAD_LEN, len)
+}
+
+/// `[ meta load KEY => reg 1 ]`
+pub fn meta_load(key: u32) -> RawExpr {
+    RawExpr::new(c"meta")
+        .u32(sys::NFTNL_EXPR_META_KEY, key)
+        .u32(sys::NFTNL_EXPR_META_DREG, NFT_REG_1)
+}
+
+/// `[ cmp eq reg 1 DATA ]`
+pub fn cmp_eq(data: &[u8]) -> RawExpr {
+    RawExpr::new(c"cmp")
+        .u32(sys::NFTNL_EXPR_CMP_SREG, NFT_REG_1)
+        .u32(sys::NFTNL_EXPR_CMP_OP, 0) // NFT_CMP_EQ
+        .bytes(sys::NFTNL_EXPR_CMP_DATA, data)
+}
+
+/// `[ bitwise reg 1 = ( reg 1 & MASK ) ^ XOR ]`
+pub fn bitwise(mask: &[u8], xor: &[u8]) -> RawExpr {
+    RawExpr::new(c"bitwise")
+        .u32(sys::NFTNL_EXPR_BITWISE_SREG, NFT_REG_1)
+        .u32(sys::NFTNL_EXPR_BITWISE_DREG, NFT_REG_1)
+        .u32(sys::NFTNL_EXPR_BITWISE_LEN, mask.len() as u32)
+        .bytes(sys::NFTNL_EXPR_BITWISE_MASK, mask)
+        .bytes(sys::NFTNL_EXPR_BITWISE_XOR, xor)
+}
+
+/// `[ lookup reg 1 set NAME ]`, with flag 0x1 when `negate` (`!= @set`). By name only: the
+/// kernel finds sets created earlier in the same transaction by name.
+pub fn lookup(set: &str, negate: bool) -> RawExpr {
+    RawExpr::new(c"lookup")
+        .u32(sys::NFTNL_EXPR_LOOKUP_SREG, NFT_REG_1)
+        .str(sys::NFTNL_EXPR_LOOKUP_SET, set)
+        .u32(
+            sys::NFTNL_EXPR_LOOKUP_FLAGS,
+            if negate { NFT_LOOKUP_F_INV } else { 0 },
+        )
+}
+
+/// `[ socket load transparent => reg 1 ]`
+pub fn socket_transparent() -> RawExpr {
+    RawExpr::new(c"socket")
+        .u32(sys::NFTNL_EXPR_SOCKET_KEY, NFT_SOCKET_TRANSPARENT)
+        .u32(sys::NFTNL_EXPR_SOCKET_DREG, NFT_REG_1)
+}
+
+// ---- statements ---------------------------------------------------------------------------
+
+/// `[ counter pkts 0 bytes 0 ]`
+pub fn counter() -> RawExpr {
+    RawExpr::new(c"counter")
+}
+
+/// `[ immediate reg R DATA ]`
+pub fn immediate(reg: u32, data: &[u8]) -> RawExpr {
+    RawExpr::new(c"immediate")
+        .u32(sys::NFTNL_EXPR_IMM_DREG, reg)
+        .bytes(sys::NFTNL_EXPR_IMM_DATA, data)
+}
+
+/// `[ immediate reg 0 VERDICT ]` (NF_ACCEPT = 1, NF_DROP = 0, NFT_RETURN = -5)
+pub fn verdict(code: i32) -> RawExpr {
+    RawExpr::new(c"immediate")
+        .u32(sys::NFTNL_EXPR_IMM_DREG, NFT_REG_VERDICT)
+        .u32(sys::NFTNL_EXPR_IMM_VERDICT, code as u32)
+}
+
+/// `[ immediate reg 0 jump -> CHAIN ]`
+pub fn jump(chain: &str) -> RawExpr {
+    RawExpr::new(c"immediate")
+        .u32(sys::NFTNL_EXPR_IMM_DREG, NFT_REG_VERDICT)
+        .u32(sys::NFTNL_EXPR_IMM_VERDICT, libc::NFT_JUMP as u32)
+        .str(sys::NFTNL_EXPR_IMM_CHAIN, chain)
+}
+
+/// `[ meta set KEY with reg 1 ]`
+pub fn meta_set(key: u32) -> RawExpr {
+    RawExpr::new(c"meta")
+        .u32(sys::NFTNL_EXPR_META_KEY, key)
+        .u32(sys::NFTNL_EXPR_META_SREG, NFT_REG_1)
+}
+
+/// `[ payload write reg 1 => LENb @ BASE + OFFSET csum_type 0 ... ]` (no checksum fix-up:
+/// link-layer fields carry none).
+pub fn payload_write(base: u32, offset: u32, len: u32) -> RawExpr {
+    RawExpr::new(c"payload")
+        .u32(sys::NFTNL_EXPR_PAYLOAD_SREG, NFT_REG_1)
+        .u32(sys::NFTNL_EXPR_PAYLOAD_BASE, base)
+        .u32(sys::NFTNL_EXPR_PAYLOAD_OFFSET, offset)
+        .u32(sys::NFTNL_EXPR_PAYLOAD_LEN, len)
+        .u32(sys::NFTNL_EXPR_PAYLOAD_CSUM_TYPE, 0)
+        .u32(sys::NFTNL_EXPR_PAYLOAD_CSUM_OFFSET, 0)
+        .u32(sys::NFTNL_EXPR_PAYLOAD_FLAGS, 0)
+}
+
+/// `[ redir proto_min reg 1 flags 0x2 ]` (port already in reg 1)
+pub fn redir_port_reg1() -> RawExpr {
+    RawExpr::new(c"redir")
+        .u32(sys::NFTNL_EXPR_REDIR_REG_PROTO_MIN, NFT_REG_1)
+        .u32(sys::NFTNL_EXPR_REDIR_FLAGS, NF_NAT_RANGE_PROTO_SPECIFIED)
+}
+
+/// `[ tproxy ip|ip6 [addr reg A] port reg P ]`
+pub fn tproxy(nfproto: u32, addr_reg: Option<u32>, port_reg: u32) -> RawExpr {
+    let mut e = RawExpr::new(c"tproxy").u32(sys::NFTNL_EXPR_TPROXY_FAMILY, nfproto);
+    if let Some(r) = addr_reg {
+        e = e.u32(sys::NFTNL_EXPR_TPROXY_REG_ADDR, r);
+    }
+    e.u32(sys::NFTNL_EXPR_TPROXY_REG_PORT, port_reg)
+}
+
+/// Native `queue` (needs CONFIG_NFT_QUEUE): queues `num .. num+total-1`.
+pub fn queue(num: u16, total: u16, flags: u16) -> RawExpr {
+    RawExpr::new(c"queue")
+        .u16(sys::NFTNL_EXPR_QUEUE_NUM, num)
+        .u16(sys::NFTNL_EXPR_QUEUE_TOTAL, total)
+        .u16(sys::NFTNL_EXPR_QUEUE_FLAGS, flags)
+}
+
+/// The xtables `NFQUEUE` target through nft compat, revision 3 (`struct xt_NFQ_info_v3`:
+/// queuenum, queues_total, flags, padded to XT_ALIGN = 8 bytes, host byte order).
+pub fn xt_nfqueue_v3(num: u16, total: u16, bypass: bool) -> RawExpr {
+    let mut info = [0u8; 8];
+    info[0..2].copy_from_slice(&num.to_ne_bytes());
+    info[2..4].copy_from_slice(&total.to_ne_bytes());
+    let flags = if bypass { NFQ_FLAG_BYPASS } else { 0 };
+    info[4..6].copy_from_slice(&flags.to_ne_bytes());
+    RawExpr::new(c"target")
+        .str(sys::NFTNL_EXPR_TG_NAME, "NFQUEUE")
+        .u32(sys::NFTNL_EXPR_TG_REV, 3)
+        .given(sys::NFTNL_EXPR_TG_INFO, &info)
+}
+
+// ---- named sets ----------------------------------------------------------------------------
+
+/// One element of a named set as the kernel stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawElem {
+    pub key: Vec<u8>,
+    /// NFT_SET_ELEM_INTERVAL_END or 0
+    pub flags: u32,
+    /// nft's "open interval" marker (runs to the end of the key space), as user data so that
+    /// nft prints `0.0.0.0/0` / `65535` rather than a range
+    pub open: bool,
+}
+
+/// A named set with its elements; `msgs()` yields the NEWSET message followed by as many
+/// NEWSETELEM messages as the elements need (libnftnl splits at the 64 KiB attribute limit).
+pub struct NamedSet {
+    set: NonNull<sys::nftnl_set>,
+    family: u16,
+}
+
+// nft's open-interval element user data: NFTNL_UDATA_SET_ELEM_FLAGS (1), len 4,
+// NFTNL_SET_ELEM_F_INTERVAL_OPEN (1).
+const OPEN_UDATA: [u8; 6] = {
+    let f = 1u32.to_ne_bytes();
+    [1, 4, f[0], f[1], f[2], f[3]]
+};
+
+/// nft's set user data: NFTNL_UDATA_SET_KEYBYTEORDER (0), len 4, nft's byteorder enum
+/// (1 = host, 2 = big endian).
+fn set_udata(host_order_key: bool) -> [u8; 6] {
+    let b = if host_order_key { 1u32 } else { 2u32 }.to_ne_bytes();
+    [0, 4, b[0], b[1], b[2], b[3]]
+}
+
+impl NamedSet {
+    /// `family` is the NFPROTO of the table; `key_type` nft's datatype number and
+    /// `host_order_key` its byte order (both decide how `nft list` prints the elements:
+    /// interface names are host-order strings); `id` unique within the batch.
+    pub fn new(
+        family: u16,
+        table: &str,
+        name: &str,
+        id: u32,
+        (key_type, key_len, host_order_key): (u32, u32, bool),
+        flags: u32,
+    ) -> Self {
+        let table = CString::new(table).unwrap_or_default();
+        let name = CString::new(name).unwrap_or_default();
+        // SAFETY: allocation is checked; the setters copy the strings.
+        let set = unsafe { sys::nftnl_set_alloc() };
+        let Some(set) = NonNull::new(set) else {
+            std::process::abort();
+        };
+        // SAFETY: `set` is live and owned by us; string pointers are valid for the call.
+        unsafe {
+            let s = set.as_ptr();
+            sys::nftnl_set_set_u32(s, sys::NFTNL_SET_FAMILY as u16, u32::from(family));
+            sys::nftnl_set_set_str(s, sys::NFTNL_SET_TABLE as u16, table.as_ptr());
+            sys::nftnl_set_set_str(s, sys::NFTNL_SET_NAME as u16, name.as_ptr());
+            sys::nftnl_set_set_u32(s, sys::NFTNL_SET_ID as u16, id);
+            sys::nftnl_set_set_u32(s, sys::NFTNL_SET_FLAGS as u16, flags);
+            sys::nftnl_set_set_u32(s, sys::NFTNL_SET_KEY_TYPE as u16, key_type);
+            sys::nftnl_set_set_u32(s, sys::NFTNL_SET_KEY_LEN as u16, key_len);
+            let ud = set_udata(host_order_key);
+            sys::nftnl_set_set_data(
+                s,
+                sys::NFTNL_SET_USERDATA as u16,
+                ud.as_ptr() as *const c_void,
+                ud.len() as u32,
+            );
+        }
+        NamedSet { set, family }
+    }
+
+    pub fn add(&mut self, e: &RawElem) {
+        // SAFETY: allocation is checked; the element is handed to (and then owned by) the set;
+        // key and user data are copied by libnftnl.
+        unsafe {
+            let el = sys::nftnl_set_elem_alloc();
+            let Some(el) = NonNull::new(el) else {
+                std::process::abort();
+            };
+            sys::nftnl_set_elem_set(
+                el.as_ptr(),
+                sys::NFTNL_SET_ELEM_KEY as u16,
+                e.key.as_ptr() as *const c_void,
+                e.key.len() as u32,
+            );
+            if e.flags != 0 {
+                sys::nftnl_set_elem_set_u32(el.as_ptr(), sys::NFTNL_SET_ELEM_FLAGS as u16, e.flags);
+            }
+            if e.open {
+                sys::nftnl_set_elem_set(
+                    el.as_ptr(),
+                    sys::NFTNL_SET_ELEM_USERDATA as u16,
+                    OPEN_UDATA.as_ptr() as *const c_void,
+                    OPEN_UDATA.len() as u32,
+                );
+            }
+            sys::nftnl_set_elem_add(self.set.as_ptr(), el.as_ptr());
+        }
+    }
+
+    /// Adds the set and its elements to `batch`; returns how many messages were added.
+    pub fn add_to(&self, batch: &mut nftnl::Batch) -> usize {
+        batch.add(&SetMsg(self), MsgType::Add);
+        let mut n = 1;
+        // SAFETY: the iterator walks our set's element list, which outlives it.
+        let iter = unsafe { sys::nftnl_set_elems_iter_create(self.set.as_ptr()) };
+        let Some(iter) = NonNull::new(iter) else {
+            std::process::abort();
+        };
+        // The builder returns 1 while elements remain (it stopped at the size limit), as in
+        // nftnl's own SetElemsIter.
+        let more = std::cell::Cell::new(1);
+        // SAFETY: `iter` is live until destroyed below.
+        while more.get() > 0 && !unsafe { sys::nftnl_set_elems_iter_cur(iter.as_ptr()) }.is_null() {
+            let msg = ElemsMsg {
+                set: self,
+                iter: iter.as_ptr(),
+                more: &more,
+            };
+            batch.add(&msg, MsgType::Add);
+            n += 1;
+        }
+        // SAFETY: created above, not used afterwards.
+        unsafe { sys::nftnl_set_elems_iter_destroy(iter.as_ptr()) };
+        n
+    }
+}
+
+impl Drop for NamedSet {
+    fn drop(&mut self) {
+        // SAFETY: we own the set (and through it its elements).
+        unsafe { sys::nftnl_set_free(self.set.as_ptr()) };
+    }
+}
+
+struct SetMsg<'a>(&'a NamedSet);
+
+// SAFETY: writes one NEWSET message, bounded by nft_nlmsg_maxsize like nftnl's own Set.
+unsafe impl NlMsg for SetMsg<'_> {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, _msg_type: MsgType) {
+        // SAFETY: the caller (nftnl::Batch) provides a buffer of nft_nlmsg_maxsize bytes.
+        unsafe {
+            let hdr = sys::nftnl_nlmsg_build_hdr(
+                buf as *mut c_char,
+                libc::NFT_MSG_NEWSET as u16,
+                self.0.family,
+                (libc::NLM_F_CREATE | libc::NLM_F_ACK) as u16,
+                seq,
+            );
+            sys::nftnl_set_nlmsg_build_payload(hdr, self.0.set.as_ptr());
+        }
+    }
+}
+
+struct ElemsMsg<'a> {
+    set: &'a NamedSet,
+    iter: *mut sys::nftnl_set_elems_iter,
+    more: &'a std::cell::Cell<i32>,
+}
+
+// SAFETY: libnftnl stops adding elements before the nest would overflow 64 KiB, so the message
+// stays within nft_nlmsg_maxsize.
+unsafe impl NlMsg for ElemsMsg<'_> {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, _msg_type: MsgType) {
+        // SAFETY: buffer as above; `iter` is live for the duration of `add_to`.
+        unsafe {
+            let hdr = sys::nftnl_nlmsg_build_hdr(
+                buf as *mut c_char,
+                libc::NFT_MSG_NEWSETELEM as u16,
+                self.set.family,
+                (libc::NLM_F_CREATE | libc::NLM_F_EXCL | libc::NLM_F_ACK) as u16,
+                seq,
+            );
+            self.more.set(sys::nftnl_set_elems_nlmsg_build_payload_iter(
+                hdr, self.iter,
+            ));
+        }
+    }
+}
