@@ -690,11 +690,17 @@ impl Lab {
     }
 
     /// Run the brdivert binary inside the bridge namespace: `ip netns exec <p>-br BINARY ARGS`.
+    /// brdivert keeps what it created in a state file; each lab gets its own state directory
+    /// so that labs running side by side (all with a bridge named `br0`) never share one.
     pub fn brdivert(&self, binary: &Path, args: &[&str]) -> Result<Output> {
         let bin = binary.to_string_lossy().into_owned();
         let mut argv = vec![bin.as_str()];
         argv.extend_from_slice(args);
-        self.exec(Ns::Br, &argv)
+        self.command(Ns::Br, &argv)
+            .env(crate::link::STATE_DIR_ENV, self.dir.join("state"))
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {argv:?} in {}", self.ns(Ns::Br)))
     }
 
     /// `brdivert apply -c <settings>`; fails (with its output) unless it exits 0.

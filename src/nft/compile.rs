@@ -612,27 +612,24 @@ mod tests {
     }
 
     #[test]
-    fn broute_when_kernel_has_it() {
+    fn local_fwmark_sets_the_whole_mark() {
         let p = policy(
             "[[divert]]\nname = \"v\"\ndst = \"10.0.0.100\"\naction = \"local\"\nfwmark = 16\n",
         );
-        let t = Target {
-            broute: true,
-            ..target()
-        };
-        let b = bridge_table(&p, &t);
+        let b = bridge_table(&p, &target());
         let c = chain(&b, "rule_v");
         assert_eq!(
             c.rules[0].stmts,
             vec![
                 Stmt::Counter,
                 Stmt::MarkSet(16),
-                Stmt::BrouteSet,
+                Stmt::PkttypeSetHost,
+                Stmt::EtherDaddrSet([2, 0, 0, 0, 0, 0xfe]),
                 Stmt::Accept
             ]
         );
         // local needs nothing in the local-stack table
-        let inet = local_stack_table(&p, &t);
+        let inet = local_stack_table(&p, &target());
         assert!(inet.chains.iter().all(|c| c.rules.is_empty()));
     }
 
