@@ -56,10 +56,45 @@ impl From<anyhow::Error> for Failure {
 pub fn load(settings_path: &std::path::Path) -> Result<(Settings, Policy), Failure> {
     let settings = Settings::load(settings_path)?;
     let policy = Policy::load(&settings)?;
-    for w in &policy.warnings {
+    for w in policy
+        .warnings
+        .iter()
+        .chain(&address_warnings(&settings, &policy))
+    {
         eprintln!("{w}");
     }
     Ok((settings, policy))
+}
+
+/// REDIRECT answers from the bridge's own address of the packet's family: warn where a
+/// redirect rule covers a family the bridge has no address of.
+fn address_warnings(settings: &Settings, policy: &Policy) -> Vec<crate::diag::Diagnostic> {
+    let has = |f: crate::policy::Family| {
+        settings.bridge.address.iter().any(|a| match f {
+            crate::policy::Family::V4 => a.addr().is_ipv4(),
+            crate::policy::Family::V6 => a.addr().is_ipv6(),
+        })
+    };
+    let mut out = Vec::new();
+    for r in &policy.rules {
+        if !matches!(r.action, Action::Redirect { .. }) {
+            continue;
+        }
+        for f in r.families().into_iter().filter(|&f| !has(f)) {
+            let fam = if f == crate::policy::Family::V4 {
+                "IPv4"
+            } else {
+                "IPv6"
+            };
+            out.push(crate::diag::Diagnostic::warning(
+                &r.origin.file,
+                crate::diag::Pos { line: r.origin.line, column: 1 },
+                format!("rule {:?} redirects {fam} but bridge.address has no {fam} address, so those flows cannot be answered", r.name),
+                format!("add an {fam} address to bridge.address in {}, or limit the rule's dst/src to the other family", settings.path.display()),
+            ));
+        }
+    }
+    out
 }
 
 /// The compile target for this bridge: its MAC (when it exists) and brdivert's mark bits.
@@ -183,13 +218,17 @@ pub fn apply(settings_path: &std::path::Path) -> Result<String, Failure> {
         ])));
     }
     let info = link::setup_blocking(&settings).map_err(anyhow::Error::from)?;
-    let rs = ruleset_for(&settings, &policy, Some(info.mac));
-    netlink::apply(&rs).map_err(anyhow::Error::from)?;
     let t = target(&settings, Some(info.mac));
+    // Routing before rules, so the first TPROXY'd packet already has its local route; and
+    // a policy without TPROXY leaves none behind from an earlier apply.
     if policy.uses_tproxy() {
         link::setup_tproxy_routing_blocking(&settings.kernel, t.tproxy_mark(), t.mark_mask)
-            .map_err(anyhow::Error::from)?;
+    } else {
+        link::teardown_tproxy_routing_blocking(&settings.kernel)
     }
+    .map_err(anyhow::Error::from)?;
+    let rs = ruleset_for(&settings, &policy, Some(info.mac));
+    netlink::apply(&rs).map_err(anyhow::Error::from)?;
     Ok(format!(
         "applied {} rules to bridge {} ({}; {} ports)",
         policy.rules.len(),
@@ -202,9 +241,11 @@ pub fn apply(settings_path: &std::path::Path) -> Result<String, Failure> {
 /// `brdivert flush`: remove brdivert's tables and undo what `apply` set up.
 pub fn flush(settings_path: &std::path::Path) -> Result<String, Failure> {
     let settings = Settings::load(settings_path)?;
-    netlink::delete_tables(&[Family::Bridge, Family::Inet], TABLE_NAME)
-        .map_err(anyhow::Error::from)?;
-    link::teardown_blocking(&settings).map_err(anyhow::Error::from)?;
+    // Undo the links even when the tables could not be removed; report the first failure.
+    let tables = netlink::delete_tables(&[Family::Bridge, Family::Inet], TABLE_NAME);
+    let links = link::teardown_blocking(&settings);
+    tables.map_err(anyhow::Error::from)?;
+    links.map_err(anyhow::Error::from)?;
     Ok(format!(
         "flushed brdivert's tables and links for bridge {}",
         settings.bridge.name

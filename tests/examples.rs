@@ -74,3 +74,17 @@ fn missing_settings_exits_2() {
         .expect("run brdivert");
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn redirect_without_bridge_address_of_its_family_warns() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/squid-intercept.toml");
+    let out = check(&p);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    // the test settings give the bridge an IPv4 address only
+    assert!(
+        err.contains("warning: rule \"web\" redirects IPv6 but bridge.address has no IPv6 address"),
+        "{err}"
+    );
+    assert!(!err.contains("redirects IPv4"), "{err}");
+}
