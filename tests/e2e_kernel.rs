@@ -77,7 +77,7 @@ fn check_intercepted(lab: &Lab, ns: Ns, url_host: &str, path: &str, bridge_addr:
         "{url}: no Via from the lab's Squid: {r:?}"
     );
     assert!(
-        lab.squid_access_log().contains(path),
+        lab.squid_access_log_with(path).contains(path),
         "{url}: not in Squid's access log:\n{}",
         lab.squid_access_log()
     );
@@ -123,7 +123,7 @@ fn check_tproxied(lab: &Lab, ns: Ns, url_host: &str, path: &str, client_addr: &s
         "{url}: no Via from Squid: {r:?}"
     );
     assert!(
-        lab.squid_access_log().contains(path),
+        lab.squid_access_log_with(path).contains(path),
         "{url}: not in Squid's access log"
     );
     let seen: Vec<String> = lab.origin_saw(path).into_iter().map(|h| h.peer).collect();

@@ -684,6 +684,19 @@ impl Lab {
         fs::read_to_string(self.squid_access_log_path()).unwrap_or_default()
     }
 
+    /// Squid's access log once it mentions `needle`, waiting up to 5 s: Squid writes the
+    /// entry when it closes the transaction, which can be just after the client has its reply.
+    pub fn squid_access_log_with(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = self.squid_access_log();
+            if log.contains(needle) || Instant::now() >= deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Squid's cache.log so far (for failure messages).
     pub fn squid_cache_log(&self) -> String {
         fs::read_to_string(self.dir.join("logs").join("cache.log")).unwrap_or_default()
@@ -894,7 +907,7 @@ pub fn demo(binary: &Path) -> Result<()> {
         .collect();
     println!("   the origin saw the request come from: {saw:?}");
     let log: Vec<String> = lab
-        .squid_access_log()
+        .squid_access_log_with("/demo-diverted")
         .lines()
         .filter(|l| l.contains("/demo-diverted"))
         .map(str::to_string)
