@@ -14,7 +14,8 @@
 #         in dst and 100 except_src entries (generated); every IPv4 frame jumps into the rule
 #         chain and misses both set lookups, so it is bridged (the worst case per frame)
 #   bare2 (only with --aa) a second bare bridge, to show the run's own noise (A/A)
-# Metrics: TCP throughput (iperf3), UDP 64-byte received packets/s (iperf3 -b 0), TCP
+# Metrics: TCP throughput (iperf3), UDP 64-byte frames/s received at the server's interface
+# (iperf3 -u -l 64 -b 0; iperf3's own socket-level count is kept for reference), TCP
 # connections/s (bench/cps.py), and the apply time of the 10k-VIP policy (`brdivert apply`
 # over netlink vs `nft -f` of `brdivert render`, both into an empty ruleset).
 #
@@ -25,12 +26,14 @@
 # configurations (brdivert turns them off anyway), so the bare baseline is fair.
 #
 # Usage: bench/kernel.sh [--quick] [--aa] [--pairs N] [--secs S] [--apply-reps N]
-#                        [--brdivert PATH] [--no-brdivert] [--out FILE]
+#                        [--only LIST] [--brdivert PATH] [--no-brdivert] [--out FILE]
+#   defaults: 7 rounds, 5 s runs, 7 apply repetitions (about 7 minutes; 9 with --aa)
 #   --quick        smoke test: 2 rounds, 2 s runs, 3 apply repetitions
 #   --aa           add a second bare-bridge configuration (A/A noise check)
+#   --only LIST    measure only these of tcp,udp,cps,apply (comma-separated; investigations)
 #   --no-brdivert  only bare bridges (bare + bare2): debug the topology and measurement
-#   --brdivert P   binary to use (default: $BRDIVERT, else /work/bench-target/release/brdivert,
-#                  else target/release/brdivert, else brdivert on PATH)
+#   --brdivert P   binary to use (default: $BRDIVERT, else $CARGO_TARGET_DIR/release/brdivert,
+#                  else target/release/brdivert, else brdivert on PATH; build with --release)
 #   --out FILE     report path (default bench/results/kernel-<date>[-quick].md)
 # Needs root, iperf3, nft, iproute2, python3, taskset. Traffic stays inside its namespaces.
 set -euo pipefail
@@ -40,12 +43,13 @@ REPO=$(cd "$HERE/.." && pwd)
 LIB="$HERE/kernel_lib.py"
 CMDLINE="bench/kernel.sh${*:+ $*}"
 
-PAIRS=7 SECS=5 APPLY_REPS=7 QUICK=0 AA=0 USE_BRDIVERT=1 OUT="" BRDIVERT="${BRDIVERT:-}"
+PAIRS=7 SECS=5 APPLY_REPS=7 ONLY=tcp,udp,cps,apply QUICK=0 AA=0 USE_BRDIVERT=1 OUT="" BRDIVERT="${BRDIVERT:-}"
 while (($#)); do
     case "$1" in
         --quick) QUICK=1 PAIRS=2 SECS=2 APPLY_REPS=3 ;;
         --aa) AA=1 ;;
         --no-brdivert) USE_BRDIVERT=0 AA=1 ;;
+        --only) ONLY=$2; shift ;;
         --pairs) PAIRS=$2; shift ;;
         --secs) SECS=$2; shift ;;
         --apply-reps) APPLY_REPS=$2; shift ;;
@@ -65,7 +69,7 @@ for t in iperf3 nft ip python3 taskset ss; do
 done
 if ((USE_BRDIVERT)); then
     if [[ -z $BRDIVERT ]]; then
-        for c in /work/bench-target/release/brdivert "$REPO/target/release/brdivert"; do
+        for c in ${CARGO_TARGET_DIR:+"$CARGO_TARGET_DIR/release/brdivert"} "$REPO/target/release/brdivert"; do
             [[ -x $c ]] && { BRDIVERT=$c; break; }
         done
         [[ -n $BRDIVERT ]] || BRDIVERT=$(command -v brdivert || true)
@@ -211,7 +215,7 @@ set_config() {
             bd apply -c "$WORK/settings-$1.toml" >"$WORK/last-apply.log" 2>&1 ||
                 die "brdivert apply ($1) failed: $(cat "$WORK/last-apply.log")"
             APPLIED=1
-            inb nft list tables | grep -q 'bridge brdivert' ||
+            [[ $(inb nft list tables) == *"table bridge brdivert"* ]] ||
                 die "after apply ($1) there is no bridge brdivert table"
             ;;
     esac
@@ -261,12 +265,23 @@ for ((r = 1; r <= PAIRS; r++)); do
         cfg=${CONFIGS[$(((k + r - 1) % NCFG))]}   # rotate the order every round
         set_config "$cfg"
         sleep 0.5
-        tcp=$(measure_tcp); sleep 0.3
-        read -r udp udp_app < <(measure_udp); sleep 0.3
-        cps=$(measure_cps)
-        printf '%s %s tcp %s\n%s %s udp %s\n%s %s udp_app %s\n%s %s cps %s\n' \
-            "$r" "$cfg" "$tcp" "$r" "$cfg" "$udp" "$r" "$cfg" "$udp_app" "$r" "$cfg" "$cps" >>"$SAMPLES"
-        log "round $r $cfg: tcp $(printf %.2f "$tcp") Gbit/s, udp $(printf %.0f "$udp") pps at eth0 ($(printf %.0f "$udp_app") read), cps $cps"
+        line="round $r $cfg:"
+        if [[ ,$ONLY, == *,tcp,* ]]; then
+            tcp=$(measure_tcp); sleep 0.3
+            echo "$r $cfg tcp $tcp" >>"$SAMPLES"
+            line+=" tcp $(printf %.2f "$tcp") Gbit/s"
+        fi
+        if [[ ,$ONLY, == *,udp,* ]]; then
+            read -r udp udp_app < <(measure_udp); sleep 0.3
+            printf '%s %s udp %s\n%s %s udp_app %s\n' "$r" "$cfg" "$udp" "$r" "$cfg" "$udp_app" >>"$SAMPLES"
+            line+=" udp $(printf %.0f "$udp") pps at eth0 ($(printf %.0f "$udp_app") read)"
+        fi
+        if [[ ,$ONLY, == *,cps,* ]]; then
+            cps=$(measure_cps)
+            echo "$r $cfg cps $cps" >>"$SAMPLES"
+            line+=" cps $cps"
+        fi
+        log "$line"
     done
 done
 set_config bare
@@ -276,7 +291,7 @@ set_config bare
 
 APPLY="$WORK/apply.tsv"
 NFTSETS=""
-if ((USE_BRDIVERT)); then
+if ((USE_BRDIVERT)) && [[ ,$ONLY, == *,apply,* ]]; then
     : >"$APPLY"
     # The render is taken while the bridge exists, so it carries the real bridge MAC.
     bd render -c "$WORK/settings-vips.toml" >"$WORK/vips.nft" 2>"$WORK/render.err" ||
@@ -338,7 +353,7 @@ fi
 CFGNOTES="bare = kernel bridge, empty ruleset; (a) = one rule 'tcp dport 80 redirect' (traffic under test is not diverted); (b) = one proto-less 'local' rule, 10,000 scattered VIP /32s in dst + 100 except_src (traffic under test misses both sets and is bridged)"
 ((AA)) && CFGNOTES+="; bare2 = a second bare bridge (A/A: the run's own noise)"
 
-export DATE CMDLINE BRDESC CFGNOTES PAIRS SECS NFTSETS BRNF NFT_SUBST=${NFT_SUBST:-}
+export DATE CMDLINE BRDESC CFGNOTES PAIRS SECS ONLY NFTSETS BRNF NFT_SUBST=${NFT_SUBST:-}
 export MACHINE="$(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), kernel $(uname -r)"
 export TOOLS="$(iperf3 --version | head -1 | cut -d' ' -f1-2), $(nft --version), $(ip -V), $(python3 --version)"
 export CONFIGS_JSON=$(printf '%s\n' "${CONFIGS[@]}" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().split()))')
@@ -376,7 +391,7 @@ notes = [
 ]
 meta = {
     "date": e["DATE"], "command": e["CMDLINE"], "machine": e["MACHINE"],
-    "brdivert": e["BRDESC"], "tools": e["TOOLS"], "pairs": e["PAIRS"], "secs": e["SECS"],
+    "brdivert": e["BRDESC"], "tools": e["TOOLS"], "pairs": e["PAIRS"], "secs": e["SECS"], "only": e["ONLY"],
     "configs": json.loads(e["CONFIGS_JSON"]), "config_notes": e["CFGNOTES"],
     "nftsets": e.get("NFTSETS", ""), "notes": notes,
 }
