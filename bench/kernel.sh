@@ -70,7 +70,7 @@ done
 if ((USE_BRDIVERT)); then
     if [[ -z $BRDIVERT ]]; then
         for c in ${CARGO_TARGET_DIR:+"$CARGO_TARGET_DIR/release/brdivert"} "$REPO/target/release/brdivert"; do
-            [[ -x $c ]] && { BRDIVERT=$c; break; }
+            if [[ -x $c ]]; then BRDIVERT=$c; break; fi
         done
         [[ -n $BRDIVERT ]] || BRDIVERT=$(command -v brdivert || true)
     fi
@@ -246,7 +246,7 @@ measure_cps() {
 }
 
 if ((USE_BRDIVERT)); then CONFIGS=(bare one vips); else CONFIGS=(bare); fi
-((AA)) && CONFIGS+=(bare2)
+if ((AA)); then CONFIGS+=(bare2); fi
 NCFG=${#CONFIGS[@]}
 
 # ---------------------------------------------------------------------------------------
@@ -343,7 +343,9 @@ fi
 DATE=$(date +%F)
 if [[ -z $OUT ]]; then
     mkdir -p "$HERE/results"
-    OUT="$HERE/results/kernel-$DATE$( ((QUICK)) && echo -quick).md"
+    suffix=""
+    if ((QUICK)); then suffix=-quick; fi
+    OUT="$HERE/results/kernel-$DATE$suffix.md"
 fi
 if ((USE_BRDIVERT)); then
     BRDESC="$BRDIVERT ($(git -C "$REPO" log -1 --format='%h %s' 2>/dev/null || echo '?'))"
@@ -351,7 +353,7 @@ else
     BRDESC="not used (--no-brdivert)"
 fi
 CFGNOTES="bare = kernel bridge, empty ruleset; (a) = one rule 'tcp dport 80 redirect' (traffic under test is not diverted); (b) = one proto-less 'local' rule, 10,000 scattered VIP /32s in dst + 100 except_src (traffic under test misses both sets and is bridged)"
-((AA)) && CFGNOTES+="; bare2 = a second bare bridge (A/A: the run's own noise)"
+((AA == 0)) || CFGNOTES+="; bare2 = a second bare bridge (A/A: the run's own noise)"
 
 export DATE CMDLINE BRDESC CFGNOTES PAIRS SECS ONLY NFTSETS BRNF NFT_SUBST=${NFT_SUBST:-}
 export MACHINE="$(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), kernel $(uname -r)"
@@ -373,8 +375,9 @@ notes = [
     "interface (its RX counter over iperf3's sending time), i.e. what the bridge forwarded. "
     "The sender, the bridge and the receiver's softirq share CPU 0, so a per-frame cost of "
     "the rules lowers it. The datagrams/s that iperf3 itself read are shown for reference "
-    "only: the one-threaded iperf3 receiver caps them (the rest is dropped at its socket "
-    "buffer, UdpRcvbufErrors), so they barely depend on the bridge.",
+    "only: when the machine is busy the one-threaded iperf3 receiver caps them (the rest is "
+    "dropped at its socket buffer, UdpRcvbufErrors) and they stop depending on the bridge; "
+    "in a quiet run the two figures are nearly equal.",
     "Connections/s: bench/cps.py, one Python client process in a bounded loop (connect, wait "
     "for the server's FIN, close) against a one-process Python accept-and-close server; the "
     "server closes first so TIME_WAIT does not exhaust the client's ports. Python's own cost "
@@ -387,7 +390,9 @@ notes = [
     "not timed in it. Each starts from `nft flush ruleset`.",
     "Noise: on this 2-core VM single runs vary by about +-15%; rounds interleave the "
     "configurations (order rotated) and the ratio is the median of per-round ratios, "
-    "which cancels slow drift but not short bursts. Use --aa for an A/A check.",
+    "which cancels slow drift but not short bursts. Use --aa for an A/A check. The bare "
+    "bridge's 64 B UDP rate is bimodal on a 2-vCPU VM (sender, bridge and receiver softirq "
+    "share CPU 0), so compare UDP ratios with the A/A column and the pooled baselines.",
 ]
 meta = {
     "date": e["DATE"], "command": e["CMDLINE"], "machine": e["MACHINE"],

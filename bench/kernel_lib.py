@@ -169,6 +169,24 @@ def summary(samples_path, apply_path, meta_path, out_path) -> None:
         w("| " + " | ".join(row) + " |")
     w("")
 
+    # With an A/A configuration: ratios of medians against the pooled baseline (bare + bare2),
+    # which is less sensitive to one unlucky bare run than the per-round pairs.
+    if "bare2" in configs:
+        w("Against the pooled baseline (medians; baseline = all bare and A/A runs together):\n")
+        head = ["Metric"] + [f"{CONFIG_LABELS[c]} / pooled" for c in configs]
+        w("| " + " | ".join(head) + " |")
+        w("|" + "---|" * len(head))
+        for metric, label, _ in METRICS:
+            pool = list(data.get((metric, "bare"), {}).values()) + \
+                list(data.get((metric, "bare2"), {}).values())
+            pm = med(pool)
+            if not pool or not pm:
+                continue
+            row = [label] + [f"{med(list(data.get((metric, c), {}).values())) / pm:.3f}"
+                             for c in configs]
+            w("| " + " | ".join(row) + " |")
+        w("")
+
     # Apply times
     ap = {}
     if apply_path and apply_path != "-":
