@@ -439,12 +439,19 @@ fn prefix_set(
     if elems.is_empty() {
         return None;
     }
+    // A list of plain addresses (VIPs) goes in a hash set: a cheaper lookup per frame and a
+    // cheaper load than an interval set (measured in bench/kernel.sh); prefixes need intervals.
+    let interval = elems.iter().any(|e| match e {
+        SetElem::V4(n) => n.prefix_len() < 32,
+        SetElem::V6(n) => n.prefix_len() < 128,
+        _ => true,
+    });
     Some(add_set(
         sets,
         r,
         &format!("{what}{}", family_suffix(f)),
         kind,
-        true,
+        interval,
         elems,
     ))
 }
