@@ -543,41 +543,60 @@ impl Validator<'_> {
         (self.errors.len() == before).then_some(rule)
     }
 
+    /// Every item of a list key parsed with `parse`; an empty list is an error (leaving the key
+    /// out is how to say "any"), and each bad item is reported at its own position.
+    fn list<T, R>(
+        &mut self,
+        file: &RuleFile,
+        list: &Spanned<rules::OneOrMany<T>>,
+        key: &str,
+        parse: impl Fn(&T) -> Result<R, (String, &'static str)>,
+    ) -> Vec<R> {
+        let items = rules::items(list);
+        if items.is_empty() {
+            let what = format!("{key} is an empty list");
+            self.err(
+                file,
+                list.span().start,
+                what,
+                "list values, or leave the key out to match any",
+            );
+        }
+        let mut out = Vec::new();
+        for (at, item) in items {
+            match parse(item) {
+                Ok(v) => out.push(v),
+                Err((what, fix)) => self.err(file, at, what, fix),
+            }
+        }
+        out
+    }
+
     fn from(&mut self, file: &RuleFile, r: &RawDivert) -> Vec<String> {
         let Some(list) = &r.from else {
             return Vec::new();
         };
-        let items = rules::items(list);
-        if items.is_empty() {
-            self.err(
-                file,
-                list.span().start,
-                "from is an empty list".into(),
-                "list ingress ports, or leave `from` out to match every port",
-            );
-        }
-        let mut out = Vec::new();
-        for (at, name) in items {
+        let ports = self.ctx.ports.clone();
+        let mut out = self.list(file, list, "from", |name: &String| {
             if !crate::settings::valid_ifname(name) {
-                let what = format!("{name:?} is not a valid interface name");
-                self.err(
-                    file,
-                    at,
-                    what,
+                return Err((
+                    format!("{name:?} is not a valid interface name"),
                     "use 1-15 characters, no '/', ':' or whitespace",
-                );
-            } else if let Some(ports) = &self.ctx.ports
-                && !ports.contains(name)
-            {
-                let what = format!(
-                    "{name:?} is not a port of the bridge ({})",
-                    ports.join(", ")
-                );
-                self.err(file, at, what, "name one of bridge.ports, or add it there");
-            } else if !out.contains(name) {
-                out.push(name.clone());
+                ));
             }
-        }
+            match &ports {
+                Some(ports) if !ports.contains(name) => Err((
+                    format!(
+                        "{name:?} is not a port of the bridge ({})",
+                        ports.join(", ")
+                    ),
+                    "name one of bridge.ports, or add it there",
+                )),
+                _ => Ok(name.clone()),
+            }
+        });
+        let mut seen = std::collections::HashSet::new();
+        out.retain(|n| seen.insert(n.clone()));
         out
     }
 
@@ -585,25 +604,14 @@ impl Validator<'_> {
         let Some(list) = &r.src_mac else {
             return Vec::new();
         };
-        let items = rules::items(list);
-        if items.is_empty() {
-            self.err(
-                file,
-                list.span().start,
-                "src_mac is an empty list".into(),
-                "list MAC addresses, or leave src_mac out to match any",
-            );
-        }
-        let mut out = Vec::new();
-        for (at, text) in items {
-            match parse_mac(text) {
-                Some(m) => out.push(m),
-                None => {
-                    let what = format!("{text:?} is not a MAC address");
-                    self.err(file, at, what, "write it as 02:00:00:00:00:01");
-                }
-            }
-        }
+        let mut out = self.list(file, list, "src_mac", |text: &String| {
+            parse_mac(text).ok_or_else(|| {
+                (
+                    format!("{text:?} is not a MAC address"),
+                    "write it as 02:00:00:00:00:01",
+                )
+            })
+        });
         out.sort();
         out.dedup();
         out
@@ -613,49 +621,21 @@ impl Validator<'_> {
         let Some(list) = &r.dport else {
             return Vec::new();
         };
-        let items = rules::items(list);
-        if items.is_empty() {
-            self.err(
-                file,
-                list.span().start,
-                "dport is an empty list".into(),
-                "list ports, or leave dport out to match every port",
-            );
-        }
-        let mut out = Vec::new();
-        for (at, v) in items {
-            match parse_port_item(v) {
-                Ok(p) => out.push(p),
-                Err(what) => self.err(file, at, what, "use a port 1-65535 or a range \"LO-HI\""),
-            }
-        }
+        let out = self.list(file, list, "dport", |v: &toml::Value| {
+            parse_port_item(v).map_err(|what| (what, "use a port 1-65535 or a range \"LO-HI\""))
+        });
         merge_ports(out)
     }
 
     fn nets(&mut self, file: &RuleFile, list: &rules::Strings, key: &str) -> Vec<IpNet> {
-        let mut out = Vec::new();
-        let items = rules::items(list);
-        if items.is_empty() {
-            let what = format!("{key} is an empty list");
-            self.err(
-                file,
-                list.span().start,
-                what,
-                "list prefixes, or leave the key out",
-            );
-        }
-        for (at, text) in items {
-            match parse_prefix(text) {
-                Ok(n) => out.push(n),
-                Err(what) => self.err(
-                    file,
-                    at,
+        self.list(file, list, key, |text: &String| {
+            parse_prefix(text).map_err(|what| {
+                (
                     format!("{key}: {what}"),
                     "write an address (10.0.0.1, 2001:db8::1) or a prefix (10.0.0.0/8, ::/0)",
-                ),
-            }
-        }
-        out
+                )
+            })
+        })
     }
 
     fn addr_match(
