@@ -5,6 +5,7 @@
 //! (apply) / `nft::render` (text); `link` sets up the bridge, ports and policy routing;
 //! `probe` says what the running kernel can do; `lab` builds the namespace lab.
 
+pub mod classify;
 pub mod cli;
 pub mod diag;
 pub mod lab;
