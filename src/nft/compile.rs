@@ -747,12 +747,23 @@ mod tests {
                 },
                 Stmt::PkttypeSetHost,
                 Stmt::EtherDaddrSet([2, 0, 0, 0, 0, 0xfe]),
+                Stmt::UpdateMark {
+                    key: five_tuple(IpFamily::V4),
+                    set: "flows4".into()
+                },
                 Stmt::Accept
             ]
         );
         let pre = chain(b, "prerouting");
-        assert_eq!(pre.rules.len(), 1);
-        assert_eq!(pre.rules[0].stmts, vec![Stmt::Jump("rule_web".into())]);
+        // pinned v4, v6, tproxy replies v4, v6, then the rule
+        assert_eq!(pre.rules.len(), 5);
+        assert_eq!(pre.rules[4].stmts, vec![Stmt::Jump("rule_web".into())]);
+        assert_eq!(pre.rules[0].matches, vec![Match::Family(IpFamily::V4)]);
+        assert!(matches!(
+            &pre.rules[0].stmts[0],
+            Stmt::MarkSetMap { set, .. } if set == "flows4"
+        ));
+        assert!(b.sets.iter().filter(|s| s.keep).count() == 5);
         let inet = rs.table(Family::Inet).unwrap();
         let dnat = chain(inet, "dstnat");
         assert_eq!(
@@ -792,12 +803,17 @@ mod tests {
                 Stmt::MarkSet(16),
                 Stmt::PkttypeSetHost,
                 Stmt::EtherDaddrSet([2, 0, 0, 0, 0, 0xfe]),
+                Stmt::UpdateMark {
+                    key: five_tuple(IpFamily::V4),
+                    set: "flows4".into()
+                },
                 Stmt::Accept
             ]
         );
-        // local needs nothing in the local-stack table
+        // local needs nothing in the local-stack table but the generic tproxy socket rule
         let inet = local_stack_table(&p, &target());
-        assert!(inet.chains.iter().all(|c| c.rules.is_empty()));
+        assert!(chain(&inet, "dstnat").rules.is_empty());
+        assert_eq!(chain(&inet, "mangle").rules.len(), 1);
     }
 
     #[test]
@@ -809,38 +825,31 @@ mod tests {
         let rs = compile(&p, &target());
         let b = rs.table(Family::Bridge).unwrap();
         let pre = chain(b, "prerouting");
-        assert_eq!(pre.rules.len(), 2);
-        assert_eq!(
-            pre.rules[1].matches,
-            vec![
-                Match::IifName {
-                    negate: true,
-                    set: "tp_from".into()
-                },
-                Match::Port {
-                    l4: L4::Tcp,
-                    dir: Dir::Src,
-                    negate: false,
-                    set: "tp_dport".into()
-                }
-            ]
-        );
-        let reply = chain(b, "reply_tp");
-        // the exempt client's replies are left alone: matched by destination
-        assert_eq!(
-            reply.rules[0].matches,
-            vec![Match::Addr {
-                family: IpFamily::V4,
-                dir: Dir::Dst,
-                negate: false,
-                set: "tp_except_src4".into()
-            }]
-        );
-        assert_eq!(reply.rules[1].matches, vec![Match::Family(IpFamily::V4)]);
+        // no source-port heuristic any more: replies are found in the replies maps, which only
+        // the divert (after the exemptions) fills, keyed by client . server . proto . port
+        assert_eq!(pre.rules.len(), 5);
+        assert!(matches!(
+            &pre.rules[2].stmts[0],
+            Stmt::MarkSetMap { key, set } if set == "replies4" && key == &peer_rev(IpFamily::V4)
+        ));
+        let c = chain(b, "rule_tp");
+        assert_eq!(c.rules[0].stmts, vec![Stmt::Counter, Stmt::Return]);
+        assert!(c.rules[1].stmts.contains(&Stmt::UpdateMark {
+            key: peer_fwd(IpFamily::V4),
+            set: "replies4".into()
+        }));
+        // the reversed key has the forward key's type
+        assert_eq!(peer_rev(IpFamily::V6).kind(), peer_fwd(IpFamily::V6).kind());
         let inet = rs.table(Family::Inet).unwrap();
         let m = chain(inet, "mangle");
         assert_eq!(m.rules.len(), 2, "socket rule + one v4 tproxy rule");
-        assert!(m.rules[0].matches.contains(&Match::SocketTransparent));
+        assert_eq!(
+            m.rules[0].matches,
+            vec![
+                Match::MarkNonZero { mask: 0x00ff_0000 },
+                Match::SocketTransparent
+            ]
+        );
         assert!(m.rules[1].stmts.contains(&Stmt::Tproxy {
             family: IpFamily::V4,
             addr: Some("127.0.0.1".parse().unwrap()),
@@ -865,7 +874,7 @@ mod tests {
         );
         let pre = chain(&b, "prerouting");
         assert_eq!(
-            pre.rules[1].matches,
+            pre.rules[5].matches,
             vec![
                 Match::EtherSaddr {
                     set: "bad_src_mac".into()
@@ -877,5 +886,50 @@ mod tests {
             chain(&b, "rule_bad").rules[1].stmts,
             vec![Stmt::Counter, Stmt::Drop]
         );
+    }
+
+    #[test]
+    fn health_rule_checks_down_set_before_divert() {
+        for (on, last) in [("bypass", Stmt::Accept), ("drop", Stmt::Drop)] {
+            let p = policy(&format!(
+                "[[divert]]\nname = \"web\"\nproto = \"tcp\"\ndport = 80\ndst = \"10.0.0.0/8\"\n\
+                 action = \"redirect\"\nport = 3129\n\
+                 health = {{ connect = \"127.0.0.1:3129\" }}\non_unhealthy = \"{on}\"\n"
+            ));
+            let b = bridge_table(&p, &target());
+            let c = chain(&b, "rule_web");
+            // tag, down check, divert (v4 only: dst is v4)
+            assert_eq!(c.rules.len(), 3);
+            assert_eq!(c.rules[0].matches, c.rules[2].matches);
+            assert_eq!(
+                c.rules[0].stmts,
+                vec![Stmt::MarkSetMasked {
+                    keep: 0xff00_ffff,
+                    value: 0x0001_0000
+                }]
+            );
+            assert_eq!(
+                c.rules[1].matches,
+                vec![Match::MarkIn {
+                    mask: 0x00ff_0000,
+                    set: "down".into()
+                }]
+            );
+            assert_eq!(c.rules[1].stmts.last(), Some(&last));
+            if on == "bypass" {
+                // the tag is cleared before the frame is bridged
+                assert_eq!(
+                    c.rules[1].stmts[0],
+                    Stmt::MarkSetMasked {
+                        keep: 0xff00_ffff,
+                        value: 0
+                    }
+                );
+            }
+            assert_eq!(
+                health_keys(&p, &target()),
+                vec![("web".to_string(), 0x0001_0000)]
+            );
+        }
     }
 }
