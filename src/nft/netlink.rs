@@ -2,7 +2,9 @@
 //! and applies it as ONE nfnetlink batch in ONE `sendmsg`.
 //!
 //! For each table: `add table` (so it exists), `delete table`, then the table again with its
-//! sets, elements, chains and rules. The kernel commits all of it or none of it, and only
+//! sets, elements, chains and rules. A table with sets marked `keep` (flow pins, health
+//! state) is instead listed first and refilled: flush its rules, delete its chains and its
+//! other sets, add the model's (kept sets that exist stay with their elements). The kernel commits all of it or none of it, and only
 //! brdivert's own tables are touched. Every message asks for an ack, so a refusal is mapped
 //! back to the object that caused it.
 //!
@@ -679,7 +681,7 @@ pub fn lower_rule(family: Family, r: &Rule) -> Result<Vec<RawExpr>, ApplyError> 
 /// The register nft uses for the 4-byte word `w` of a concatenation: the 16-byte register
 /// when the word starts one, else the 4-byte register (the same storage either way).
 fn concat_reg(w: u32) -> u32 {
-    if w % 4 == 0 {
+    if w.is_multiple_of(4) {
         ext::NFT_REG_1 + w / 4
     } else {
         ext::NFT_REG32_00 + w

@@ -12,7 +12,10 @@
 //! - `ether daddr set MAC` prints as `@ll,0,48 set 0xHEX` when the rule matched `vlan id`
 //!   (nft loses the ether header context after the vlan dependency); both forms load;
 //! - `meta l4proto tcp` is folded into a later `tcp …` port match (nft takes it as that
-//!   match's dependency and does not print it);
+//!   match's dependency and does not print it); likewise `meta protocol ip` right before a
+//!   flow-key map lookup/update that starts with `ip …` (the `pinned` rules);
+//! - dynamic maps list as `map NAME { type A . B : mark; size N; flags dynamic,timeout;
+//!   timeout 3h }` (one per line, in that order);
 //! - set elements: sorted as nft sorts them, wrapped 2 per line for ipv4_addr, 5 for
 //!   inet_service, 1 otherwise.
 use std::fmt::Write as _;
@@ -24,10 +27,13 @@ use super::{
 
 /// The ruleset as nft text, as `nft list table` prints each table.
 ///
-/// Loadable with `nft -f` except for two statements nft 1.0.6 cannot parse: `meta broute set
-/// 1` (the key is newer than nft 1.0.6; newer nft prints it this way) and the xtables
-/// compat `NFQUEUE` target (see [`XT_NFQUEUE_TEXT`]; no nft can load `xt` statements).
-/// Both are only emitted when probing chose them.
+/// Loadable with `nft -f` except for three statements nft 1.0.6 cannot load: `meta broute set
+/// 1` (the key is newer than nft 1.0.6; newer nft prints it this way), the xtables
+/// compat `NFQUEUE` target (see [`XT_NFQUEUE_TEXT`]; no nft can load `xt` statements) — both
+/// only emitted when probing chose them — and `update @map { A . B … : meta mark }` (flow
+/// pinning): nft 1.0.6 lists it exactly so but aborts loading it (assertion `dreg <
+/// ctx->reg_low` in netlink_linearize.c for any concatenated key with a data expression).
+/// brdivert applies over netlink, where the kernel takes it.
 pub fn render(rs: &Ruleset) -> String {
     let mut out = String::new();
     for t in &rs.tables {
