@@ -507,24 +507,36 @@ fn reload_keeps_established_flows(dp: &str) {
     lab.write_rules("web", RULES_WEB).expect("rules");
     apply(&lab);
     let path = "/slow/t-reload";
+    let path6 = "/slow/t-reload-6";
     let t = lab
         .start_transfer(Ns::C1, &format!("http://{UP_V4}{path}"), &[])
         .expect("curl");
+    let t6 = lab
+        .start_transfer(Ns::C1, &format!("http://[{UP_V6}]{path6}"), &[])
+        .expect("curl");
     wait_origin_saw(&lab, path);
-    let pins = lab
-        .exec_ok(
-            Ns::Br,
-            &["nft", "list", "map", "bridge", "brdivert", "flows4"],
-        )
-        .expect("nft");
-    assert!(
-        pins.contains(&format!("{C1_V4} . {UP_V4} . tcp .")),
-        "flow not pinned: {pins}"
-    );
+    wait_origin_saw(&lab, path6);
+    for (map, needle) in [
+        ("flows4", format!("{C1_V4} . {UP_V4} . tcp .")),
+        ("flows6", format!("{C1_V6} . {UP_V6} . tcp .")),
+    ] {
+        let pins = lab
+            .exec_ok(Ns::Br, &["nft", "list", "map", "bridge", "brdivert", map])
+            .expect("nft");
+        assert!(pins.contains(&needle), "flow not pinned: {pins}");
+    }
     lab.write_rules("web", RULES_WEB_81).expect("rules");
     apply(&lab);
     check_bridged(&lab, Ns::C1, UP_V4, "/t-after-reload", C1_V4);
+    check_bridged(
+        &lab,
+        Ns::C1,
+        &format!("[{UP_V6}]"),
+        "/t-after-reload-6",
+        C1_V6,
+    );
     check_transfer(&lab, t, path, BR_V4);
+    check_transfer(&lab, t6, path6, BR_V6);
 }
 
 /// Health down (bypass): new flows are bridged, the established diverted flow keeps going

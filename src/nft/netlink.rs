@@ -244,7 +244,9 @@ impl Transaction {
                 format!("delete set {fam} {} {s}", t.name),
             );
         }
-        self.add_table(t)
+        // A kept set that exists is not sent again: its definition (size, timeout) stays as
+        // it was created; changing it needs `flush` (which drops the pins).
+        self.add_table_except(t, &existing.sets)
     }
 
     /// Deletes the table (if any) and creates it again from the model.
@@ -255,6 +257,11 @@ impl Transaction {
 
     /// Creates the table with its sets, elements, chains and rules.
     pub fn add_table(&mut self, t: &Table) -> Result<(), ApplyError> {
+        self.add_table_except(t, &[])
+    }
+
+    /// [`Self::add_table`], leaving out the kept sets named in `existing`.
+    fn add_table_except(&mut self, t: &Table, existing: &[String]) -> Result<(), ApplyError> {
         let fam = t.family.as_str();
         let table = nftnl::Table::new(cname("table", &t.name)?, proto_family(t.family));
         self.push(
@@ -263,6 +270,9 @@ impl Transaction {
             format!("table {fam} {}", t.name),
         );
         for s in &t.sets {
+            if s.keep && existing.contains(&s.name) {
+                continue;
+            }
             cname("set", &s.name)?;
             let id = self.next_set_id;
             self.next_set_id += 1;
