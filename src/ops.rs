@@ -251,3 +251,31 @@ pub fn flush(settings_path: &std::path::Path) -> Result<String, Failure> {
         settings.bridge.name
     ))
 }
+
+/// The `down`-set element of the health-checked rule `name` (its tag as a mark value), for
+/// [`netlink::set_rule_health`].
+pub fn health_key(settings: &Settings, policy: &Policy, name: &str) -> Result<u32, Failure> {
+    let t = target(settings, None);
+    compile::health_keys(policy, &t)
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, k)| k)
+        .ok_or_else(|| {
+            Failure::Runtime(anyhow::anyhow!(
+                "no rule {name:?} with a health check in the policy"
+            ))
+        })
+}
+
+/// Marks the health-checked rule `name` of the policy `settings_path` names up or down in
+/// the kernel (one small transaction; see [`netlink::set_rule_health`]).
+pub fn set_rule_health(
+    settings_path: &std::path::Path,
+    name: &str,
+    up: bool,
+) -> Result<(), Failure> {
+    let (settings, policy) = load(settings_path)?;
+    let key = health_key(&settings, &policy, name)?;
+    netlink::set_rule_health(key, up).map_err(anyhow::Error::from)?;
+    Ok(())
+}

@@ -244,6 +244,28 @@ dst    = ["10.77.0.100/32"]
 action = "local"
 "#;
 
+/// RULES_WEB after a reload that stops diverting tcp/80.
+const RULES_WEB_81: &str = r#"[[divert]]
+name   = "web"
+from   = ["port-c1", "port-c2"]
+proto  = "tcp"
+dport  = [81]
+action = "redirect"
+port   = 3129
+"#;
+
+/// RULES_WEB with a health check of Squid; `{ON}` is the failure policy.
+const RULES_WEB_HEALTH: &str = r#"[[divert]]
+name   = "web"
+from   = ["port-c1", "port-c2"]
+proto  = "tcp"
+dport  = [80]
+action = "redirect"
+port   = 3129
+health = { connect = "127.0.0.1:3129" }
+on_unhealthy = "{ON}"
+"#;
+
 /// Line 5 is bad (unknown action).
 const RULES_BAD: &str = r#"[[divert]]
 name   = "broken"
@@ -444,13 +466,160 @@ fn flush_leaves_no_trace(dp: &str) {
     }
 }
 
+/// The origin logged the request (it was sent before the body): bounded wait.
+fn wait_origin_saw(lab: &Lab, path: &str) {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while lab.origin_saw(path).is_empty() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the origin never saw {path}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A long transfer finished whole, through Squid, and the origin saw `peer`.
+fn check_transfer(lab: &Lab, t: brdivert::lab::Transfer, path: &str, peer: &str) {
+    let r = t.finish().unwrap_or_else(|e| {
+        panic!(
+            "{e:#}\nruleset:\n{}\nSquid cache.log:\n{}",
+            nft_ruleset(lab),
+            lab.squid_cache_log()
+        )
+    });
+    assert_eq!(r.status, 200, "{path}: {:?}", r.headers);
+    assert!(
+        r.header("Via").unwrap_or_default().contains("brdivert-lab"),
+        "{path}: not through Squid: {:?}",
+        r.headers
+    );
+    assert_eq!(r.body.len(), 30 * 1000, "{path}: short body");
+    let seen: Vec<String> = lab.origin_saw(path).into_iter().map(|h| h.peer).collect();
+    assert_eq!(seen, [peer], "{path}");
+}
+
+/// A reload that stops diverting a port keeps the established diverted flow (pinned) on its
+/// path through Squid while a new connection to that port is bridged.
+fn reload_keeps_established_flows(dp: &str) {
+    let Some(lab) = lab(dp, Proxy::Squid) else {
+        return;
+    };
+    lab.write_rules("web", RULES_WEB).expect("rules");
+    apply(&lab);
+    let path = "/slow/t-reload";
+    let path6 = "/slow/t-reload-6";
+    let t = lab
+        .start_transfer(Ns::C1, &format!("http://{UP_V4}{path}"), &[])
+        .expect("curl");
+    let t6 = lab
+        .start_transfer(Ns::C1, &format!("http://[{UP_V6}]{path6}"), &[])
+        .expect("curl");
+    wait_origin_saw(&lab, path);
+    wait_origin_saw(&lab, path6);
+    for (map, needle) in [
+        ("flows4", format!("{C1_V4} . {UP_V4} . tcp .")),
+        ("flows6", format!("{C1_V6} . {UP_V6} . tcp .")),
+    ] {
+        let pins = lab
+            .exec_ok(Ns::Br, &["nft", "list", "map", "bridge", "brdivert", map])
+            .expect("nft");
+        assert!(pins.contains(&needle), "flow not pinned: {pins}");
+    }
+    lab.write_rules("web", RULES_WEB_81).expect("rules");
+    apply(&lab);
+    check_bridged(&lab, Ns::C1, UP_V4, "/t-after-reload", C1_V4);
+    check_bridged(
+        &lab,
+        Ns::C1,
+        &format!("[{UP_V6}]"),
+        "/t-after-reload-6",
+        C1_V6,
+    );
+    check_transfer(&lab, t, path, BR_V4);
+    check_transfer(&lab, t6, path6, BR_V6);
+}
+
+/// Health down (bypass): new flows are bridged, the established diverted flow keeps going
+/// through Squid; up again: new flows are diverted again.
+fn health_flip_bypass(dp: &str) {
+    let Some(lab) = lab(dp, Proxy::Squid) else {
+        return;
+    };
+    lab.write_rules("web", &RULES_WEB_HEALTH.replace("{ON}", "bypass"))
+        .expect("rules");
+    apply(&lab);
+    check_intercepted(&lab, Ns::C1, UP_V4, "/t-health-up", BR_V4);
+    let path = "/slow/t-health-established";
+    let t = lab
+        .start_transfer(Ns::C1, &format!("http://{UP_V4}{path}"), &[])
+        .expect("curl");
+    wait_origin_saw(&lab, path);
+    lab.set_rule_health("web", false).expect("down");
+    check_bridged(&lab, Ns::C1, UP_V4, "/t-health-down", C1_V4);
+    lab.set_rule_health("web", true).expect("up");
+    check_intercepted(&lab, Ns::C1, UP_V4, "/t-health-up-again", BR_V4);
+    check_transfer(&lab, t, path, BR_V4);
+}
+
+/// Health down (drop): new flows are refused; up again: diverted.
+fn health_flip_drop(dp: &str) {
+    let Some(lab) = lab(dp, Proxy::Squid) else {
+        return;
+    };
+    lab.write_rules("web", &RULES_WEB_HEALTH.replace("{ON}", "drop"))
+        .expect("rules");
+    apply(&lab);
+    let to: SocketAddr = format!("{UP_V4}:80").parse().expect("address");
+    lab.set_rule_health("web", false).expect("down");
+    assert!(
+        !lab.tcp_connects(Ns::C1, to).expect("connect"),
+        "a new flow got through a rule that is down with on_unhealthy = drop"
+    );
+    lab.set_rule_health("web", true).expect("up");
+    check_intercepted(&lab, Ns::C1, UP_V4, "/t-health-drop-up", BR_V4);
+}
+
+/// TPROXY replies are found by the diverted client's address (not by source port): while a
+/// tproxied transfer runs from c1, the exempt c2 using the same source port is bridged both
+/// ways.
+fn tproxy_reply_only_diverted_clients(dp: &str) {
+    let Some(lab) = lab(dp, Proxy::Squid) else {
+        return;
+    };
+    lab.write_rules("tp", RULES_TPROXY).expect("rules");
+    apply(&lab);
+    let path = "/slow/t-tproxy-long";
+    let t = lab
+        .start_transfer(
+            Ns::C1,
+            &format!("http://{UP_V4}:8080{path}"),
+            &["--local-port", "40123"],
+        )
+        .expect("curl");
+    wait_origin_saw(&lab, path);
+    let p2 = "/t-tproxy-same-port";
+    let r = lab
+        .curl_with(
+            Ns::C2,
+            &format!("http://{UP_V4}:8080{p2}"),
+            &["--local-port", "40123"],
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\nruleset:\n{}", nft_ruleset(&lab)));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("Via"), None, "exempt client proxied: {r:?}");
+    let seen: Vec<String> = lab.origin_saw(p2).into_iter().map(|h| h.peer).collect();
+    assert_eq!(seen, [C2_V4]);
+    check_transfer(&lab, t, path, C1_V4);
+}
+
 /// One `#[test]` per check for a datapath: `datapath_suite!(kernel)` makes `kernel::…`.
 macro_rules! datapath_suite {
     ($dp:ident) => {
         mod $dp {
             datapath_suite!(@tests $dp: intercept_tcp80, other_port_bridged, except_src_bypasses,
                 intercept_ipv6, tproxy_squid, local_vip, arp_icmp_udp_bridged, apply_idempotent,
-                bad_rules_refused, flush_leaves_no_trace);
+                bad_rules_refused, flush_leaves_no_trace, reload_keeps_established_flows,
+                health_flip_bypass, health_flip_drop, tproxy_reply_only_diverted_clients);
         }
     };
     (@tests $dp:ident: $($name:ident),* $(,)?) => {

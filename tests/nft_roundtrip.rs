@@ -28,6 +28,8 @@ fn set(name: &str, kind: SetKind, interval: bool, elements: Vec<SetElem>) -> Set
         kind,
         interval,
         elements,
+        dynamic: None,
+        keep: false,
     }
 }
 fn rule(matches: Vec<Match>, stmts: Vec<Stmt>, comment: Option<&str>) -> Rule {
@@ -775,4 +777,122 @@ fn compiled_examples_roundtrip() {
     );
     apply_in(&ns, &rs).expect("apply");
     assert_roundtrip(&ns, &rs);
+}
+
+fn compiled(rules: &str) -> Ruleset {
+    use brdivert::nft::compile::{Target, compile};
+    use brdivert::policy::{Context, Policy};
+    let f = brdivert::rules::parse(std::path::Path::new("r.toml"), rules.into()).expect("parse");
+    let ctx = Context {
+        ports: None,
+        mark_mask: 0x00ff_0000,
+    };
+    let policy = Policy::build(&[f], &ctx).expect("validate");
+    compile(
+        &policy,
+        &Target {
+            bridge_mac: MAC,
+            mark_mask: 0x00ff_0000,
+        },
+    )
+}
+
+const HEALTH_RULES: &str = "[[divert]]\nname = \"web\"\nproto = \"tcp\"\ndport = 80\n\
+    action = \"redirect\"\nport = 3129\n\
+    health = { connect = \"127.0.0.1:3129\" }\non_unhealthy = \"drop\"\n\
+    [[divert]]\nname = \"tp\"\nproto = \"tcp\"\ndport = 8080\ndst = \"192.0.2.0/24\"\n\
+    action = \"tproxy\"\naddress = \"127.0.0.1\"\nport = 3130\n\
+    health = { connect = \"127.0.0.1:3130\" }\n";
+
+/// The flow-pinning and health forms (dynamic concatenated maps, map lookups setting the mark,
+/// `update` with the mark as data, `meta mark & M == @set`, `!= 0`) list back as rendered,
+/// and a static `mark` set with elements too.
+#[test]
+fn flow_and_health_forms_roundtrip() {
+    let Some(ns) = netns_or_skip("flow_and_health_forms_roundtrip") else {
+        return;
+    };
+    let mut rs = compiled(HEALTH_RULES);
+    rs.tables[0].sets.push(set(
+        "marks",
+        SetKind::Mark,
+        false,
+        vec![SetElem::Mark(0x0001_0000), SetElem::Mark(0x0002_0000)],
+    ));
+    apply_in(&ns, &rs).expect("apply");
+    assert_roundtrip(&ns, &rs);
+}
+
+/// Pinned flows and health state survive `apply` (the maps and `down` are kept with their
+/// elements while every chain and other set is replaced); `delete_tables` removes them.
+#[test]
+fn pin_and_health_state_survive_apply() {
+    use brdivert::nft::netlink::set_rule_health;
+    let Some(ns) = netns_or_skip("pin_and_health_state_survive_apply") else {
+        return;
+    };
+    let rs = compiled(HEALTH_RULES);
+    apply_in(&ns, &rs).expect("apply 1");
+    let (ok, _, err) = ns.nft(&[
+        "add",
+        "element",
+        "bridge",
+        "brdivert",
+        "flows4",
+        "{ 10.0.0.1 . 10.0.0.2 . tcp . 1234 . 80 : 0x00010000 }",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = ns.nft(&[
+        "add",
+        "element",
+        "bridge",
+        "brdivert",
+        "flows6",
+        "{ 2001:db8::1 . 2001:db8::2 . udp . 5 . 53 : 0x00020000 }",
+    ]);
+    assert!(ok, "{err}");
+    // health flips: idempotent both ways
+    ns.run(|| set_rule_health(0x0001_0000, false))
+        .expect("down");
+    ns.run(|| set_rule_health(0x0001_0000, false))
+        .expect("down again");
+    ns.run(|| set_rule_health(0x0002_0000, true))
+        .expect("up while up");
+    let down = ns.list("bridge", TABLE_NAME);
+    assert!(down.contains("elements = { 0x00010000 }"), "{down}");
+
+    // a different policy: the "tp" rule is gone, "web" changed
+    let rs2 = compiled(
+        "[[divert]]\nname = \"web\"\nproto = \"tcp\"\ndport = 81\naction = \"redirect\"\nport = 3129\n",
+    );
+    apply_in(&ns, &rs2).expect("apply 2");
+    let now = ns.list("bridge", TABLE_NAME);
+    assert!(!now.contains("rule_tp"), "{now}");
+    assert!(!now.contains("tp_dport"), "{now}");
+    assert!(now.contains("tcp dport @web_dport jump rule_web"), "{now}");
+    assert!(
+        now.contains("10.0.0.1 . 10.0.0.2 . tcp . 1234 . 80 expires"),
+        "pin lost: {now}"
+    );
+    assert!(
+        now.contains("2001:db8::1 . 2001:db8::2 . udp . 5 . 53 expires"),
+        "{now}"
+    );
+    assert!(
+        now.contains("elements = { 0x00010000 }"),
+        "health lost: {now}"
+    );
+    // and the same policy again (existing kept sets, one transaction)
+    apply_in(&ns, &rs2).expect("apply 3");
+    ns.run(|| set_rule_health(0x0001_0000, true)).expect("up");
+    let now = ns.list("bridge", TABLE_NAME);
+    assert!(now.contains("set down {\n\t\ttype mark\n\t}"), "{now}");
+    assert!(
+        now.contains("10.0.0.1 . 10.0.0.2 . tcp . 1234 . 80"),
+        "{now}"
+    );
+
+    ns.run(|| netlink::delete_tables(&[Family::Bridge, Family::Inet], TABLE_NAME))
+        .expect("flush");
+    assert!(!ns.ruleset().contains("brdivert"));
 }

@@ -134,6 +134,32 @@ pub struct Lab {
     keep: bool,
 }
 
+/// A background `curl` started by [`Lab::start_transfer`].
+pub struct Transfer {
+    child: Child,
+    url: String,
+}
+
+impl Transfer {
+    /// Waits for curl (bounded by its own `-m`) and returns the answer; an error if curl
+    /// failed (reset, timeout, short body).
+    pub fn finish(self) -> Result<HttpReply> {
+        let out = self
+            .child
+            .wait_with_output()
+            .with_context(|| format!("waiting for curl {}", self.url))?;
+        if !out.status.success() {
+            bail!(
+                "curl {} failed ({}): {}",
+                self.url,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        parse_http_reply(&out.stdout)
+    }
+}
+
 /// One HTTP answer as curl saw it.
 #[derive(Debug, Clone)]
 pub struct HttpReply {
@@ -757,6 +783,44 @@ impl Lab {
             let (n, _) = s.recv_from(&mut buf)?;
             buf.truncate(n);
             Ok(buf)
+        })
+    }
+
+    /// Starts `curl` (at most 10 s) in the background: a long transfer to check later with
+    /// [`Transfer::finish`].
+    pub fn start_transfer(&self, ns: Ns, url: &str, extra: &[&str]) -> Result<Transfer> {
+        let mut args = vec![
+            "curl",
+            "-sS",
+            "-i",
+            "--connect-timeout",
+            "3",
+            "-m",
+            "10",
+            "-g",
+        ];
+        args.extend_from_slice(extra);
+        args.push(url);
+        let child = self
+            .command(ns, &args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting curl {url}"))?;
+        Ok(Transfer {
+            child,
+            url: url.into(),
+        })
+    }
+
+    /// Marks the health-checked rule `name` of the lab's policy down or up in the bridge
+    /// namespace's kernel, as the daemon's health checker does.
+    pub fn set_rule_health(&self, name: &str, up: bool) -> Result<()> {
+        let (settings, policy) =
+            crate::ops::load(&self.settings_path()).map_err(|e| anyhow!("{e:?}"))?;
+        let key = crate::ops::health_key(&settings, &policy, name).map_err(|e| anyhow!("{e:?}"))?;
+        in_netns(&self.ns(Ns::Br), move || {
+            crate::nft::netlink::set_rule_health(key, up).map_err(io::Error::other)
         })
     }
 

@@ -1,5 +1,6 @@
 """brdivert lab origin: HTTP servers that answer with the peer they see and echo the
-request headers, plus a UDP echo. Every HTTP request is also appended to a log file as one
+request headers, plus a UDP echo. Paths under /slow/ answer with SLOW_CHUNKS chunks of
+SLOW_CHUNK bytes, one every SLOW_GAP seconds (a long-running transfer). Every HTTP request is also appended to a log file as one
 JSON line, so the lab can ask what the origin saw.
 
 usage: origin.py NAME LOGFILE BIND --http PORT [--http PORT ...] [--udp PORT ...]
@@ -8,10 +9,12 @@ import json
 import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 NAME, LOG, BIND = sys.argv[1], sys.argv[2], sys.argv[3]
 LOCK = threading.Lock()
+SLOW_CHUNKS, SLOW_CHUNK, SLOW_GAP = 30, 1000, 0.1
 
 
 def peer(addr):
@@ -38,6 +41,18 @@ class Handler(BaseHTTPRequestHandler):
         with LOCK:
             with open(LOG, "a") as f:
                 f.write(json.dumps(seen, sort_keys=True) + "\n")
+        if self.path.startswith("/slow/"):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(SLOW_CHUNKS * SLOW_CHUNK))
+            self.send_header("X-Lab-Server", NAME)
+            self.send_header("X-Lab-Peer", seen["peer"])
+            self.end_headers()
+            for i in range(SLOW_CHUNKS):
+                self.wfile.write(bytes([ord("a") + i % 26]) * SLOW_CHUNK)
+                self.wfile.flush()
+                time.sleep(SLOW_GAP)
+            return
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))

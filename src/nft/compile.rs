@@ -25,10 +25,10 @@
 use std::net::IpAddr;
 
 use super::{
-    BaseChain, Chain, ChainType, Dir, Family, Hook, IpFamily, L4, Match, Rule, Ruleset, Set,
-    SetElem, SetKind, Stmt, TABLE_NAME, Table,
+    BaseChain, Chain, ChainType, Dir, Dynamic, Family, FlowKey, Hook, IpFamily, KeyField, L4,
+    Match, Rule, Ruleset, Set, SetElem, SetKind, Stmt, TABLE_NAME, Table,
 };
-use crate::policy::{self, Action, DivertRule, Policy, Prefixes, Proto};
+use crate::policy::{self, Action, DivertRule, OnUnhealthy, Policy, Prefixes, Proto};
 
 /// What compiling needs beyond the policy: facts about this bridge and kernel.
 #[derive(Debug, Clone)]
@@ -73,15 +73,179 @@ pub fn compile(policy: &Policy, target: &Target) -> Ruleset {
     }
 }
 
-/// `bridge brdivert`: exemptions, then diverts, per rule, at bridge prerouting.
+/// How long a pinned flow stays pinned without a packet (seconds). Long enough for idle TCP
+/// connections that use the default keepalive (first probe after 2 h idle) to stay pinned;
+/// an expired pin only matters if a reload changed that flow's rule meanwhile (while the rules
+/// are unchanged the next packet pins the flow again).
+pub const PIN_TIMEOUT_S: u64 = 3 * 3600;
+/// The most flows pinned per map (per IP family, per direction map). Beyond it new flows are
+/// still diverted, just not pinned.
+pub const PIN_MAP_SIZE: u32 = 262_144;
+
+/// Names of the sets that hold run-time state and survive `apply` (see [`Set::keep`]).
+pub fn flows_map(f: IpFamily) -> &'static str {
+    match f {
+        IpFamily::V4 => "flows4",
+        IpFamily::V6 => "flows6",
+    }
+}
+
+/// The TPROXY reply-path map of family `f`.
+pub fn replies_map(f: IpFamily) -> &'static str {
+    match f {
+        IpFamily::V4 => "replies4",
+        IpFamily::V6 => "replies6",
+    }
+}
+
+pub use super::netlink::HEALTH_DOWN_SET;
+
+/// The forward 5-tuple as the packet at hand sees it.
+pub fn five_tuple(family: IpFamily) -> FlowKey {
+    FlowKey {
+        family,
+        fields: vec![
+            KeyField::Saddr,
+            KeyField::Daddr,
+            KeyField::L4Proto,
+            KeyField::Sport,
+            KeyField::Dport,
+        ],
+    }
+}
+
+/// client . server . proto . server port, from a client's packet.
+fn peer_fwd(family: IpFamily) -> FlowKey {
+    FlowKey {
+        family,
+        fields: vec![
+            KeyField::Saddr,
+            KeyField::Daddr,
+            KeyField::L4Proto,
+            KeyField::Dport,
+        ],
+    }
+}
+
+/// The same key read from a server's reply.
+fn peer_rev(family: IpFamily) -> FlowKey {
+    FlowKey {
+        family,
+        fields: vec![
+            KeyField::Daddr,
+            KeyField::Saddr,
+            KeyField::L4Proto,
+            KeyField::Sport,
+        ],
+    }
+}
+
+/// The element of the `down` set that marks `r` unhealthy (its tag as a mark value): what
+/// [`super::netlink::set_rule_health`] takes.
+pub fn health_key(target: &Target, r: &DivertRule) -> u32 {
+    target.tag_mark(r.tag)
+}
+
+/// Every health-checked rule of the policy: (name, `down` element).
+pub fn health_keys(policy: &Policy, target: &Target) -> Vec<(String, u32)> {
+    policy
+        .rules
+        .iter()
+        .filter(|r| r.health.is_some())
+        .map(|r| (r.name.clone(), health_key(target, r)))
+        .collect()
+}
+
+fn state_sets() -> Vec<Set> {
+    let mut v = Vec::new();
+    for f in [IpFamily::V4, IpFamily::V6] {
+        for (name, key) in [(flows_map(f), five_tuple(f)), (replies_map(f), peer_fwd(f))] {
+            v.push(Set {
+                name: name.into(),
+                kind: key.kind(),
+                interval: false,
+                elements: Vec::new(),
+                dynamic: Some(Dynamic {
+                    map: true,
+                    size: PIN_MAP_SIZE,
+                    timeout_s: PIN_TIMEOUT_S,
+                }),
+                keep: true,
+            });
+        }
+    }
+    v.push(Set {
+        name: HEALTH_DOWN_SET.into(),
+        kind: SetKind::Mark,
+        interval: false,
+        elements: Vec::new(),
+        dynamic: None,
+        keep: true,
+    });
+    v
+}
+
+/// The frame diverter's move, after the mark is set.
+fn divert_move(target: &Target) -> [Stmt; 2] {
+    [Stmt::PkttypeSetHost, Stmt::EtherDaddrSet(target.bridge_mac)]
+}
+
+/// `bridge brdivert`: pinned flows first, then exemptions, then diverts, per rule, at bridge
+/// prerouting.
 pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
     let mut t = Table {
         family: Family::Bridge,
         name: TABLE_NAME.into(),
-        sets: Vec::new(),
+        sets: state_sets(),
         chains: Vec::new(),
     };
     let mut prerouting = Vec::new();
+    // Pinned flows keep the path (mark) they were diverted with, whatever the rules say now;
+    // every packet refreshes its pin.
+    for f in [IpFamily::V4, IpFamily::V6] {
+        let mut stmts = vec![
+            Stmt::MarkSetMap {
+                key: five_tuple(f),
+                set: flows_map(f).into(),
+            },
+            Stmt::UpdateMark {
+                key: five_tuple(f),
+                set: flows_map(f).into(),
+            },
+            Stmt::Counter,
+        ];
+        stmts.extend(divert_move(target));
+        stmts.push(Stmt::Accept);
+        prerouting.push(Rule {
+            matches: vec![Match::Family(f)],
+            stmts,
+            comment: Some("pinned".into()),
+        });
+    }
+    // TPROXY return path: the origin answers the proxy's spoofed connection (client address,
+    // the proxy's own source port), so the bridge would deliver the reply to the client.
+    // Replies from a server to a client whose flows to that server port a tproxy rule
+    // diverted go to the local stack, where the proxy's transparent socket takes them.
+    for f in [IpFamily::V4, IpFamily::V6] {
+        let mut stmts = vec![
+            Stmt::MarkSetMap {
+                key: peer_rev(f),
+                set: replies_map(f).into(),
+            },
+            Stmt::UpdateMark {
+                key: peer_rev(f),
+                set: replies_map(f).into(),
+            },
+            Stmt::Counter,
+        ];
+        stmts.extend(divert_move(target));
+        stmts.push(Stmt::Accept);
+        prerouting.push(Rule {
+            matches: vec![Match::Family(f)],
+            stmts,
+            comment: Some("tproxy reply".into()),
+        });
+    }
     let mut rule_chains = Vec::new();
     for r in &policy.rules {
         let l4 = r.proto.map(l4_of);
@@ -120,7 +284,6 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
             comment: Some(r.name.clone()),
         });
 
-        let verdict = action_stmts(r, target);
         let mut chain = Vec::new();
         for f in r.families() {
             let fam = ip_family(f);
@@ -142,9 +305,13 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
                 .dst
                 .restricts(f)
                 .and_then(|p| prefix_set(&mut t.sets, r, "dst", p, f));
+            let matches = addr_matches(fam, &src, &dst);
+            if r.health.is_some() && r.action.diverts() {
+                chain.extend(health_rules(r, target, &matches));
+            }
             chain.push(Rule {
-                matches: addr_matches(fam, &src, &dst),
-                stmts: verdict.clone(),
+                matches,
+                stmts: action_stmts(r, target, fam),
                 comment: Some(r.name.clone()),
             });
         }
@@ -153,51 +320,6 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
             base: None,
             rules: chain,
         });
-
-        // TPROXY return path: the origin's replies go to the client's address, so the bridge
-        // would deliver them to the client; divert them to the proxy's spoofed socket instead.
-        if let Action::Tproxy { .. } = r.action {
-            let mut head = Vec::new();
-            if !r.from.is_empty() {
-                head.push(Match::IifName {
-                    negate: true,
-                    set: set_name(r, "from"),
-                });
-            }
-            head.extend(l4_match(l4, Dir::Src, &dport_set));
-            prerouting.push(Rule {
-                matches: head,
-                stmts: vec![Stmt::Jump(reply_chain_name(r))],
-                comment: Some(format!("{}: reply", r.name)),
-            });
-            let mut chain = Vec::new();
-            for f in r.families() {
-                let fam = ip_family(f);
-                // The same exemptions, seen from the reply's side.
-                let xsrc = existing_prefix_set(&t.sets, r, "except_src", f);
-                let xdst = existing_prefix_set(&t.sets, r, "except_dst", f);
-                for (set, dir, what) in [
-                    (xsrc, Dir::Dst, "except_src"),
-                    (xdst, Dir::Src, "except_dst"),
-                ] {
-                    if let Some(set) = set {
-                        chain.push(exempt_rule(r, fam, dir, set, what));
-                    }
-                }
-                let src = existing_prefix_set(&t.sets, r, "dst", f);
-                let dst = existing_prefix_set(&t.sets, r, "src", f);
-                chain.push(Rule {
-                    matches: addr_matches(fam, &src, &dst),
-                    stmts: verdict.clone(),
-                    comment: Some(format!("{}: reply", r.name)),
-                });
-            }
-            rule_chains.push(Chain {
-                name: reply_chain_name(r),
-                base: None,
-                rules: chain,
-            });
-        }
     }
     t.chains.push(Chain {
         name: "prerouting".into(),
@@ -210,6 +332,41 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
     });
     t.chains.extend(rule_chains);
     t
+}
+
+/// A health-checked rule, before its divert: tag what it would divert, and while the tag is in
+/// the `down` set, bypass (clear the tag, bridge) or drop it. One set element flips it.
+fn health_rules(r: &DivertRule, target: &Target, matches: &[Match]) -> [Rule; 2] {
+    let tag = Stmt::MarkSetMasked {
+        keep: !target.mark_mask,
+        value: target.tag_mark(r.tag),
+    };
+    let down = match r.on_unhealthy {
+        OnUnhealthy::Bypass => vec![
+            Stmt::MarkSetMasked {
+                keep: !target.mark_mask,
+                value: 0,
+            },
+            Stmt::Counter,
+            Stmt::Accept,
+        ],
+        OnUnhealthy::Drop => vec![Stmt::Counter, Stmt::Drop],
+    };
+    [
+        Rule {
+            matches: matches.to_vec(),
+            stmts: vec![tag],
+            comment: Some(format!("{}: health", r.name)),
+        },
+        Rule {
+            matches: vec![Match::MarkIn {
+                mask: target.mark_mask,
+                set: HEALTH_DOWN_SET.into(),
+            }],
+            stmts: down,
+            comment: Some(format!("{}: down", r.name)),
+        },
+    ]
 }
 
 /// `inet brdivert`: REDIRECT and TPROXY for packets carrying a rule's tag. Also what the
@@ -227,6 +384,18 @@ pub fn local_stack_table(policy: &Policy, target: &Target) -> Table {
         keep: !target.mark_mask,
         value: target.tproxy_mark(),
     };
+    // Packets of flows a TPROXY socket already holds (and the origin's replies to them) go to
+    // that socket — for any tag, so flows pinned by a rule a reload removed keep working.
+    mangle.push(Rule {
+        matches: vec![
+            Match::MarkNonZero {
+                mask: target.mark_mask,
+            },
+            Match::SocketTransparent,
+        ],
+        stmts: vec![to_tproxy_mark.clone(), Stmt::Counter, Stmt::Accept],
+        comment: Some("tproxy: established".into()),
+    });
     for r in &policy.rules {
         let tagged = Match::Mark {
             mask: target.mark_mask,
@@ -263,13 +432,6 @@ pub fn local_stack_table(policy: &Policy, target: &Target) -> Table {
                         true,
                         port_elems(r),
                     )
-                });
-                // Packets of flows the proxy already holds (and the origin's replies to them)
-                // go to the proxy's socket.
-                mangle.push(Rule {
-                    matches: vec![tagged.clone(), Match::SocketTransparent],
-                    stmts: vec![to_tproxy_mark.clone(), Stmt::Counter, Stmt::Accept],
-                    comment: Some(format!("{}: established", r.name)),
                 });
                 for f in r.families() {
                     let family = ip_family(f);
@@ -311,8 +473,9 @@ pub fn local_stack_table(policy: &Policy, target: &Target) -> Table {
     t
 }
 
-/// What the bridge does with a frame the rule's main match takes.
-fn action_stmts(r: &DivertRule, target: &Target) -> Vec<Stmt> {
+/// What the bridge does with a frame the rule's main match takes. A divert also pins the flow
+/// (and, for tproxy, the way back from the server).
+fn action_stmts(r: &DivertRule, target: &Target, family: IpFamily) -> Vec<Stmt> {
     let mut s = vec![Stmt::Counter];
     match r.action {
         Action::Pass => s.push(Stmt::Accept),
@@ -325,8 +488,17 @@ fn action_stmts(r: &DivertRule, target: &Target) -> Vec<Stmt> {
                     value: target.tag_mark(r.tag),
                 }),
             }
-            s.push(Stmt::PkttypeSetHost);
-            s.push(Stmt::EtherDaddrSet(target.bridge_mac));
+            s.extend(divert_move(target));
+            s.push(Stmt::UpdateMark {
+                key: five_tuple(family),
+                set: flows_map(family).into(),
+            });
+            if let Action::Tproxy { .. } = r.action {
+                s.push(Stmt::UpdateMark {
+                    key: peer_fwd(family),
+                    set: replies_map(family).into(),
+                });
+            }
             s.push(Stmt::Accept);
         }
     }
@@ -383,10 +555,6 @@ pub fn chain_name(r: &DivertRule) -> String {
     format!("rule_{}", r.name)
 }
 
-fn reply_chain_name(r: &DivertRule) -> String {
-    format!("reply_{}", r.name)
-}
-
 fn set_name(r: &DivertRule, what: &str) -> String {
     format!("{}_{what}", r.name)
 }
@@ -413,6 +581,8 @@ fn add_set(
             kind,
             interval,
             elements,
+            dynamic: None,
+            keep: false,
         });
     }
     name
@@ -454,16 +624,6 @@ fn prefix_set(
         interval,
         elems,
     ))
-}
-
-fn existing_prefix_set(
-    sets: &[Set],
-    r: &DivertRule,
-    what: &str,
-    f: policy::Family,
-) -> Option<String> {
-    let name = set_name(r, &format!("{what}{}", family_suffix(f)));
-    sets.iter().any(|s| s.name == name).then_some(name)
 }
 
 fn ifname_elems(names: &[String]) -> Vec<SetElem> {
@@ -587,12 +747,23 @@ mod tests {
                 },
                 Stmt::PkttypeSetHost,
                 Stmt::EtherDaddrSet([2, 0, 0, 0, 0, 0xfe]),
+                Stmt::UpdateMark {
+                    key: five_tuple(IpFamily::V4),
+                    set: "flows4".into()
+                },
                 Stmt::Accept
             ]
         );
         let pre = chain(b, "prerouting");
-        assert_eq!(pre.rules.len(), 1);
-        assert_eq!(pre.rules[0].stmts, vec![Stmt::Jump("rule_web".into())]);
+        // pinned v4, v6, tproxy replies v4, v6, then the rule
+        assert_eq!(pre.rules.len(), 5);
+        assert_eq!(pre.rules[4].stmts, vec![Stmt::Jump("rule_web".into())]);
+        assert_eq!(pre.rules[0].matches, vec![Match::Family(IpFamily::V4)]);
+        assert!(matches!(
+            &pre.rules[0].stmts[0],
+            Stmt::MarkSetMap { set, .. } if set == "flows4"
+        ));
+        assert!(b.sets.iter().filter(|s| s.keep).count() == 5);
         let inet = rs.table(Family::Inet).unwrap();
         let dnat = chain(inet, "dstnat");
         assert_eq!(
@@ -632,12 +803,17 @@ mod tests {
                 Stmt::MarkSet(16),
                 Stmt::PkttypeSetHost,
                 Stmt::EtherDaddrSet([2, 0, 0, 0, 0, 0xfe]),
+                Stmt::UpdateMark {
+                    key: five_tuple(IpFamily::V4),
+                    set: "flows4".into()
+                },
                 Stmt::Accept
             ]
         );
-        // local needs nothing in the local-stack table
+        // local needs nothing in the local-stack table but the generic tproxy socket rule
         let inet = local_stack_table(&p, &target());
-        assert!(inet.chains.iter().all(|c| c.rules.is_empty()));
+        assert!(chain(&inet, "dstnat").rules.is_empty());
+        assert_eq!(chain(&inet, "mangle").rules.len(), 1);
     }
 
     #[test]
@@ -649,38 +825,31 @@ mod tests {
         let rs = compile(&p, &target());
         let b = rs.table(Family::Bridge).unwrap();
         let pre = chain(b, "prerouting");
-        assert_eq!(pre.rules.len(), 2);
-        assert_eq!(
-            pre.rules[1].matches,
-            vec![
-                Match::IifName {
-                    negate: true,
-                    set: "tp_from".into()
-                },
-                Match::Port {
-                    l4: L4::Tcp,
-                    dir: Dir::Src,
-                    negate: false,
-                    set: "tp_dport".into()
-                }
-            ]
-        );
-        let reply = chain(b, "reply_tp");
-        // the exempt client's replies are left alone: matched by destination
-        assert_eq!(
-            reply.rules[0].matches,
-            vec![Match::Addr {
-                family: IpFamily::V4,
-                dir: Dir::Dst,
-                negate: false,
-                set: "tp_except_src4".into()
-            }]
-        );
-        assert_eq!(reply.rules[1].matches, vec![Match::Family(IpFamily::V4)]);
+        // no source-port heuristic any more: replies are found in the replies maps, which only
+        // the divert (after the exemptions) fills, keyed by client . server . proto . port
+        assert_eq!(pre.rules.len(), 5);
+        assert!(matches!(
+            &pre.rules[2].stmts[0],
+            Stmt::MarkSetMap { key, set } if set == "replies4" && key == &peer_rev(IpFamily::V4)
+        ));
+        let c = chain(b, "rule_tp");
+        assert_eq!(c.rules[0].stmts, vec![Stmt::Counter, Stmt::Return]);
+        assert!(c.rules[1].stmts.contains(&Stmt::UpdateMark {
+            key: peer_fwd(IpFamily::V4),
+            set: "replies4".into()
+        }));
+        // the reversed key has the forward key's type
+        assert_eq!(peer_rev(IpFamily::V6).kind(), peer_fwd(IpFamily::V6).kind());
         let inet = rs.table(Family::Inet).unwrap();
         let m = chain(inet, "mangle");
         assert_eq!(m.rules.len(), 2, "socket rule + one v4 tproxy rule");
-        assert!(m.rules[0].matches.contains(&Match::SocketTransparent));
+        assert_eq!(
+            m.rules[0].matches,
+            vec![
+                Match::MarkNonZero { mask: 0x00ff_0000 },
+                Match::SocketTransparent
+            ]
+        );
         assert!(m.rules[1].stmts.contains(&Stmt::Tproxy {
             family: IpFamily::V4,
             addr: Some("127.0.0.1".parse().unwrap()),
@@ -705,7 +874,7 @@ mod tests {
         );
         let pre = chain(&b, "prerouting");
         assert_eq!(
-            pre.rules[1].matches,
+            pre.rules[5].matches,
             vec![
                 Match::EtherSaddr {
                     set: "bad_src_mac".into()
@@ -717,5 +886,50 @@ mod tests {
             chain(&b, "rule_bad").rules[1].stmts,
             vec![Stmt::Counter, Stmt::Drop]
         );
+    }
+
+    #[test]
+    fn health_rule_checks_down_set_before_divert() {
+        for (on, last) in [("bypass", Stmt::Accept), ("drop", Stmt::Drop)] {
+            let p = policy(&format!(
+                "[[divert]]\nname = \"web\"\nproto = \"tcp\"\ndport = 80\ndst = \"10.0.0.0/8\"\n\
+                 action = \"redirect\"\nport = 3129\n\
+                 health = {{ connect = \"127.0.0.1:3129\" }}\non_unhealthy = \"{on}\"\n"
+            ));
+            let b = bridge_table(&p, &target());
+            let c = chain(&b, "rule_web");
+            // tag, down check, divert (v4 only: dst is v4)
+            assert_eq!(c.rules.len(), 3);
+            assert_eq!(c.rules[0].matches, c.rules[2].matches);
+            assert_eq!(
+                c.rules[0].stmts,
+                vec![Stmt::MarkSetMasked {
+                    keep: 0xff00_ffff,
+                    value: 0x0001_0000
+                }]
+            );
+            assert_eq!(
+                c.rules[1].matches,
+                vec![Match::MarkIn {
+                    mask: 0x00ff_0000,
+                    set: "down".into()
+                }]
+            );
+            assert_eq!(c.rules[1].stmts.last(), Some(&last));
+            if on == "bypass" {
+                // the tag is cleared before the frame is bridged
+                assert_eq!(
+                    c.rules[1].stmts[0],
+                    Stmt::MarkSetMasked {
+                        keep: 0xff00_ffff,
+                        value: 0
+                    }
+                );
+            }
+            assert_eq!(
+                health_keys(&p, &target()),
+                vec![("web".to_string(), 0x0001_0000)]
+            );
+        }
     }
 }

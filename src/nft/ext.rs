@@ -35,6 +35,13 @@ pub const NFT_QUEUE_FLAG_BYPASS: u16 = 1;
 pub const NFT_QUEUE_FLAG_CPU_FANOUT: u16 = 2;
 pub const NFQ_FLAG_BYPASS: u16 = 1;
 pub const NFT_SET_INTERVAL: u32 = 0x4;
+pub const NFT_SET_MAP: u32 = 0x8;
+pub const NFT_SET_TIMEOUT: u32 = 0x10;
+/// `flags dynamic`: the packet path may add elements
+pub const NFT_SET_EVAL: u32 = 0x20;
+pub const NFT_DYNSET_OP_UPDATE: u32 = 1;
+/// First 4-byte register (`NFT_REG32_00`); `NFT_REG_1` is the same storage.
+pub const NFT_REG32_00: u32 = 8;
 pub const NFT_SET_ELEM_INTERVAL_END: u32 = 0x1;
 pub const NFPROTO_IPV4: u32 = 2;
 pub const NFPROTO_IPV6: u32 = 10;
@@ -172,9 +179,42 @@ pub fn payload_load(base: u32, offset: u32, len: u32) -> RawExpr {
 
 /// `[ meta load KEY => reg 1 ]`
 pub fn meta_load(key: u32) -> RawExpr {
+    meta_load_to(key, NFT_REG_1)
+}
+
+/// `[ meta load KEY => reg R ]`
+pub fn meta_load_to(key: u32, dreg: u32) -> RawExpr {
     RawExpr::new(c"meta")
         .u32(sys::NFTNL_EXPR_META_KEY, key)
-        .u32(sys::NFTNL_EXPR_META_DREG, NFT_REG_1)
+        .u32(sys::NFTNL_EXPR_META_DREG, dreg)
+}
+
+/// `[ payload load LENb @ BASE + OFFSET => reg R ]`
+pub fn payload_load_to(dreg: u32, base: u32, offset: u32, len: u32) -> RawExpr {
+    RawExpr::new(c"payload")
+        .u32(sys::NFTNL_EXPR_PAYLOAD_DREG, dreg)
+        .u32(sys::NFTNL_EXPR_PAYLOAD_BASE, base)
+        .u32(sys::NFTNL_EXPR_PAYLOAD_OFFSET, offset)
+        .u32(sys::NFTNL_EXPR_PAYLOAD_LEN, len)
+}
+
+/// `[ lookup reg S set NAME dreg D ]`: a map lookup; a missing key ends the rule.
+pub fn lookup_map(set: &str, sreg: u32, dreg: u32) -> RawExpr {
+    RawExpr::new(c"lookup")
+        .u32(sys::NFTNL_EXPR_LOOKUP_SREG, sreg)
+        .u32(sys::NFTNL_EXPR_LOOKUP_DREG, dreg)
+        .str(sys::NFTNL_EXPR_LOOKUP_SET, set)
+        .u32(sys::NFTNL_EXPR_LOOKUP_FLAGS, 0)
+}
+
+/// `[ dynset update reg_key K set NAME sreg_data D ]`: add the key with the data, or refresh
+/// the timeout of an existing element (the set's default timeout).
+pub fn dynset_update(set: &str, sreg_key: u32, sreg_data: u32) -> RawExpr {
+    RawExpr::new(c"dynset")
+        .u32(sys::NFTNL_EXPR_DYNSET_SREG_KEY, sreg_key)
+        .u32(sys::NFTNL_EXPR_DYNSET_SREG_DATA, sreg_data)
+        .u32(sys::NFTNL_EXPR_DYNSET_OP, NFT_DYNSET_OP_UPDATE)
+        .str(sys::NFTNL_EXPR_DYNSET_SET_NAME, set)
 }
 
 /// `[ cmp eq reg 1 DATA ]`
@@ -182,6 +222,14 @@ pub fn cmp_eq(data: &[u8]) -> RawExpr {
     RawExpr::new(c"cmp")
         .u32(sys::NFTNL_EXPR_CMP_SREG, NFT_REG_1)
         .u32(sys::NFTNL_EXPR_CMP_OP, 0) // NFT_CMP_EQ
+        .bytes(sys::NFTNL_EXPR_CMP_DATA, data)
+}
+
+/// `[ cmp neq reg 1 DATA ]`
+pub fn cmp_neq(data: &[u8]) -> RawExpr {
+    RawExpr::new(c"cmp")
+        .u32(sys::NFTNL_EXPR_CMP_SREG, NFT_REG_1)
+        .u32(sys::NFTNL_EXPR_CMP_OP, 1) // NFT_CMP_NEQ
         .bytes(sys::NFTNL_EXPR_CMP_DATA, data)
 }
 
@@ -375,6 +423,29 @@ impl NamedSet {
         NamedSet { set, family }
     }
 
+    /// A map to `data_type` (`data_len` bytes) when `data` is given; `flags dynamic,timeout`
+    /// with a default element timeout and a size limit.
+    pub fn set_dynamic(&mut self, data: Option<(u32, u32)>, size: u32, timeout_ms: u64) {
+        // SAFETY: `self.set` is live and owned by us.
+        unsafe {
+            let s = self.set.as_ptr();
+            if let Some((ty, len)) = data {
+                sys::nftnl_set_set_u32(s, sys::NFTNL_SET_DATA_TYPE as u16, ty);
+                sys::nftnl_set_set_u32(s, sys::NFTNL_SET_DATA_LEN as u16, len);
+            }
+            sys::nftnl_set_set_u32(s, sys::NFTNL_SET_DESC_SIZE as u16, size);
+            sys::nftnl_set_set_u64(s, sys::NFTNL_SET_TIMEOUT as u16, timeout_ms);
+        }
+    }
+
+    /// Adds only the elements (no NEWSET) to `batch`: NEWSETELEM (create, no error when
+    /// present) or DELSETELEM. Returns how many messages were added.
+    pub fn elems_to(&self, batch: &mut nftnl::Batch, delete: bool) -> usize {
+        let msg = ElemsOnlyMsg { set: self, delete };
+        batch.add(&msg, if delete { MsgType::Del } else { MsgType::Add });
+        1
+    }
+
     pub fn add(&mut self, e: &RawElem) {
         // SAFETY: allocation is checked; the element is handed to (and then owned by) the set;
         // key and user data are copied by libnftnl.
@@ -480,6 +551,88 @@ unsafe impl NlMsg for ElemsMsg<'_> {
             self.more.set(sys::nftnl_set_elems_nlmsg_build_payload_iter(
                 hdr, self.iter,
             ));
+        }
+    }
+}
+
+struct ElemsOnlyMsg<'a> {
+    set: &'a NamedSet,
+    delete: bool,
+}
+
+// SAFETY: one NEWSETELEM/DELSETELEM message with the few elements brdivert flips at run time
+// (far below nft_nlmsg_maxsize).
+unsafe impl NlMsg for ElemsOnlyMsg<'_> {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, _msg_type: MsgType) {
+        let ty = if self.delete {
+            libc::NFT_MSG_DELSETELEM
+        } else {
+            libc::NFT_MSG_NEWSETELEM
+        };
+        // SAFETY: the caller (nftnl::Batch) provides a buffer of nft_nlmsg_maxsize bytes.
+        unsafe {
+            let hdr = sys::nftnl_nlmsg_build_hdr(
+                buf as *mut c_char,
+                ty as u16,
+                self.set.family,
+                (libc::NLM_F_CREATE | libc::NLM_F_ACK) as u16,
+                seq,
+            );
+            sys::nftnl_set_elems_nlmsg_build_payload(hdr, self.set.set.as_ptr());
+        }
+    }
+}
+
+/// A message naming one object of a table by name: `delete set` or `flush table` (delete
+/// every rule of the table, which keeps its sets and chains).
+pub struct ByName {
+    pub family: u16,
+    pub table: CString,
+    /// `Some(set)`: DELSET; `None`: DELRULE for the whole table
+    pub set: Option<CString>,
+}
+
+// SAFETY: a header plus two short string attributes.
+unsafe impl NlMsg for ByName {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, _msg_type: MsgType) {
+        // SAFETY: buffer as above; the libnftnl objects are allocated, filled, serialised and
+        // freed here.
+        unsafe {
+            match &self.set {
+                Some(name) => {
+                    let s = sys::nftnl_set_alloc();
+                    if s.is_null() {
+                        std::process::abort();
+                    }
+                    sys::nftnl_set_set_str(s, sys::NFTNL_SET_TABLE as u16, self.table.as_ptr());
+                    sys::nftnl_set_set_str(s, sys::NFTNL_SET_NAME as u16, name.as_ptr());
+                    let hdr = sys::nftnl_nlmsg_build_hdr(
+                        buf as *mut c_char,
+                        libc::NFT_MSG_DELSET as u16,
+                        self.family,
+                        libc::NLM_F_ACK as u16,
+                        seq,
+                    );
+                    sys::nftnl_set_nlmsg_build_payload(hdr, s);
+                    sys::nftnl_set_free(s);
+                }
+                None => {
+                    let r = sys::nftnl_rule_alloc();
+                    if r.is_null() {
+                        std::process::abort();
+                    }
+                    sys::nftnl_rule_set_str(r, sys::NFTNL_RULE_TABLE as u16, self.table.as_ptr());
+                    let hdr = sys::nftnl_nlmsg_build_hdr(
+                        buf as *mut c_char,
+                        libc::NFT_MSG_DELRULE as u16,
+                        self.family,
+                        libc::NLM_F_ACK as u16,
+                        seq,
+                    );
+                    sys::nftnl_rule_nlmsg_build_payload(hdr, r);
+                    sys::nftnl_rule_free(r);
+                }
+            }
         }
     }
 }

@@ -57,6 +57,68 @@ pub enum SetKind {
     /// interface name (`ifname`)
     IfName,
     EtherAddr,
+    /// packet mark (`mark`): rule tags in the health `down` set
+    Mark,
+    /// a concatenation of flow fields (`ipv4_addr . ipv4_addr . inet_proto . …`)
+    Concat(IpFamily, FlowKeyShape),
+}
+
+/// Which flow fields a concatenated key holds, in this order (the address family comes
+/// from [`FlowKey::family`] / the set kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FlowKeyShape {
+    /// source address, destination address, L4 protocol, source port, destination port
+    FiveTuple,
+    /// source address, destination address, L4 protocol, destination port (a client's
+    /// flows to one service, whatever its source port)
+    Peer,
+}
+
+/// One field of a concatenated flow key, as the packet at hand sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyField {
+    /// `ip saddr` / `ip6 saddr`
+    Saddr,
+    /// `ip daddr` / `ip6 daddr`
+    Daddr,
+    /// `meta l4proto`
+    L4Proto,
+    /// `th sport` (raw transport header, offset 0)
+    Sport,
+    /// `th dport` (raw transport header, offset 2)
+    Dport,
+}
+
+/// A concatenated key built from the packet: `ip saddr . ip daddr . meta l4proto . th sport`.
+/// Reversing saddr/daddr and sport/dport gives the key the other direction sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowKey {
+    pub family: IpFamily,
+    pub fields: Vec<KeyField>,
+}
+
+impl FlowKey {
+    /// The set kind whose keys this expression builds (saddr/daddr and sport/dport have the
+    /// same types, so a reversed key fits the same set).
+    pub fn kind(&self) -> SetKind {
+        let shape = if self.fields.len() == 5 {
+            FlowKeyShape::FiveTuple
+        } else {
+            FlowKeyShape::Peer
+        };
+        SetKind::Concat(self.family, shape)
+    }
+}
+
+/// A set filled by the packet path (`flags dynamic,timeout`), mapping to a mark when `map`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dynamic {
+    /// `: mark` — a map from the key to the mark the flow was diverted with
+    pub map: bool,
+    /// `size N` — the most elements the kernel keeps; updates beyond it fail
+    pub size: u32,
+    /// default element timeout, seconds (refreshed by `update`)
+    pub timeout_s: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +129,8 @@ pub enum SetElem {
     Ports(u16, u16),
     IfName(String),
     Ether([u8; 6]),
+    /// a `mark` value
+    Mark(u32),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +141,11 @@ pub struct Set {
     /// (no overlaps), as the kernel requires.
     pub interval: bool,
     pub elements: Vec<SetElem>,
+    /// Filled by the packet path, not by brdivert (`None` for plain sets).
+    pub dynamic: Option<Dynamic>,
+    /// Survives `apply`: an existing set of this name (with its elements: pinned flows, health
+    /// state) is kept when the table's chains and other sets are replaced.
+    pub keep: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +248,10 @@ pub enum Match {
     Mark { mask: u32, value: u32 },
     /// `socket transparent 1` (inet family: an established TPROXY socket exists)
     SocketTransparent,
+    /// `meta mark & MASK != 0x00000000` (some bit of MASK is set)
+    MarkNonZero { mask: u32 },
+    /// `meta mark & MASK == @set` (the masked mark is an element of the set)
+    MarkIn { mask: u32, set: String },
 }
 
 /// One statement (action). Verdicts come last.
@@ -216,6 +289,18 @@ pub enum Stmt {
         fanout: u16,
         bypass: bool,
         form: QueueForm,
+    },
+    /// `meta mark set KEY map @set`: the mark a pinned flow was diverted with. A key not in
+    /// the map ends the rule (no match).
+    MarkSetMap {
+        key: FlowKey,
+        set: String,
+    },
+    /// `update @set { KEY : meta mark }`: add the flow with the packet's mark, or refresh its
+    /// timeout (an existing element keeps its mark). A full set ends the rule.
+    UpdateMark {
+        key: FlowKey,
+        set: String,
     },
     /// `jump CHAIN` (a regular chain of the same table)
     Jump(String),

@@ -2,7 +2,9 @@
 //! and applies it as ONE nfnetlink batch in ONE `sendmsg`.
 //!
 //! For each table: `add table` (so it exists), `delete table`, then the table again with its
-//! sets, elements, chains and rules. The kernel commits all of it or none of it, and only
+//! sets, elements, chains and rules. A table with sets marked `keep` (flow pins, health
+//! state) is instead listed first and refilled: flush its rules, delete its chains and its
+//! other sets, add the model's (kept sets that exist stay with their elements). The kernel commits all of it or none of it, and only
 //! brdivert's own tables are touched. Every message asks for an ack, so a refusal is mapped
 //! back to the object that caused it.
 //!
@@ -24,8 +26,8 @@ use thiserror::Error;
 
 use super::ext::{self, RawElem, RawExpr};
 use super::{
-    Chain, ChainType, Dir, Family, Hook, IpFamily, L4, Match, QueueForm, Rule, Ruleset, Set,
-    SetElem, SetKind, Stmt, Table,
+    Chain, ChainType, Dir, Family, FlowKey, FlowKeyShape, Hook, IpFamily, KeyField, L4, Match,
+    QueueForm, Rule, Ruleset, Set, SetElem, SetKind, Stmt, TABLE_NAME, Table,
 };
 
 /// Why a transaction was not applied. In every case the kernel's ruleset is unchanged.
@@ -63,13 +65,71 @@ impl ApplyError {
     }
 }
 
-/// Applies `rs` atomically: every table in it is replaced by the model's version.
+/// Applies `rs` atomically: every table in it is replaced by the model's version, except
+/// that sets marked [`Set::keep`] which already exist are kept with their elements (pinned
+/// flows, health state). A table with such sets is not deleted: its rules, chains and other
+/// sets are (listed first), then the model's are added, all in the one transaction.
 pub fn apply(rs: &Ruleset) -> Result<(), ApplyError> {
     let mut tx = Transaction::new();
     for t in &rs.tables {
-        tx.replace_table(t)?;
+        if t.sets.iter().any(|s| s.keep) {
+            let existing = list_table(t.family, &t.name)?;
+            tx.refill_table(t, &existing)?;
+        } else {
+            tx.replace_table(t)?;
+        }
     }
     tx.commit()
+}
+
+/// Name of the set of rule tags whose health check failed (`bridge brdivert`).
+pub const HEALTH_DOWN_SET: &str = "down";
+
+/// Marks one health-checked rule down (`up == false`: its new flows are bypassed or dropped as
+/// its `on_unhealthy` says) or up again, in one small transaction that adds or deletes one
+/// element of `bridge brdivert` set `down`. `tag_mark` is the rule's tag as a mark value
+/// ([`super::compile::Target::tag_mark`], also [`super::compile::health_key`]). Idempotent.
+/// Pinned flows are not affected.
+pub fn set_rule_health(tag_mark: u32, up: bool) -> Result<(), ApplyError> {
+    let mut ns = ext::NamedSet::new(
+        nfproto(Family::Bridge),
+        TABLE_NAME,
+        HEALTH_DOWN_SET,
+        1,
+        key_type(SetKind::Mark),
+        0,
+    );
+    ns.add(&RawElem {
+        key: tag_mark.to_ne_bytes().to_vec(),
+        flags: 0,
+        open: false,
+    });
+    let mut tx = Transaction::new();
+    let what = format!("element 0x{tag_mark:08x} of set bridge {TABLE_NAME} {HEALTH_DOWN_SET}");
+    // add (no error when present), then for "up" delete: idempotent both ways
+    ns.elems_to(&mut tx.batch, false);
+    tx.what.push(what.clone());
+    if up {
+        ns.elems_to(&mut tx.batch, true);
+        tx.what.push(what);
+    }
+    tx.commit()
+}
+
+/// The chains and sets a table has in the kernel (none when it does not exist).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TableObjects {
+    pub chains: Vec<String>,
+    pub sets: Vec<String>,
+}
+
+/// Lists the names of the chains and sets of one table (two netlink dumps).
+pub fn list_table(family: Family, name: &str) -> Result<TableObjects, ApplyError> {
+    let sock = NfSocket::open()?;
+    // NFTA_CHAIN_TABLE = NFTA_SET_TABLE = 1; NFTA_CHAIN_NAME = 3, NFTA_SET_NAME = 2
+    let chains = sock.dump_names(libc::NFT_MSG_GETCHAIN as u16, nfproto(family), name, 3)?;
+    let sets = sock.dump_names(libc::NFT_MSG_GETSET as u16, nfproto(family), name, 2)?;
+    Ok(TableObjects { chains, sets })
 }
 
 /// Deletes the tables `name` of the given families, in one transaction. A missing table is
@@ -139,6 +199,56 @@ impl Transaction {
         Ok(())
     }
 
+    /// Empties the table `existing` describes (rules, chains, sets not to keep) and fills it
+    /// from the model; sets marked `keep` that already exist stay as they are.
+    pub fn refill_table(&mut self, t: &Table, existing: &TableObjects) -> Result<(), ApplyError> {
+        let fam = t.family.as_str();
+        let tname = cname("table", &t.name)?;
+        let table = nftnl::Table::new(&tname, proto_family(t.family));
+        self.push(
+            &table,
+            nftnl::MsgType::Add,
+            format!("table {fam} {}", t.name),
+        );
+        let flush = ext::ByName {
+            family: nfproto(t.family),
+            table: tname.clone(),
+            set: None,
+        };
+        self.push(
+            &flush,
+            nftnl::MsgType::Del,
+            format!("flush table {fam} {}", t.name),
+        );
+        for c in &existing.chains {
+            let chain = nftnl::Chain::new(cname("chain", c)?, &table);
+            self.push(
+                &chain,
+                nftnl::MsgType::Del,
+                format!("delete chain {fam} {} {c}", t.name),
+            );
+        }
+        for s in &existing.sets {
+            let kept = t.sets.iter().any(|m| m.keep && &m.name == s);
+            if kept {
+                continue;
+            }
+            let del = ext::ByName {
+                family: nfproto(t.family),
+                table: tname.clone(),
+                set: Some(cname("set", s)?),
+            };
+            self.push(
+                &del,
+                nftnl::MsgType::Del,
+                format!("delete set {fam} {} {s}", t.name),
+            );
+        }
+        // A kept set that exists is not sent again: its definition (size, timeout) stays as
+        // it was created; changing it needs `flush` (which drops the pins).
+        self.add_table_except(t, &existing.sets)
+    }
+
     /// Deletes the table (if any) and creates it again from the model.
     pub fn replace_table(&mut self, t: &Table) -> Result<(), ApplyError> {
         self.delete_table(t.family, &t.name)?;
@@ -147,6 +257,11 @@ impl Transaction {
 
     /// Creates the table with its sets, elements, chains and rules.
     pub fn add_table(&mut self, t: &Table) -> Result<(), ApplyError> {
+        self.add_table_except(t, &[])
+    }
+
+    /// [`Self::add_table`], leaving out the kept sets named in `existing`.
+    fn add_table_except(&mut self, t: &Table, existing: &[String]) -> Result<(), ApplyError> {
         let fam = t.family.as_str();
         let table = nftnl::Table::new(cname("table", &t.name)?, proto_family(t.family));
         self.push(
@@ -155,6 +270,9 @@ impl Transaction {
             format!("table {fam} {}", t.name),
         );
         for s in &t.sets {
+            if s.keep && existing.contains(&s.name) {
+                continue;
+            }
             cname("set", &s.name)?;
             let id = self.next_set_id;
             self.next_set_id += 1;
@@ -278,6 +396,23 @@ fn key_type(kind: SetKind) -> (u32, u32, bool) {
         SetKind::InetService => (13, 2, false),
         SetKind::IfName => (41, 16, true),
         SetKind::EtherAddr => (9, 6, false),
+        SetKind::Mark => (19, 4, true),
+        SetKind::Concat(f, shape) => {
+            // nft's concatenated type: the member type ids, 6 bits each; every member takes
+            // whole 4-byte registers
+            let (addr_id, addr_len) = match f {
+                IpFamily::V4 => (7u32, 4u32),
+                IpFamily::V6 => (8, 16),
+            };
+            let mut ids = vec![addr_id, addr_id, 12, 13];
+            let mut len = 2 * addr_len + 4 + 4;
+            if shape == FlowKeyShape::FiveTuple {
+                ids.push(13);
+                len += 4;
+            }
+            let id = ids.iter().fold(0u32, |acc, t| (acc << 6) | t);
+            (id, len, false)
+        }
     }
 }
 
@@ -289,7 +424,13 @@ fn nfproto(f: Family) -> u16 {
 }
 
 fn build_set(t: &Table, s: &Set, id: u32) -> Result<ext::NamedSet, ApplyError> {
-    let flags = if s.interval { ext::NFT_SET_INTERVAL } else { 0 };
+    let mut flags = if s.interval { ext::NFT_SET_INTERVAL } else { 0 };
+    if let Some(d) = &s.dynamic {
+        flags |= ext::NFT_SET_TIMEOUT | ext::NFT_SET_EVAL;
+        if d.map {
+            flags |= ext::NFT_SET_MAP;
+        }
+    }
     let mut ns = ext::NamedSet::new(
         nfproto(t.family),
         &t.name,
@@ -298,6 +439,11 @@ fn build_set(t: &Table, s: &Set, id: u32) -> Result<ext::NamedSet, ApplyError> {
         key_type(s.kind),
         flags,
     );
+    if let Some(d) = &s.dynamic {
+        // data: `mark` (type 19), 4 bytes
+        let data = d.map.then_some((19, 4));
+        ns.set_dynamic(data, d.size, d.timeout_s.saturating_mul(1000));
+    }
     for e in set_elements(s)? {
         ns.add(&e);
     }
@@ -331,6 +477,7 @@ pub fn set_elements(s: &Set) -> Result<Vec<RawElem>, ApplyError> {
                     super::render::ifname_key(n).to_vec()
                 }
                 (SetKind::EtherAddr, SetElem::Ether(m)) => m.to_vec(),
+                (SetKind::Mark, SetElem::Mark(m)) => m.to_ne_bytes().to_vec(),
                 _ => return Err(bad(e)),
             };
             out.push(RawElem {
@@ -521,6 +668,18 @@ pub fn lower_rule(family: Family, r: &Rule) -> Result<Vec<RawExpr>, ApplyError> 
                 v.push(ext::socket_transparent());
                 v.push(ext::cmp_eq(&[1]));
             }
+            Match::MarkNonZero { mask } => {
+                v.push(ext::meta_load(ext::NFT_META_MARK));
+                v.push(ext::bitwise(&mask.to_ne_bytes(), &[0; 4]));
+                v.push(ext::cmp_neq(&[0; 4]));
+            }
+            Match::MarkIn { mask, set } => {
+                v.push(ext::meta_load(ext::NFT_META_MARK));
+                if *mask != u32::MAX {
+                    v.push(ext::bitwise(&mask.to_ne_bytes(), &[0; 4]));
+                }
+                v.push(ext::lookup(set, false));
+            }
         }
     }
     for s in &r.stmts {
@@ -529,8 +688,75 @@ pub fn lower_rule(family: Family, r: &Rule) -> Result<Vec<RawExpr>, ApplyError> 
     Ok(v)
 }
 
+/// The register nft uses for the 4-byte word `w` of a concatenation: the 16-byte register
+/// when the word starts one, else the 4-byte register (the same storage either way).
+fn concat_reg(w: u32) -> u32 {
+    if w.is_multiple_of(4) {
+        ext::NFT_REG_1 + w / 4
+    } else {
+        ext::NFT_REG32_00 + w
+    }
+}
+
+/// Loads a concatenated flow key into consecutive registers from the first; returns the
+/// number of 4-byte words it takes.
+fn load_key(k: &FlowKey, v: &mut Vec<RawExpr>) -> u32 {
+    let alen = match k.family {
+        IpFamily::V4 => 4,
+        IpFamily::V6 => 16,
+    };
+    let mut w = 0;
+    for f in &k.fields {
+        let reg = concat_reg(w);
+        let len = match f {
+            KeyField::Saddr | KeyField::Daddr => {
+                let off = match (k.family, f) {
+                    (IpFamily::V4, KeyField::Saddr) => 12,
+                    (IpFamily::V4, _) => 16,
+                    (IpFamily::V6, KeyField::Saddr) => 8,
+                    (IpFamily::V6, _) => 24,
+                };
+                v.push(ext::payload_load_to(
+                    reg,
+                    ext::NFT_PAYLOAD_NETWORK_HEADER,
+                    off,
+                    alen,
+                ));
+                alen
+            }
+            KeyField::L4Proto => {
+                v.push(ext::meta_load_to(ext::NFT_META_L4PROTO, reg));
+                1
+            }
+            KeyField::Sport | KeyField::Dport => {
+                let off = if *f == KeyField::Sport { 0 } else { 2 };
+                v.push(ext::payload_load_to(
+                    reg,
+                    ext::NFT_PAYLOAD_TRANSPORT_HEADER,
+                    off,
+                    2,
+                ));
+                2
+            }
+        };
+        w += len.div_ceil(4);
+    }
+    w
+}
+
 fn lower_stmt(s: &Stmt, v: &mut Vec<RawExpr>) {
     match s {
+        Stmt::MarkSetMap { key, set } => {
+            load_key(key, v);
+            v.push(ext::lookup_map(set, ext::NFT_REG_1, ext::NFT_REG_1));
+            v.push(ext::meta_set(ext::NFT_META_MARK));
+        }
+        Stmt::UpdateMark { key, set } => {
+            let words = load_key(key, v);
+            let data = concat_reg(words);
+            v.push(ext::meta_load_to(ext::NFT_META_MARK, data));
+            v.push(ext::dynset_update(set, ext::NFT_REG_1, data));
+        }
         Stmt::Counter => v.push(ext::counter()),
         Stmt::MarkSetMasked { keep, value } => {
             // mark = (mark & keep & ~value) ^ value, i.e. (mark & keep) | value
@@ -719,6 +945,74 @@ impl NfSocket {
         Ok(())
     }
 
+    /// Dumps objects of type `msg` (GETCHAIN, GETSET) of `family` and returns the names
+    /// (attribute `name_attr`) of those in table `table`. A missing table yields nothing.
+    fn dump_names(
+        &self,
+        msg: u16,
+        family: u16,
+        table: &str,
+        name_attr: u16,
+    ) -> Result<Vec<String>, ApplyError> {
+        const NFNL_SUBSYS_NFTABLES: u16 = 10;
+        // request: nlmsghdr + nfgenmsg + NFTA_*_TABLE
+        let mut req = Vec::with_capacity(64);
+        let attr_len = 4 + table.len() + 1;
+        let total = 16 + 4 + attr_len.div_ceil(4) * 4;
+        req.extend_from_slice(&(total as u32).to_ne_bytes());
+        req.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | msg).to_ne_bytes());
+        req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+        req.extend_from_slice(&1u32.to_ne_bytes());
+        req.extend_from_slice(&0u32.to_ne_bytes());
+        req.push(family as u8);
+        req.push(0); // NFNETLINK_V0
+        req.extend_from_slice(&0u16.to_be_bytes()); // res_id
+        req.extend_from_slice(&(attr_len as u16).to_ne_bytes());
+        req.extend_from_slice(&1u16.to_ne_bytes());
+        req.extend_from_slice(table.as_bytes());
+        req.push(0);
+        req.resize(total, 0);
+        self.send_pages(&[&req])?;
+        let mut names = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            // SAFETY: `buf` is writable for its length.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    0,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(ApplyError::Io {
+                    op: "recv",
+                    source: e,
+                });
+            }
+            if n == 0 {
+                break;
+            }
+            match parse_dump(&buf[..n as usize], table, name_attr, &mut names) {
+                DumpPart::More => {}
+                DumpPart::Done => break,
+                DumpPart::Error(e) if e == libc::ENOENT => break,
+                DumpPart::Error(e) => {
+                    return Err(ApplyError::Io {
+                        op: "dump",
+                        source: io::Error::from_raw_os_error(e),
+                    });
+                }
+            }
+        }
+        Ok(names)
+    }
+
     /// One `sendmsg` with one iovec per batch page: the kernel sees one message buffer.
     fn send_pages(&self, pages: &[&[u8]]) -> Result<(), ApplyError> {
         let mut iov: Vec<libc::iovec> = pages
@@ -791,6 +1085,80 @@ impl NfSocket {
     }
 }
 
+enum DumpPart {
+    More,
+    Done,
+    Error(i32),
+}
+
+/// Walks one buffer of a dump: every object of table `table` adds its `name_attr` string.
+/// Malformed input ends the walk.
+fn parse_dump(data: &[u8], table: &str, name_attr: u16, names: &mut Vec<String>) -> DumpPart {
+    const HDR: usize = 16;
+    let rd32 = |o: usize| -> Option<u32> {
+        data.get(o..o + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_ne_bytes)
+    };
+    let rd16 = |o: usize| -> Option<u16> {
+        data.get(o..o + 2)
+            .and_then(|b| b.try_into().ok())
+            .map(u16::from_ne_bytes)
+    };
+    let mut off = 0;
+    while off + HDR <= data.len() {
+        let (Some(len), Some(ty)) = (rd32(off), rd16(off + 4)) else {
+            return DumpPart::Done;
+        };
+        let len = len as usize;
+        if len < HDR || off + len > data.len() {
+            return DumpPart::Done;
+        }
+        if ty == libc::NLMSG_DONE as u16 {
+            return DumpPart::Done;
+        }
+        if ty == libc::NLMSG_ERROR as u16 {
+            let err = rd32(off + HDR).map(|e| -(e as i32)).unwrap_or(0);
+            return if err == 0 {
+                DumpPart::Done
+            } else {
+                DumpPart::Error(err)
+            };
+        }
+        // attributes after nlmsghdr + nfgenmsg
+        let mut a = off + HDR + 4;
+        let end = off + len;
+        let (mut tname, mut oname) = (None, None);
+        while a + 4 <= end {
+            let (Some(alen), Some(aty)) = (rd16(a), rd16(a + 2)) else {
+                break;
+            };
+            let alen = alen as usize;
+            if alen < 4 || a + alen > end {
+                break;
+            }
+            let val = &data[a + 4..a + alen];
+            let text = || {
+                let v = val.split(|b| *b == 0).next().unwrap_or(&[]);
+                String::from_utf8_lossy(v).into_owned()
+            };
+            match aty & 0x3fff {
+                1 => tname = Some(text()),
+                t if t == name_attr => oname = Some(text()),
+                _ => {}
+            }
+            a += alen.div_ceil(4) * 4;
+        }
+        if let (Some(t), Some(n)) = (tname, oname)
+            && t == table
+        {
+            names.push(n);
+        }
+        off += len.div_ceil(4) * 4;
+    }
+    DumpPart::More
+}
+
 /// Walks the netlink messages in `data`, collecting (seq, errno) of NLMSG_ERROR messages with
 /// a non-zero error. Truncated or malformed input ends the walk.
 fn parse_acks(data: &[u8], errors: &mut Vec<(u32, i32)>) {
@@ -833,6 +1201,8 @@ mod tests {
             kind,
             interval,
             elements,
+            dynamic: None,
+            keep: false,
         }
     }
 

@@ -12,22 +12,28 @@
 //! - `ether daddr set MAC` prints as `@ll,0,48 set 0xHEX` when the rule matched `vlan id`
 //!   (nft loses the ether header context after the vlan dependency); both forms load;
 //! - `meta l4proto tcp` is folded into a later `tcp …` port match (nft takes it as that
-//!   match's dependency and does not print it);
+//!   match's dependency and does not print it); likewise `meta protocol ip` right before a
+//!   flow-key map lookup/update that starts with `ip …` (the `pinned` rules);
+//! - dynamic maps list as `map NAME { type A . B : mark; size N; flags dynamic,timeout;
+//!   timeout 3h }` (one per line, in that order);
 //! - set elements: sorted as nft sorts them, wrapped 2 per line for ipv4_addr, 5 for
 //!   inet_service, 1 otherwise.
 use std::fmt::Write as _;
 
 use super::{
-    BaseChain, Chain, ChainType, Dir, Family, Hook, IpFamily, L4, Match, QueueForm, Rule, Ruleset,
-    Set, SetElem, SetKind, Stmt, Table,
+    BaseChain, Chain, ChainType, Dir, Family, FlowKey, FlowKeyShape, Hook, IpFamily, KeyField, L4,
+    Match, QueueForm, Rule, Ruleset, Set, SetElem, SetKind, Stmt, Table,
 };
 
 /// The ruleset as nft text, as `nft list table` prints each table.
 ///
-/// Loadable with `nft -f` except for two statements nft 1.0.6 cannot parse: `meta broute set
-/// 1` (the key is newer than nft 1.0.6; newer nft prints it this way) and the xtables
-/// compat `NFQUEUE` target (see [`XT_NFQUEUE_TEXT`]; no nft can load `xt` statements).
-/// Both are only emitted when probing chose them.
+/// Loadable with `nft -f` except for three statements nft 1.0.6 cannot load: `meta broute set
+/// 1` (the key is newer than nft 1.0.6; newer nft prints it this way), the xtables
+/// compat `NFQUEUE` target (see [`XT_NFQUEUE_TEXT`]; no nft can load `xt` statements) — both
+/// only emitted when probing chose them — and `update @map { A . B … : meta mark }` (flow
+/// pinning): nft 1.0.6 lists it exactly so but aborts loading it (assertion `dreg <
+/// ctx->reg_low` in netlink_linearize.c for any concatenated key with a data expression).
+/// brdivert applies over netlink, where the kernel takes it.
 pub fn render(rs: &Ruleset) -> String {
     let mut out = String::new();
     for t in &rs.tables {
@@ -57,8 +63,15 @@ fn render_table(t: &Table, out: &mut String) {
 }
 
 fn render_set(s: &Set, out: &mut String) {
-    let _ = writeln!(out, "\tset {} {{", s.name);
-    let _ = writeln!(out, "\t\ttype {}", set_type_name(s.kind));
+    let map = s.dynamic.as_ref().is_some_and(|d| d.map);
+    let _ = writeln!(out, "\t{} {} {{", if map { "map" } else { "set" }, s.name);
+    let data = if map { " : mark" } else { "" };
+    let _ = writeln!(out, "\t\ttype {}{data}", set_type_name(s.kind));
+    if let Some(d) = &s.dynamic {
+        let _ = writeln!(out, "\t\tsize {}", d.size);
+        out.push_str("\t\tflags dynamic,timeout\n");
+        let _ = writeln!(out, "\t\ttimeout {}", duration_text(d.timeout_s));
+    }
     if s.interval {
         out.push_str("\t\tflags interval\n");
     }
@@ -68,15 +81,69 @@ fn render_set(s: &Set, out: &mut String) {
     out.push_str("\t}\n");
 }
 
-/// nft's datatype name for a set key.
-pub fn set_type_name(kind: SetKind) -> &'static str {
+/// nft's datatype name for a set key (`ipv4_addr . ipv4_addr . inet_proto` for a
+/// concatenation).
+pub fn set_type_name(kind: SetKind) -> String {
     match kind {
-        SetKind::Ipv4Addr => "ipv4_addr",
-        SetKind::Ipv6Addr => "ipv6_addr",
-        SetKind::InetService => "inet_service",
-        SetKind::IfName => "ifname",
-        SetKind::EtherAddr => "ether_addr",
+        SetKind::Ipv4Addr => "ipv4_addr".into(),
+        SetKind::Ipv6Addr => "ipv6_addr".into(),
+        SetKind::InetService => "inet_service".into(),
+        SetKind::IfName => "ifname".into(),
+        SetKind::EtherAddr => "ether_addr".into(),
+        SetKind::Mark => "mark".into(),
+        SetKind::Concat(f, shape) => {
+            let a = match f {
+                IpFamily::V4 => "ipv4_addr",
+                IpFamily::V6 => "ipv6_addr",
+            };
+            match shape {
+                FlowKeyShape::FiveTuple => {
+                    format!("{a} . {a} . inet_proto . inet_service . inet_service")
+                }
+                FlowKeyShape::Peer => format!("{a} . {a} . inet_proto . inet_service"),
+            }
+        }
     }
+}
+
+/// A duration as nft prints it: `3h`, `1d2h30m`, `45s`.
+pub fn duration_text(secs: u64) -> String {
+    let mut t = String::new();
+    let (d, h, m, s) = (
+        secs / 86400,
+        secs % 86400 / 3600,
+        secs % 3600 / 60,
+        secs % 60,
+    );
+    for (v, unit) in [(d, "d"), (h, "h"), (m, "m"), (s, "s")] {
+        if v > 0 {
+            let _ = write!(t, "{v}{unit}");
+        }
+    }
+    if t.is_empty() {
+        t.push_str("0s");
+    }
+    t
+}
+
+/// `ip saddr . ip daddr . meta l4proto . th sport . th dport`
+pub fn flow_key_text(k: &FlowKey) -> String {
+    let ip = match k.family {
+        IpFamily::V4 => "ip",
+        IpFamily::V6 => "ip6",
+    };
+    let parts: Vec<String> = k
+        .fields
+        .iter()
+        .map(|f| match f {
+            KeyField::Saddr => format!("{ip} saddr"),
+            KeyField::Daddr => format!("{ip} daddr"),
+            KeyField::L4Proto => "meta l4proto".to_string(),
+            KeyField::Sport => "th sport".to_string(),
+            KeyField::Dport => "th dport".to_string(),
+        })
+        .collect();
+    parts.join(" . ")
 }
 
 /// The elements in nft's listing order, joined and wrapped as nft wraps them.
@@ -111,6 +178,7 @@ fn listing_sort_key(e: &SetElem) -> Vec<u8> {
         SetElem::V6(n) => n.network().octets().to_vec(),
         SetElem::Ports(lo, _) => lo.to_be_bytes().to_vec(),
         SetElem::Ether(m) => m.to_vec(),
+        SetElem::Mark(m) => m.to_be_bytes().to_vec(),
         SetElem::IfName(name) => {
             let mut k = ifname_key(name).to_vec();
             if cfg!(target_endian = "little") {
@@ -141,6 +209,7 @@ pub fn elem_text(e: &SetElem) -> String {
         SetElem::Ports(lo, hi) => format!("{lo}-{hi}"),
         SetElem::IfName(n) => format!("\"{n}\""),
         SetElem::Ether(m) => mac_text(m),
+        SetElem::Mark(m) => format!("0x{m:08x}"),
     }
 }
 
@@ -247,6 +316,18 @@ pub fn rule_text(r: &Rule) -> String {
                 continue;
             }
         }
+        if let Match::Family(f) = m {
+            // nft takes it as the dependency of a flow key that follows at once (a map lookup
+            // or update as the first statement) and does not print it.
+            let last = i + 1 == r.matches.len();
+            let folded = last
+                && matches!(r.stmts.first(),
+                    Some(Stmt::MarkSetMap { key, .. } | Stmt::UpdateMark { key, .. })
+                        if key.family == *f);
+            if folded {
+                continue;
+            }
+        }
         parts.push(match_text(m));
     }
     for s in &r.stmts {
@@ -310,6 +391,9 @@ pub fn match_text(m: &Match) -> String {
         Match::Family(IpFamily::V4) => "meta protocol ip".to_string(),
         Match::Family(IpFamily::V6) => "meta protocol ip6".to_string(),
         Match::SocketTransparent => "socket transparent 1".to_string(),
+        Match::MarkNonZero { mask } => format!("meta mark & 0x{mask:08x} != 0x00000000"),
+        Match::MarkIn { mask, set } if *mask == u32::MAX => format!("meta mark @{set}"),
+        Match::MarkIn { mask, set } => format!("meta mark & 0x{mask:08x} == @{set}"),
     }
 }
 
@@ -375,6 +459,12 @@ pub fn stmt_text(s: &Stmt, after_vlan: bool) -> String {
         Stmt::Drop => "drop".to_string(),
         Stmt::Return => "return".to_string(),
         Stmt::Jump(chain) => format!("jump {chain}"),
+        Stmt::MarkSetMap { key, set } => {
+            format!("meta mark set {} map @{set}", flow_key_text(key))
+        }
+        Stmt::UpdateMark { key, set } => {
+            format!("update @{set} {{ {} : meta mark }}", flow_key_text(key))
+        }
     }
 }
 
@@ -700,6 +790,8 @@ mod tests {
                 .iter()
                 .map(|n| SetElem::IfName(n.to_string()))
                 .collect(),
+            dynamic: None,
+            keep: false,
         };
         let mut out = String::new();
         render_set(&s, &mut out);
@@ -716,6 +808,8 @@ mod tests {
                 SetElem::V4("1.0.0.0/8".parse().unwrap()),
                 SetElem::V4("3.0.0.1/32".parse().unwrap()),
             ],
+            dynamic: None,
+            keep: false,
         };
         let mut out = String::new();
         render_set(&s, &mut out);
@@ -728,6 +822,8 @@ mod tests {
             kind: SetKind::InetService,
             interval: true,
             elements: (0..6).map(|i| SetElem::Ports(i * 2, i * 2)).collect(),
+            dynamic: None,
+            keep: false,
         };
         assert_eq!(elements_text(&s), "0, 2, 4, 6, 8,\n\t\t\t     10");
     }
@@ -743,6 +839,8 @@ mod tests {
                     kind: SetKind::EtherAddr,
                     interval: false,
                     elements: vec![],
+                    dynamic: None,
+                    keep: false,
                 }],
                 chains: vec![
                     Chain {
