@@ -219,14 +219,13 @@ pub fn apply(settings_path: &std::path::Path) -> Result<String, Failure> {
     }
     let info = link::setup_blocking(&settings).map_err(anyhow::Error::from)?;
     let t = target(&settings, Some(info.mac));
-    // Routing before rules, so the first TPROXY'd packet already has its local route; and
-    // a policy without TPROXY leaves none behind from an earlier apply.
+    // Routing before rules, so the first TPROXY'd packet already has its local route. A
+    // policy without TPROXY keeps it: flows pinned to an earlier TPROXY rule still need it
+    // (the tproxy mark is the whole mask, the same for every policy); `flush` removes it.
     if policy.uses_tproxy() {
         link::setup_tproxy_routing_blocking(&settings.kernel, t.tproxy_mark(), t.mark_mask)
-    } else {
-        link::teardown_tproxy_routing_blocking(&settings.kernel)
+            .map_err(anyhow::Error::from)?;
     }
-    .map_err(anyhow::Error::from)?;
     let rs = ruleset_for(&settings, &policy, Some(info.mac));
     netlink::apply(&rs).map_err(anyhow::Error::from)?;
     Ok(format!(
