@@ -13,5 +13,6 @@ pub mod nft;
 pub mod ops;
 pub mod policy;
 pub mod probe;
+pub mod queue;
 pub mod rules;
 pub mod settings;
