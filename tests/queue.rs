@@ -1,0 +1,352 @@
+//! The NFQUEUE engine against the real kernel, inside a throw-away network namespace: an
+//! inet-table rule (built with brdivert's model, xt `NFQUEUE` through nft compat, bypass)
+//! queues TCP to 127.0.0.1:5555; a test decider answers. Needs root; skips otherwise.
+
+#[path = "common/netns_rt.rs"]
+mod netns_rt;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use brdivert::nft::netlink;
+use brdivert::nft::{
+    BaseChain, Chain, ChainType, Dir, Family, Hook, L4, Match, QueueForm, Rule, Ruleset, Set,
+    SetElem, SetKind, Stmt, Table,
+};
+use brdivert::queue::parse::{PROTO_TCP, TCP_SYN};
+use brdivert::queue::{
+    Decider, Fallback, FlowKey, HealthFlag, ListsHandle, MarkLayout, PacketInfo, PolicyDecider,
+    QueueConfig, QueueEngine, RateLimit, Verdict, sys,
+};
+use netns_rt::{Netns, netns_or_skip};
+
+const TABLE: &str = "brdivert-queue-test";
+const PORT: u16 = 5555;
+
+/// The ruleset: input chain (priority 0) queues TCP to PORT; a later input chain
+/// (priority 10, where an accepted packet continues) counts packets carrying the divert
+/// mark of tag 5 and those carrying the bypass mark.
+fn ruleset(num: u16, fanout: u16, layout: &MarkLayout) -> Ruleset {
+    let mark_rule = |v: &Verdict, comment: &str| Rule {
+        matches: vec![Match::Mark {
+            mask: layout.mask(),
+            value: layout.value(v).expect("fits"),
+        }],
+        stmts: vec![Stmt::Counter],
+        comment: Some(comment.into()),
+    };
+    Ruleset {
+        tables: vec![Table {
+            family: Family::Inet,
+            name: TABLE.into(),
+            sets: vec![Set {
+                name: "qports".into(),
+                kind: SetKind::InetService,
+                interval: true,
+                elements: vec![SetElem::Ports(PORT, PORT)],
+            }],
+            chains: vec![
+                Chain {
+                    name: "queue".into(),
+                    base: Some(BaseChain {
+                        kind: ChainType::Filter,
+                        hook: Hook::Input,
+                        priority: 0,
+                    }),
+                    rules: vec![Rule {
+                        matches: vec![Match::Port {
+                            l4: L4::Tcp,
+                            dir: Dir::Dst,
+                            negate: false,
+                            set: "qports".into(),
+                        }],
+                        stmts: vec![
+                            Stmt::Counter,
+                            Stmt::Queue {
+                                num,
+                                fanout,
+                                bypass: true,
+                                form: QueueForm::XtCompat,
+                            },
+                        ],
+                        comment: Some("queued".into()),
+                    }],
+                },
+                Chain {
+                    name: "after".into(),
+                    base: Some(BaseChain {
+                        kind: ChainType::Filter,
+                        hook: Hook::Input,
+                        priority: 10,
+                    }),
+                    rules: vec![
+                        mark_rule(&Verdict::Divert(5), "diverted"),
+                        mark_rule(&Verdict::Bypass, "bypassed"),
+                    ],
+                },
+            ],
+        }],
+    }
+}
+
+/// Packets counted by the rule with `comment` (from `nft list table`).
+fn counter(ns: &Netns, comment: &str) -> u64 {
+    let listing = ns.list("inet", TABLE);
+    let line = listing
+        .lines()
+        .find(|l| l.contains(&format!("comment \"{comment}\"")))
+        .unwrap_or_else(|| panic!("no rule {comment:?} in\n{listing}"));
+    let mut words = line.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "packets" {
+            return words.next().and_then(|n| n.parse().ok()).expect("count");
+        }
+    }
+    panic!("no counter in {line:?}")
+}
+
+/// A decider whose answer the test sets, recording what it saw.
+#[derive(Default)]
+struct TestDecider {
+    answer: Mutex<Option<Verdict>>,
+    seen: Mutex<Vec<(FlowKey, Option<u8>)>>,
+}
+
+impl TestDecider {
+    fn answer(&self, v: Option<Verdict>) {
+        *self.answer.lock().unwrap() = v;
+    }
+    fn syns_to(&self, port: u16) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, f)| {
+                k.proto == PROTO_TCP && k.dport == port && f.is_some_and(|f| f & TCP_SYN != 0)
+            })
+            .count()
+    }
+}
+
+impl Decider for TestDecider {
+    fn decide(&self, pkt: &PacketInfo) -> Verdict {
+        self.seen
+            .lock()
+            .unwrap()
+            .push((*pkt.key(), pkt.headers.tcp_flags));
+        // None: panic (without holding a lock), to check a panicking decider fails open
+        let answer = *self.answer.lock().unwrap();
+        answer.expect("test decider told to panic")
+    }
+}
+
+/// Sets up lo, the ruleset and a listener on 127.0.0.1:PORT. None: the kernel can't.
+fn setup(ns: &Netns, num: u16, fanout: u16, layout: &MarkLayout) -> Option<TcpListener> {
+    let caps = ns.run(brdivert::probe::probe);
+    if !caps.xt_nfqueue {
+        eprintln!("skipping: kernel lacks xt NFQUEUE through nft compat");
+        return None;
+    }
+    let st = std::process::Command::new("ip")
+        .args(["-n", &ns.name, "link", "set", "lo", "up"])
+        .status()
+        .expect("ip link");
+    assert!(st.success());
+    ns.run(|| netlink::apply(&ruleset(num, fanout, layout)))
+        .expect("apply queue ruleset");
+    Some(
+        ns.run(|| TcpListener::bind(("127.0.0.1", PORT)))
+            .expect("listen"),
+    )
+}
+
+fn connect(ns: &Netns) -> std::io::Result<TcpStream> {
+    let addr: SocketAddr = ([127, 0, 0, 1], PORT).into();
+    ns.run(|| TcpStream::connect_timeout(&addr, Duration::from_millis(1500)))
+}
+
+#[test]
+fn queue_decisions_marks_drops_and_fail_open() {
+    let Some(ns) = netns_or_skip("queue_decisions_marks_drops_and_fail_open") else {
+        return;
+    };
+    let layout = MarkLayout::default();
+    let Some(_listener) = setup(&ns, 7, 1, &layout) else {
+        return;
+    };
+    let decider = Arc::new(TestDecider::default());
+    decider.answer(Some(Verdict::Divert(5)));
+    let cfg = QueueConfig {
+        num: 7,
+        count: 1,
+        layout,
+        ..QueueConfig::default()
+    };
+    let engine = ns
+        .run(|| QueueEngine::start(cfg.clone(), decider.clone() as Arc<dyn Decider>))
+        .expect("start engine");
+    assert!(engine.is_running());
+    let bound = ns.run(sys::kernel_queues).expect("kernel queues");
+    let q = bound.iter().find(|q| q.num == 7).expect("queue 7 bound");
+    assert_eq!(q.copy_range, 128, "headers only");
+
+    // Divert(5): connects, the decider saw the SYN, the later chain saw the mark
+    connect(&ns).expect("connect with Divert");
+    assert!(decider.syns_to(PORT) >= 1, "decider saw no SYN");
+    assert!(counter(&ns, "diverted") >= 1, "{}", ns.list("inet", TABLE));
+    let stats = engine.stats();
+    assert!(stats.totals().divert >= 1);
+
+    // Bypass: connects, with the bypass mark
+    decider.answer(Some(Verdict::Bypass));
+    let before = counter(&ns, "diverted");
+    connect(&ns).expect("connect with Bypass");
+    assert!(counter(&ns, "bypassed") >= 1);
+    assert_eq!(counter(&ns, "diverted"), before, "bypass cleared the tag");
+
+    // Drop: the SYN (and its retransmissions) never arrive
+    decider.answer(Some(Verdict::Drop));
+    let e = connect(&ns).expect_err("connect must fail with Drop");
+    assert!(
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+        ),
+        "{e}"
+    );
+    assert!(stats.totals().drop >= 1);
+
+    // a panicking decider is answered as bypass
+    decider.answer(None);
+    connect(&ns).expect("connect with a panicking decider");
+    assert!(stats.totals().decider_panics >= 1);
+
+    let t = stats.totals();
+    assert!(
+        t.packets >= t.divert + t.bypass + t.drop && t.packets > 0,
+        "{t:?}"
+    );
+    assert_eq!(t.parse_errors, 0);
+    assert!(stats.latency.count() >= t.packets - 1);
+    assert!(stats.latency.p99().is_some());
+    eprintln!(
+        "verdict latency p50 {:?} p99 {:?}, {t:?}",
+        stats.latency.p50(),
+        stats.latency.p99()
+    );
+
+    // stopped: the queue is unbound and the rule's bypass lets traffic through
+    let seen = decider.seen.lock().unwrap().len();
+    let stats = Arc::clone(engine.stats());
+    engine.stop();
+    let bound = ns.run(sys::kernel_queues).unwrap_or_default();
+    assert!(bound.iter().all(|q| q.num != 7), "still bound: {bound:?}");
+    connect(&ns).expect("connect with the engine stopped (bypass)");
+    assert_eq!(decider.seen.lock().unwrap().len(), seen);
+    assert!(counter(&ns, "queued") > stats.totals().packets);
+}
+
+#[test]
+fn fanout_binds_every_queue_and_restarts() {
+    let Some(ns) = netns_or_skip("fanout_binds_every_queue_and_restarts") else {
+        return;
+    };
+    let layout = MarkLayout::default();
+    let Some(_listener) = setup(&ns, 20, 3, &layout) else {
+        return;
+    };
+    let decider: Arc<dyn Decider> = Arc::new(|_: &PacketInfo| Verdict::Divert(5));
+    let cfg = QueueConfig {
+        num: 20,
+        count: 3,
+        layout,
+        ..QueueConfig::default()
+    };
+    for round in 0..2 {
+        let engine = ns
+            .run(|| QueueEngine::start(cfg.clone(), Arc::clone(&decider)))
+            .unwrap_or_else(|e| panic!("start, round {round}: {e:#}"));
+        assert_eq!(engine.queues(), &[20, 21, 22]);
+        let bound = ns.run(sys::kernel_queues).expect("kernel queues");
+        for n in 20..23 {
+            assert!(bound.iter().any(|q| q.num == n), "{n} not bound: {bound:?}");
+        }
+        // a second engine on the same queues is refused, and leaves the first intact
+        let e = ns
+            .run(|| QueueEngine::start(cfg.clone(), Arc::clone(&decider)))
+            .expect_err("queues already bound");
+        eprintln!("second engine: {e:#}");
+        assert!(engine.is_running());
+        for _ in 0..10 {
+            connect(&ns).expect("connect");
+        }
+        let t = engine.stats().totals();
+        assert!(t.divert >= 10, "{t:?}");
+        let per_queue: u64 = engine
+            .stats()
+            .queues
+            .iter()
+            .map(|q| q.packets.load(Relaxed))
+            .sum();
+        assert_eq!(per_queue, t.packets);
+        engine.stop();
+    }
+}
+
+#[test]
+fn policy_decider_health_lists_and_rate_limit() {
+    let Some(ns) = netns_or_skip("policy_decider_health_lists_and_rate_limit") else {
+        return;
+    };
+    let layout = MarkLayout::default();
+    let Some(_listener) = setup(&ns, 30, 1, &layout) else {
+        return;
+    };
+    let health = HealthFlag::new(true);
+    let lists = ListsHandle::default();
+    let decider = Arc::new(
+        PolicyDecider::new(layout, lists.clone())
+            .with_queues([30], 5)
+            .with_rule(5, health.clone(), Fallback::Drop)
+            .with_rate_limit(RateLimit {
+                per_sec: 0.0,
+                burst: 6.0,
+                on_exceed: Fallback::Bypass,
+                ..RateLimit::default()
+            }),
+    );
+    let cfg = QueueConfig {
+        num: 30,
+        count: 1,
+        layout,
+        ..QueueConfig::default()
+    };
+    let engine = ns
+        .run(|| QueueEngine::start(cfg.clone(), decider.clone() as Arc<dyn Decider>))
+        .expect("start engine");
+    let stats = Arc::clone(engine.stats());
+
+    // healthy: diverted (this test rule queues every packet to PORT, not only the first of
+    // each flow, so each connect spends a few tokens of the source's burst of 6)
+    connect(&ns).expect("healthy");
+    assert!(counter(&ns, "diverted") >= 1);
+    // unhealthy with on_unhealthy = drop: refused
+    health.set(false);
+    connect(&ns).expect_err("unhealthy target, on_unhealthy = drop");
+    health.set(true);
+    // the source is over its burst by now: bypassed
+    let bypassed = counter(&ns, "bypassed");
+    for _ in 0..3 {
+        connect(&ns).expect("over the rate limit: bypass");
+    }
+    assert!(counter(&ns, "bypassed") > bypassed);
+    // deny list wins
+    lists.update(|l| l.deny.insert("127.0.0.0/8".parse().unwrap()));
+    connect(&ns).expect_err("denied");
+    lists.store(Default::default());
+    let t = stats.totals();
+    assert!(t.divert >= 1 && t.drop >= 2 && t.bypass >= 1, "{t:?}");
+    engine.stop();
+}
