@@ -191,6 +191,8 @@ fn queue_decisions_marks_drops_and_fail_open() {
     let bound = ns.run(sys::kernel_queues).expect("kernel queues");
     let q = bound.iter().find(|q| q.num == 7).expect("queue 7 bound");
     assert_eq!(q.copy_range, 128, "headers only");
+    let rcvbuf = engine.stats().queue(7).unwrap().rcvbuf.load(Relaxed);
+    assert!(rcvbuf >= 8 << 20, "receive buffer {rcvbuf}");
 
     // Divert(5): connects, the decider saw the SYN, the later chain saw the mark
     connect(&ns).expect("connect with Divert");
@@ -348,5 +350,50 @@ fn policy_decider_health_lists_and_rate_limit() {
     lists.store(Default::default());
     let t = stats.totals();
     assert!(t.divert >= 1 && t.drop >= 2 && t.bypass >= 1, "{t:?}");
+    engine.stop();
+}
+
+/// With the kernel queue full (max length 1, a slow decider), further packets are accepted
+/// at once (NFQA_CFG_F_FAIL_OPEN) instead of dropped (which would cost a SYN retransmission,
+/// 1 s, each).
+#[test]
+fn full_queue_fails_open() {
+    let Some(ns) = netns_or_skip("full_queue_fails_open") else {
+        return;
+    };
+    let layout = MarkLayout::default();
+    let Some(_listener) = setup(&ns, 40, 1, &layout) else {
+        return;
+    };
+    let decider: Arc<dyn Decider> = Arc::new(|_: &PacketInfo| {
+        std::thread::sleep(Duration::from_millis(400));
+        Verdict::Divert(5)
+    });
+    let cfg = QueueConfig {
+        num: 40,
+        count: 1,
+        max_len: 1,
+        layout,
+        ..QueueConfig::default()
+    };
+    let engine = ns
+        .run(|| QueueEngine::start(cfg.clone(), decider))
+        .expect("start engine");
+    let t0 = std::time::Instant::now();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4).map(|_| s.spawn(|| connect(&ns))).collect();
+        for h in hs {
+            h.join().expect("thread").expect("connect");
+        }
+    });
+    let took = t0.elapsed();
+    // every connect's SYN was either decided (the first, 400 ms) or let through
+    assert!(took < Duration::from_millis(950), "connects took {took:?}");
+    let t = engine.stats().totals();
+    assert!(
+        t.packets < 4 * 3,
+        "some packets bypassed the full queue: {t:?}"
+    );
+    assert!(counter(&ns, "queued") > t.packets);
     engine.stop();
 }

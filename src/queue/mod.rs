@@ -317,10 +317,9 @@ impl QueueEngine {
         for (idx, num) in queues.into_iter().enumerate() {
             // on error `engine` is dropped: started threads stop, their queues unbind
             let (queue, fd) = open_queue(num, &config)?;
-            tracing::debug!(
-                "NFQUEUE {num}: bound, receive buffer {} bytes",
-                sys::rcvbuf(fd).unwrap_or(0)
-            );
+            let rcvbuf = sys::rcvbuf(fd).unwrap_or(0);
+            stats.queues[idx].rcvbuf.store(rcvbuf as u64, Relaxed);
+            tracing::debug!("NFQUEUE {num}: bound, receive buffer {rcvbuf} bytes");
             let w = Worker {
                 queue,
                 num,

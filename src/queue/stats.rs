@@ -110,6 +110,8 @@ pub struct QueueCounters {
     pub kernel_waiting: AtomicU64,
     pub kernel_dropped: AtomicU64,
     pub kernel_user_dropped: AtomicU64,
+    /// The socket receive buffer the kernel granted (bytes).
+    pub rcvbuf: AtomicU64,
 }
 
 /// Everything the engine counts.
