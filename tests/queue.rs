@@ -397,3 +397,58 @@ fn full_queue_fails_open() {
     assert!(counter(&ns, "queued") > t.packets);
     engine.stop();
 }
+
+/// Rough figures, not a pass/fail test: loopback connects a second with every packet to
+/// PORT queued and decided, against the same with the engine stopped (rule bypass), and the
+/// engine's latency histogram. `cargo test --release --test queue -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn queue_rate_figures() {
+    let Some(ns) = netns_or_skip("queue_rate_figures") else {
+        return;
+    };
+    let layout = MarkLayout::default();
+    let Some(listener) = setup(&ns, 50, 2, &layout) else {
+        return;
+    };
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr: SocketAddr = ([127, 0, 0, 1], PORT).into();
+    // all connects from one thread inside the namespace
+    let rate = |n: usize| {
+        ns.run(|| {
+            let t0 = std::time::Instant::now();
+            for _ in 0..n {
+                drop(TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect"));
+                while listener.accept().is_ok() {}
+            }
+            n as f64 / t0.elapsed().as_secs_f64()
+        })
+    };
+    let n = 3000;
+    for pair in 0..4 {
+        // alternate which half of the pair runs first
+        let mut bare = if pair % 2 == 0 { rate(n) } else { 0.0 };
+        let decider: Arc<dyn Decider> = Arc::new(|_: &PacketInfo| Verdict::Divert(5));
+        let cfg = QueueConfig {
+            num: 50,
+            count: 2,
+            layout,
+            ..QueueConfig::default()
+        };
+        let engine = ns.run(|| QueueEngine::start(cfg, decider)).expect("start");
+        let queued = rate(n);
+        let s = Arc::clone(engine.stats());
+        engine.stop();
+        if pair % 2 == 1 {
+            bare = rate(n);
+        }
+        eprintln!(
+            "pair {pair}: {bare:.0} conn/s bypassed, {queued:.0} conn/s queued ({:.2}x); \
+             verdict latency p50 {:?} p99 {:?}; {:?}",
+            queued / bare,
+            s.latency.p50(),
+            s.latency.p99(),
+            s.totals()
+        );
+    }
+}
