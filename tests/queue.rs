@@ -364,9 +364,9 @@ fn policy_decider_health_lists_and_rate_limit() {
     engine.stop();
 }
 
-/// With the kernel queue full (max length 1, a slow decider), further packets are accepted
-/// at once (NFQA_CFG_F_FAIL_OPEN) instead of dropped (which would cost a SYN retransmission,
-/// 1 s, each).
+/// With the kernel queue full (max length 1, the decider holding the one packet), further
+/// packets are accepted at once (NFQA_CFG_F_FAIL_OPEN) instead of dropped (a dropped SYN
+/// costs its connect a 1 s retransmission, longer than the connects here may take).
 #[test]
 fn full_queue_fails_open() {
     let Some(ns) = netns_or_skip("full_queue_fails_open") else {
@@ -376,8 +376,19 @@ fn full_queue_fails_open() {
     let Some(_listener) = setup(&ns, 40, 1, &layout) else {
         return;
     };
-    let decider: Arc<dyn Decider> = Arc::new(|_: &PacketInfo| {
-        std::thread::sleep(Duration::from_millis(400));
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let held_tx = Mutex::new(held_tx);
+    let release_rx = Mutex::new(release_rx);
+    let first = std::sync::atomic::AtomicBool::new(true);
+    let decider: Arc<dyn Decider> = Arc::new(move |_: &PacketInfo| {
+        if first.swap(false, Relaxed) {
+            let _ = held_tx.lock().unwrap().send(());
+            let _ = release_rx
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(5));
+        }
         Verdict::Divert(5)
     });
     let cfg = QueueConfig {
@@ -390,22 +401,25 @@ fn full_queue_fails_open() {
     let engine = ns
         .run(|| QueueEngine::start(cfg.clone(), decider))
         .expect("start engine");
-    let t0 = std::time::Instant::now();
+    let addr: SocketAddr = ([127, 0, 0, 1], PORT).into();
     std::thread::scope(|s| {
-        let hs: Vec<_> = (0..4).map(|_| s.spawn(|| connect(&ns))).collect();
-        for h in hs {
-            h.join().expect("thread").expect("connect");
-        }
+        let held = s.spawn(|| connect(&ns));
+        held_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the decider got the first SYN");
+        // the queue is full now: these go through without a decision
+        ns.run(|| {
+            for i in 0..3 {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(800))
+                    .unwrap_or_else(|e| panic!("connect {i} while the queue is full: {e}"));
+            }
+        });
+        release_tx.send(()).expect("release");
+        held.join().expect("thread").expect("the held connect");
     });
-    let took = t0.elapsed();
-    // every connect's SYN was either decided (the first, 400 ms) or let through
-    assert!(took < Duration::from_millis(950), "connects took {took:?}");
+    // more packets hit the queueing rule than reached the engine
     let t = engine.stats().totals();
-    assert!(
-        t.packets < 4 * 3,
-        "some packets bypassed the full queue: {t:?}"
-    );
-    assert!(counter(&ns, "queued") > t.packets);
+    assert!(counter(&ns, "queued") > t.packets, "{t:?}");
     engine.stop();
 }
 
