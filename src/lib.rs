@@ -14,5 +14,6 @@ pub mod nft;
 pub mod ops;
 pub mod policy;
 pub mod probe;
+pub mod queue;
 pub mod rules;
 pub mod settings;
