@@ -51,6 +51,8 @@ fn ruleset_with(num: u16, fanout: u16, layout: &MarkLayout, extra: Vec<Match>) -
                 kind: SetKind::InetService,
                 interval: true,
                 elements: vec![SetElem::Ports(PORT, PORT)],
+                dynamic: None,
+                keep: false,
             }],
             chains: vec![
                 Chain {
