@@ -6,6 +6,7 @@
 //! `probe` says what the running kernel can do; `lab` builds the namespace lab.
 
 pub mod cli;
+pub mod daemon;
 pub mod diag;
 pub mod lab;
 pub mod link;
