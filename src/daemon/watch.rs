@@ -16,9 +16,12 @@ pub const DEBOUNCE: Duration = Duration::from_millis(300);
 
 /// The watched files and what they looked like (None: missing).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Fingerprint(pub Vec<(PathBuf, Option<(SystemTime, u64, u64)>)>);
+pub struct Fingerprint(pub Vec<(PathBuf, Option<Stamp>)>);
 
-fn stat(p: &Path) -> Option<(SystemTime, u64, u64)> {
+/// Modification time, size, inode.
+pub type Stamp = (SystemTime, u64, u64);
+
+fn stat(p: &Path) -> Option<Stamp> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(p).ok()?;
     Some((m.modified().ok()?, m.len(), m.ino()))
