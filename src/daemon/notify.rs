@@ -28,8 +28,8 @@ impl Notifier {
         self.target.is_some()
     }
 
-    /// Send `state` (newline-separated `KEY=VALUE` lines). Errors are returned for logging;
-    /// callers never stop because systemd did not hear them.
+    /// Send `state` (newline-separated `KEY=VALUE` lines), without blocking. Errors are
+    /// returned for logging; callers never stop because systemd did not hear them.
     pub fn notify(&self, state: &str) -> io::Result<()> {
         let Some(target) = &self.target else {
             return Ok(());
@@ -40,6 +40,9 @@ impl Notifier {
             SocketAddr::from_pathname(target)?
         };
         let sock = UnixDatagram::unbound()?;
+        // Never block the daemon on a listener that does not read (a full queue drops
+        // this message with EAGAIN instead).
+        sock.set_nonblocking(true)?;
         sock.send_to_addr(state.as_bytes(), &addr)?;
         Ok(())
     }
