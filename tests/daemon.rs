@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use brdivert::daemon::control::Status;
 use brdivert::daemon::metrics::parse_exposition;
-use brdivert::lab::{BR_V4, Lab, LabOptions, Ns, Proxy, UP_V4, find_program, in_netns, is_root};
+use brdivert::lab::{
+    BR_V4, L4, Lab, LabOptions, Ns, Proxy, UP_V4, find_program, in_netns, is_root,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_brdivert");
 const METRICS_PORT: u16 = 9477;
@@ -30,12 +32,13 @@ action = "redirect"
 port   = 3129
 "#;
 
-/// Two valid rule sets that both divert tcp/80 (the transfer) and differ elsewhere.
+/// Two valid rule sets that both divert tcp/80 and tcp/8000 (the long transfer) and differ
+/// elsewhere.
 const RULES_A: &str = r#"[[divert]]
 name   = "web"
 from   = ["port-c1", "port-c2"]
 proto  = "tcp"
-dport  = [80]
+dport  = [80, 8000]
 action = "redirect"
 port   = 3129
 
@@ -50,7 +53,7 @@ const RULES_B: &str = r#"[[divert]]
 name   = "web"
 from   = ["port-c1", "port-c2"]
 proto  = "tcp"
-dport  = [80]
+dport  = [80, 8000]
 action = "redirect"
 port   = 3129
 
@@ -444,15 +447,55 @@ missing = [i for i in range(n) if i not in got]
 print(json.dumps({"sent": n, "received": len(got), "missing": len(missing), "first_missing": missing[:10]}), flush=True)
 "#;
 
+/// A slow HTTP server (the test's own, so the lab's origin stays as it is): `GET /slow/N`
+/// answers 16 KiB every 50 ms for N seconds.
+const SLOW_PY: &str = r#"
+import sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        try:
+            secs = float(self.path.split("/")[2])
+        except (IndexError, ValueError):
+            secs = 5.0
+        n = max(1, int(secs * 20))
+        chunk = b"x" * 16384
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(n * len(chunk)))
+        self.end_headers()
+        for _ in range(n):
+            self.wfile.write(chunk)
+            self.wfile.flush()
+            time.sleep(0.05)
+    def log_message(self, *a):
+        pass
+ThreadingHTTPServer.allow_reuse_address = True
+ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
+"#;
+
+const SLOW_PORT: u16 = 8000;
+
 #[test]
 fn reload_under_load() {
-    let Some(lab) = lab() else { return };
+    let Some(mut lab) = lab() else { return };
+    let slow = lab.dir().join("slow.py");
+    std::fs::write(&slow, SLOW_PY).expect("slow.py");
+    lab.spawn(
+        Ns::Up,
+        "slow",
+        &["python3", &slow.to_string_lossy(), &SLOW_PORT.to_string()],
+    )
+    .expect("slow server");
+    lab.wait_listening(Ns::Up, L4::Tcp, SLOW_PORT)
+        .expect("slow server listens");
     lab.write_rules("web", RULES_A).expect("rules");
     let socket = Daemon::configure(&lab, "");
     let d = Daemon::start(&lab, &socket, "load");
 
-    // a long TCP transfer through Squid (tcp/80 is diverted by both rule sets)
-    let secs = 25;
+    // a long TCP transfer through Squid (tcp/8000 is diverted by both rule sets)
+    let secs = 12;
     let expect_bytes = secs * 20 * 16384;
     let curl_out = lab.dir().join("logs").join("curl-slow.out");
     let mut curl = lab
@@ -469,7 +512,7 @@ fn reload_under_load() {
                 "%{http_code} %{size_download}",
                 "-m",
                 "90",
-                &format!("http://{UP_V4}/slow/{secs}"),
+                &format!("http://{UP_V4}:{SLOW_PORT}/slow/{secs}"),
             ],
         )
         .stdin(Stdio::null())

@@ -8,7 +8,6 @@ import json
 import socket
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 NAME, LOG, BIND = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -26,8 +25,6 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self):
-        if self.path.startswith("/slow/"):
-            return self.slow()
         local = self.connection.getsockname()
         seen = {
             "server": NAME,
@@ -48,23 +45,6 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("X-Lab-Peer", seen["peer"])
         self.end_headers()
         self.wfile.write(body)
-
-    def slow(self):
-        # /slow/SECONDS: 16 KiB every 50 ms for SECONDS (a long transfer for reload tests)
-        try:
-            secs = float(self.path.split("/")[2])
-        except (IndexError, ValueError):
-            secs = 5.0
-        n = max(1, int(secs * 20))
-        chunk = b"x" * 16384
-        self.send_response(200)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(n * len(chunk)))
-        self.end_headers()
-        for _ in range(n):
-            self.wfile.write(chunk)
-            self.wfile.flush()
-            time.sleep(0.05)
 
     def log_message(self, fmt, *args):
         pass
