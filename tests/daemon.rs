@@ -673,3 +673,50 @@ fn systemd_unit_verifies() {
         "warnings about the unit: {all}"
     );
 }
+
+#[test]
+fn health_state_in_status_and_metrics() {
+    let Some(lab) = lab() else { return };
+    let rules = |target: &str| {
+        format!(
+            "{RULES_WEB}health = {{ connect = \"{target}\", interval = \"200ms\", timeout = \"100ms\", fall = 2, rise = 1 }}\n"
+        )
+    };
+    // nothing listens on port 1: the target goes down after `fall` checks
+    lab.write_rules("web", &rules("127.0.0.1:1"))
+        .expect("rules");
+    let socket = Daemon::configure(&lab, "");
+    let d = Daemon::start(&lab, &socket, "health");
+    wait_until("target down", Duration::from_secs(10), || {
+        d.status().health.iter().any(|h| h.rule == "web" && !h.up)
+    });
+    let out = d.ctl(&["status"]);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("DOWN"), "{s}");
+    let resp = scrape(&lab);
+    let body = resp.split_once("\r\n\r\n").map(|x| x.1).unwrap_or_default();
+    let samples = parse_exposition(body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    let get = |k: &str| samples.iter().find(|(s, _)| s == k).map(|x| x.1);
+    assert_eq!(
+        get("brdivert_health_up{rule=\"web\",target=\"127.0.0.1:1\"}"),
+        Some(0.0),
+        "{body}"
+    );
+    assert_eq!(
+        get("brdivert_health_transitions_total{rule=\"web\",target=\"127.0.0.1:1\",to=\"down\"}"),
+        Some(1.0),
+        "{body}"
+    );
+    // reload with a target that answers (Squid): the restarted checker starts down and
+    // comes up after `rise`
+    lab.write_rules("web", &rules("127.0.0.1:3129"))
+        .expect("rules");
+    let out = d.ctl(&["reload"]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_until("target up", Duration::from_secs(10), || {
+        d.status()
+            .health
+            .iter()
+            .any(|h| h.rule == "web" && h.up && h.to_up == 1 && h.target == "127.0.0.1:3129")
+    });
+}

@@ -24,8 +24,14 @@ pub struct Machine {
 
 impl Machine {
     pub fn new(fall: u32, rise: u32) -> Machine {
+        Machine::starting(fall, rise, true)
+    }
+
+    /// Start in a known state (a checker restarted with new parameters keeps its target's
+    /// state, so the kernel and the machine agree).
+    pub fn starting(fall: u32, rise: u32, up: bool) -> Machine {
         Machine {
-            up: true,
+            up,
             streak: 0,
             fall: fall.max(1),
             rise: rise.max(1),
@@ -84,14 +90,15 @@ pub trait HealthSink: Send + Sync + 'static {
     fn transition(&self, rule: &str, target: SocketAddr, up: bool);
 }
 
-/// Check `h.connect` forever (until the task is aborted).
+/// Check `h.connect` forever (until the task is aborted), starting in state `up`.
 pub async fn run_checker(
     rule: String,
     h: Health,
+    up: bool,
     connector: Arc<dyn Connector>,
     sink: Arc<dyn HealthSink>,
 ) {
-    let mut m = Machine::new(h.fall, h.rise);
+    let mut m = Machine::starting(h.fall, h.rise, up);
     sink.initial(&rule, h.connect, m.up);
     let mut tick = tokio::time::interval(h.interval.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

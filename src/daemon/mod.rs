@@ -80,16 +80,21 @@ pub struct HealthInfo {
 /// What the kernel does when a rule's health changes. The daemon calls it on every
 /// transition and, after each swap (which installs every rule diverting), again for each
 /// rule whose target is down.
+///
+/// Integration with the kernel flip (`nft::netlink::set_rule_health`, being written in
+/// parallel) is one impl:
+/// `netlink::set_rule_health(ops::health_key(settings, policy, rule)?, up)`.
 pub trait HealthFlip: Send + Sync + 'static {
-    fn set(&self, settings: &Settings, rule: &str, up: bool) -> anyhow::Result<()>;
+    fn set(&self, settings: &Settings, policy: &Policy, rule: &str, up: bool)
+    -> anyhow::Result<()>;
 }
 
-/// Placeholder until the kernel flip API (`nft::netlink::set_rule_health`) lands: logs
-/// only. The state machine, status, metrics and logs all work; the kernel keeps diverting.
+/// Placeholder until the kernel flip API lands: logs only. The state machine, status,
+/// metrics and logs all work; the kernel keeps diverting.
 pub struct LogOnlyFlip;
 
 impl HealthFlip for LogOnlyFlip {
-    fn set(&self, _: &Settings, rule: &str, up: bool) -> anyhow::Result<()> {
+    fn set(&self, _: &Settings, _: &Policy, rule: &str, up: bool) -> anyhow::Result<()> {
         tracing::debug!(rule, up, "health flip: kernel API not wired in this build");
         Ok(())
     }
@@ -149,6 +154,7 @@ impl HealthSink for Sink {
         });
         // a restarted checker (changed parameters) starts from the state it had
         e.target = target.to_string();
+        e.up = up;
     }
 
     fn transition(&self, rule: &str, target: SocketAddr, up: bool) {
@@ -158,7 +164,7 @@ impl HealthSink for Sink {
         } else {
             tracing::warn!(rule, %target, "health: target is down; new flows follow on_unhealthy");
         }
-        let settings = {
+        let (settings, policy) = {
             let mut st = sh.state();
             if let Some(h) = st.health.get_mut(rule) {
                 h.up = up;
@@ -169,12 +175,12 @@ impl HealthSink for Sink {
                     h.to_down += 1;
                 }
             }
-            st.settings.clone()
+            (st.settings.clone(), st.policy.clone())
         };
         let flip = sh.flip.clone();
         let rule = rule.to_string();
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = flip.set(&settings, &rule, up) {
+            if let Err(e) = flip.set(&settings, &policy, &rule, up) {
                 tracing::error!(rule, "health flip failed: {e:#}");
             }
         });
@@ -204,9 +210,11 @@ fn sync_health(shared: &Arc<Shared>, st: &mut State) {
             continue;
         }
         let sink: Arc<dyn HealthSink> = Arc::new(Sink(Arc::downgrade(shared)));
+        let up = st.health.get(&name).is_none_or(|i| i.up);
         let task = tokio::spawn(health::run_checker(
             name.clone(),
             h.clone(),
+            up,
             shared.connector.clone(),
             sink,
         ));
@@ -290,6 +298,7 @@ pub async fn reload(shared: &Arc<Shared>, trigger: &str) -> ReloadResult {
                 Err(Failure::Refused(t)) => failed(shared, trigger, fp, anyhow::anyhow!("{t}")),
                 Ok(info) => {
                     let down: Vec<String>;
+                    let policy_now = policy.clone();
                     let msg = format!(
                         "applied {} rules to bridge {}",
                         info.rules, settings.bridge.name
@@ -317,7 +326,7 @@ pub async fn reload(shared: &Arc<Shared>, trigger: &str) -> ReloadResult {
                     let flip = shared.flip.clone();
                     let _ = tokio::task::spawn_blocking(move || {
                         for rule in down {
-                            if let Err(e) = flip.set(&settings, &rule, false) {
+                            if let Err(e) = flip.set(&settings, &policy_now, &rule, false) {
                                 tracing::error!(rule, "health flip after reload: {e:#}");
                             }
                         }
