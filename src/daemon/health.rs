@@ -166,7 +166,13 @@ mod tests {
             fall: 3,
             rise: 2,
         };
-        let task = tokio::spawn(run_checker("web".into(), h, fake.clone(), log.clone()));
+        let task = tokio::spawn(run_checker(
+            "web".into(),
+            h,
+            true,
+            fake.clone(),
+            log.clone(),
+        ));
         tokio::time::sleep(Duration::from_millis(2500)).await;
         assert!(log.0.lock().unwrap().is_empty());
         fake.0.store(false, Ordering::SeqCst);
