@@ -86,7 +86,14 @@ pub fn bind(path: &Path) -> Result<UnixListener, Failure> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| ctx("creating its directory", e))?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(Failure::Runtime(anyhow::anyhow!(
+                "control socket {}: exists and is not a socket; remove it or set [control] socket",
+                path.display()
+            )));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(Failure::Runtime(anyhow::anyhow!(
                 "control socket {}: another brdivert daemon is running (it answered)",
@@ -297,5 +304,10 @@ mod tests {
         drop(l);
         // stale (nobody listens): replaced
         let _l = bind(&p).unwrap();
+        // not a socket: left alone, refused
+        let f = dir.path().join("file");
+        std::fs::write(&f, "x").unwrap();
+        assert!(bind(&f).is_err());
+        assert!(f.exists());
     }
 }

@@ -470,7 +470,13 @@ async fn serve(config: &Path, settings: Settings, policy: Policy) -> Result<Stri
     let control_listener = control::bind(&control_path)?;
     let metrics_listener = metrics::bind(&settings.metrics.listen).await?;
 
-    let installed = ops::install(&settings, &policy).await?;
+    let installed = match ops::install(&settings, &policy).await {
+        Ok(i) => i,
+        Err(e) => {
+            let _ = std::fs::remove_file(&control_path);
+            return Err(e);
+        }
+    };
     let msg = format!(
         "applied {} rules to bridge {} ({})",
         installed.rules,
