@@ -116,6 +116,10 @@ impl Daemon {
     }
 
     fn start(lab: &Lab, socket: &Path, name: &str) -> Daemon {
+        Daemon::start_with(lab, socket, name, &[])
+    }
+
+    fn start_with(lab: &Lab, socket: &Path, name: &str, env: &[(&str, &str)]) -> Daemon {
         let notify_path = lab.dir().join(format!("notify-{name}.sock"));
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
@@ -131,6 +135,7 @@ impl Daemon {
             .env(brdivert::link::STATE_DIR_ENV, lab.dir().join("state"))
             .env("NOTIFY_SOCKET", &notify_path)
             .env("BRDIVERT_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -397,12 +402,17 @@ fn daemon_lifecycle() {
 }
 
 #[test]
-fn flush_on_exit_removes_rules() {
+fn flush_on_exit_and_watchdog() {
     let Some(lab) = lab() else { return };
     lab.write_rules("web", RULES_WEB).expect("rules");
     let socket = Daemon::configure(&lab, "flush_on_exit = true\n");
-    let mut d = Daemon::start(&lab, &socket, "f");
+    // also: the watchdog is fed at half of WATCHDOG_USEC
+    let mut d = Daemon::start_with(&lab, &socket, "f", &[("WATCHDOG_USEC", "400000")]);
     assert!(tables(&lab).contains("brdivert"));
+    let t = Instant::now();
+    d.wait_notify("WATCHDOG=1", Duration::from_secs(5));
+    d.wait_notify("WATCHDOG=1", Duration::from_secs(5));
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     d.signal(libc::SIGTERM);
     assert!(
         d.wait_exit(Duration::from_secs(10)).success(),
