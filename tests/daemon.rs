@@ -293,6 +293,24 @@ fn daemon_lifecycle() {
     // intercept works through the daemon's install
     intercepted(&lab, "/d-first");
 
+    // the daemon's netlink counter dump agrees with what nft lists
+    let ours = in_netns(&lab.ns(Ns::Br), brdivert::daemon::counters::read).expect("read");
+    let listing = lab
+        .exec_ok(Ns::Br, &["nft", "list", "table", "bridge", "brdivert"])
+        .expect("nft list");
+    let mut nft_web = 0u64;
+    for line in listing.lines().filter(|l| l.contains("comment \"web\"")) {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        if let Some(i) = w.iter().position(|&x| x == "packets") {
+            nft_web += w
+                .get(i + 1)
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    assert!(nft_web > 0, "{listing}");
+    assert_eq!(ours["web"].diverted.packets, nft_web, "{listing}");
+
     // control socket: 0600
     let mode = std::fs::metadata(&socket)
         .expect("socket")

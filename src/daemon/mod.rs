@@ -462,6 +462,10 @@ pub fn run(config: &Path) -> Result<String, Failure> {
 }
 
 async fn serve(config: &Path, settings: Settings, policy: Policy) -> Result<String, Failure> {
+    // Handlers first: an early SIGHUP must not kill the daemon (its default action).
+    let mut sighup = signal(SignalKind::hangup()).map_err(anyhow::Error::from)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(anyhow::Error::from)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(anyhow::Error::from)?;
     let notifier = Notifier::from_env();
     let fp = watch::fingerprint(config);
     // The control socket first: a daemon already serving it means this one must not touch
@@ -520,10 +524,6 @@ async fn serve(config: &Path, settings: Settings, policy: Policy) -> Result<Stri
         let mut st = shared.state();
         sync_health(&shared, &mut st);
     }
-
-    let mut sighup = signal(SignalKind::hangup()).map_err(anyhow::Error::from)?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(anyhow::Error::from)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(anyhow::Error::from)?;
 
     let mut tasks: Vec<JoinHandle<()>> = vec![
         tokio::spawn(control::serve(control_listener, shared.clone())),
