@@ -67,6 +67,9 @@ pub struct Status {
     pub uptime_seconds: f64,
     pub started: f64,
     pub rules: Vec<RuleStatus>,
+    /// Packets of established flows handled by the flow-pinning rule (all rules together).
+    #[serde(default)]
+    pub pinned: super::counters::Count,
     /// Set when the kernel's counters could not be read (the totals then miss them).
     pub counters_error: Option<String>,
     pub health: Vec<HealthInfo>,
@@ -242,6 +245,20 @@ pub fn format_status(s: &Status) -> String {
             c.diverted.bytes,
             c.exempted.packets,
             c.exempted.bytes
+        );
+        if c.unhealthy.packets > 0 {
+            let _ = writeln!(
+                o,
+                "  {:<16} while unhealthy: {} pkts {} bytes bypassed/dropped",
+                "", c.unhealthy.packets, c.unhealthy.bytes
+            );
+        }
+    }
+    if s.pinned.packets > 0 {
+        let _ = writeln!(
+            o,
+            "  pinned flows: {} pkts {} bytes",
+            s.pinned.packets, s.pinned.bytes
         );
     }
     if let Some(e) = &s.counters_error {

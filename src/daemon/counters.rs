@@ -6,8 +6,10 @@
 //! The compiler names rules by comment (see `nft::compile`): in each rule's own chain the
 //! rule commented `NAME` applies the action (counted as "diverted"), rules commented
 //! `NAME: except_src` / `NAME: except_dst` return exempted packets (counted as "exempted").
-//! Other comments (`NAME: reply`, the `inet` table's rules) are not summed, so a packet is
-//! counted once.
+//! `NAME: down` (the health flip's bypass/drop rule) counts as "unhealthy". A comment
+//! without `: ` that names no rule (the flow-pinning rule `pinned`) is kept under its own
+//! name ([`PINNED`]). Other comments (`NAME: reply`, `NAME: health`, the `inet` table's
+//! rules) are not summed, so a packet is counted once.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -34,12 +36,17 @@ impl std::ops::AddAssign for Count {
 pub struct RuleCounts {
     pub diverted: Count,
     pub exempted: Count,
+    /// New flows bypassed or dropped while the rule's health target was down (rules
+    /// commented `NAME: down`, from the health-flip compile shape).
+    #[serde(default)]
+    pub unhealthy: Count,
 }
 
 impl std::ops::AddAssign for RuleCounts {
     fn add_assign(&mut self, o: RuleCounts) {
         self.diverted += o.diverted;
         self.exempted += o.exempted;
+        self.unhealthy += o.unhealthy;
     }
 }
 
@@ -50,6 +57,9 @@ pub struct KernelRule {
     pub comment: Option<String>,
     pub counter: Option<Count>,
 }
+
+/// The comment of the flow-pinning rule (packets of established, pinned flows).
+pub const PINNED: &str = "pinned";
 
 const NETLINK_NETFILTER: i32 = 12;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -87,6 +97,8 @@ pub fn summarize(rules: &[KernelRule]) -> BTreeMap<String, RuleCounts> {
         if let Some((name, what)) = comment.split_once(": ") {
             if what.starts_with("except_") {
                 out.entry(name.to_string()).or_default().exempted += c;
+            } else if what == "down" {
+                out.entry(name.to_string()).or_default().unhealthy += c;
             }
         } else {
             out.entry(comment.clone()).or_default().diverted += c;
@@ -357,11 +369,16 @@ mod tests {
             k("web", c(5)), // the IPv6 rule of the same policy rule
             k("web: reply", c(50)),
             k("vip", c(3)),
+            k("vip: down", c(4)),
+            k("vip: health", c(40)),
+            k("pinned", c(9)),
         ];
         let s = summarize(&rules);
         assert_eq!(s["web"].diverted.packets, 15);
         assert_eq!(s["web"].exempted.packets, 3);
         assert_eq!(s["web"].exempted.bytes, 300);
         assert_eq!(s["vip"].diverted.packets, 3);
+        assert_eq!(s["vip"].unhealthy.packets, 4);
+        assert_eq!(s[PINNED].diverted.packets, 9);
     }
 }

@@ -124,7 +124,7 @@ pub fn render(st: &Status) -> String {
     );
     let _ = writeln!(o, "brdivert_start_time_seconds {:.3}", st.started);
     type Pick = fn(&super::counters::RuleCounts) -> u64;
-    let per_rule: [(&str, &str, Pick); 4] = [
+    let per_rule: [(&str, &str, Pick); 6] = [
         (
             "brdivert_rule_diverted_packets_total",
             "Packets the rule's action took (diverted; for pass/drop rules: passed/dropped).",
@@ -145,6 +145,16 @@ pub fn render(st: &Status) -> String {
             "Bytes the rule's exemptions exempted.",
             |c| c.exempted.bytes,
         ),
+        (
+            "brdivert_rule_unhealthy_packets_total",
+            "Packets of new flows bypassed or dropped while the rule's target was down.",
+            |c| c.unhealthy.packets,
+        ),
+        (
+            "brdivert_rule_unhealthy_bytes_total",
+            "Bytes of those.",
+            |c| c.unhealthy.bytes,
+        ),
     ];
     for (name, help, pick) in per_rule {
         family(&mut o, name, "counter", help);
@@ -158,6 +168,20 @@ pub fn render(st: &Status) -> String {
             );
         }
     }
+    family(
+        &mut o,
+        "brdivert_pinned_packets_total",
+        "counter",
+        "Packets of established flows kept on their path by flow pinning (all rules).",
+    );
+    let _ = writeln!(o, "brdivert_pinned_packets_total {}", st.pinned.packets);
+    family(
+        &mut o,
+        "brdivert_pinned_bytes_total",
+        "counter",
+        "Bytes of those.",
+    );
+    let _ = writeln!(o, "brdivert_pinned_bytes_total {}", st.pinned.bytes);
     family(
         &mut o,
         "brdivert_health_up",
@@ -343,6 +367,7 @@ mod tests {
                 families: vec!["ipv4".into()],
                 counters: Default::default(),
             }],
+            pinned: Default::default(),
             counters_error: None,
             health: vec![HealthInfo {
                 rule: "web".into(),

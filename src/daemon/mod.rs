@@ -427,6 +427,14 @@ pub async fn snapshot(shared: &Arc<Shared>) -> control::Status {
         Err(e) => (BTreeMap::new(), Some(e.to_string())),
     };
     let st = shared.state();
+    let mut pinned = st
+        .base
+        .get(counters::PINNED)
+        .map(|c| c.diverted)
+        .unwrap_or_default();
+    if let Some(k) = kernel.get(counters::PINNED) {
+        pinned += k.diverted;
+    }
     control::Status {
         version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),
@@ -435,6 +443,7 @@ pub async fn snapshot(shared: &Arc<Shared>) -> control::Status {
         uptime_seconds: shared.started_mono.elapsed().as_secs_f64(),
         started: shared.started,
         rules: rule_rows(&st, &kernel),
+        pinned,
         counters_error: err,
         health: st.health.values().cloned().collect(),
         last_reload: st.last_reload.clone(),
