@@ -481,10 +481,14 @@ async fn serve(config: &Path, settings: Settings, policy: Policy) -> Result<Stri
     // the kernel.
     let control_path = settings.control.socket.clone();
     let control_listener = control::bind(&control_path)?;
-    let metrics_listener = metrics::bind(&settings.metrics.listen).await?;
-
-    let installed = match ops::install(&settings, &policy).await {
-        Ok(i) => i,
+    let started = async {
+        let metrics_listener = metrics::bind(&settings.metrics.listen).await?;
+        let installed = ops::install(&settings, &policy).await?;
+        Ok::<_, Failure>((metrics_listener, installed))
+    }
+    .await;
+    let (metrics_listener, installed) = match started {
+        Ok(x) => x,
         Err(e) => {
             let _ = std::fs::remove_file(&control_path);
             return Err(e);
