@@ -176,7 +176,19 @@ impl Daemon {
             if let Some(c) = self.child.as_mut()
                 && let Ok(Some(st)) = c.try_wait()
             {
-                panic!("brdivert run exited ({st}) before {what}:\n{}", self.log());
+                // it may have sent `what` just before exiting: drain what is queued
+                while let Ok(n) = self.notify.recv(&mut buf) {
+                    let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    let hit = m.lines().any(|l| l == what);
+                    seen.push(m);
+                    if hit {
+                        return seen;
+                    }
+                }
+                panic!(
+                    "brdivert run exited ({st}) before {what} (saw {seen:?}):\n{}",
+                    self.log()
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -613,10 +625,19 @@ fn reload_under_load() {
     let took = started.elapsed();
     eprintln!("100 reloads (+1 refused) in {took:?}");
     assert_eq!(refused, 1);
-    assert!(
-        curl.try_wait().expect("curl").is_none(),
-        "the transfer must still run while the reloads happen (they took {took:?})"
-    );
+    if let Some(st) = curl.try_wait().expect("curl") {
+        let mut err = String::new();
+        if let Some(mut e) = curl.stderr.take() {
+            e.read_to_string(&mut err).ok();
+        }
+        panic!(
+            "the transfer must still run while the reloads happen (they took {took:?}); curl \
+             ended ({st}): {err} {}\nSquid cache.log:\n{}\ndaemon log:\n{}",
+            std::fs::read_to_string(&curl_out).unwrap_or_default(),
+            lab.squid_cache_log(),
+            d.log()
+        );
+    }
     let after = d.status();
     assert!(after.reloads.ok >= 100, "{:?}", after.reloads);
     assert!(after.reloads.refused >= 1, "{:?}", after.reloads);
