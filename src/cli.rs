@@ -33,6 +33,24 @@ pub enum Command {
     Apply,
     /// Remove everything brdivert created (its tables, routing entries, its bridge if created)
     Flush,
+    /// The daemon: set up like `apply`, then serve reloads, the control socket, metrics and
+    /// health checks (`sd_notify` for systemd `Type=notify`)
+    Run,
+    /// Ask the running daemon to reload (exit 0 ok, 2 refused file, 1 daemon not reachable)
+    Reload {
+        /// Control socket (default: `[control] socket` of the settings file)
+        #[arg(long, env = "BRDIVERT_SOCKET")]
+        socket: Option<PathBuf>,
+    },
+    /// Show the running daemon's rules, counters, health and last reload
+    Status {
+        /// Machine-readable JSON
+        #[arg(long)]
+        json: bool,
+        /// Control socket (default: `[control] socket` of the settings file)
+        #[arg(long, env = "BRDIVERT_SOCKET")]
+        socket: Option<PathBuf>,
+    },
     /// The throw-away network-namespace lab
     Lab {
         #[command(subcommand)]
@@ -68,6 +86,8 @@ pub fn main() -> i32 {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // no colour codes in the journal or in log files
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(&cli) {
         Ok(out) => {
@@ -90,6 +110,9 @@ fn run(cli: &Cli) -> Result<String, Failure> {
         Command::Render => ops::render_text(cfg),
         Command::Apply => ops::apply(cfg),
         Command::Flush => ops::flush(cfg),
+        Command::Run => crate::daemon::run(cfg),
+        Command::Reload { socket } => client_reload(&control_socket(cfg, socket)),
+        Command::Status { json, socket } => client_status(&control_socket(cfg, socket), *json),
         Command::Lab { action } => {
             let exe = std::env::current_exe().map_err(anyhow::Error::from)?;
             match action {
@@ -99,5 +122,62 @@ fn run(cli: &Cli) -> Result<String, Failure> {
             }
             .map_err(Failure::Runtime)
         }
+    }
+}
+
+/// The control socket: `--socket`, else `[control] socket` read leniently from the settings
+/// file (a reload is often wanted exactly when that file has an error elsewhere), else the
+/// default.
+fn control_socket(cfg: &std::path::Path, explicit: &Option<PathBuf>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.clone();
+    }
+    let from_file = std::fs::read_to_string(cfg)
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .and_then(|t| t.get("control")?.get("socket")?.as_str().map(PathBuf::from));
+    from_file.unwrap_or_else(|| crate::settings::ControlSettings::default().socket)
+}
+
+fn unreachable(path: &std::path::Path, e: std::io::Error) -> Failure {
+    Failure::Runtime(anyhow::anyhow!(
+        "daemon not reachable on {}: {e} (is `brdivert run` running?)",
+        path.display()
+    ))
+}
+
+/// A long timeout: a reload waits for one in progress and for the kernel transaction.
+const CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn client_reload(path: &std::path::Path) -> Result<String, Failure> {
+    let resp = crate::daemon::control::request(path, "reload", CLIENT_TIMEOUT)
+        .map_err(|e| unreachable(path, e))?;
+    let Some(r) = resp.reload else {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "daemon: {}",
+            resp.error.unwrap_or_else(|| "no reload result".into())
+        )));
+    };
+    let text = format!("reload {}: {}", r.result, r.message);
+    match r.result.as_str() {
+        "ok" => Ok(text),
+        "refused" => Err(Failure::Refused(text)),
+        _ => Err(Failure::Runtime(anyhow::anyhow!("{text}"))),
+    }
+}
+
+fn client_status(path: &std::path::Path, json: bool) -> Result<String, Failure> {
+    let resp = crate::daemon::control::request(path, "status", CLIENT_TIMEOUT)
+        .map_err(|e| unreachable(path, e))?;
+    let Some(st) = resp.status else {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "daemon: {}",
+            resp.error.unwrap_or_else(|| "no status".into())
+        )));
+    };
+    if json {
+        serde_json::to_string_pretty(&st).map_err(|e| Failure::Runtime(e.into()))
+    } else {
+        Ok(crate::daemon::control::format_status(&st))
     }
 }

@@ -20,12 +20,14 @@ pub enum Failure {
     Input(Refused),
     /// The system refused or broke (exit 1).
     Runtime(anyhow::Error),
+    /// Bad input found elsewhere (the daemon refused a reload), as text (exit 2).
+    Refused(String),
 }
 
 impl Failure {
     pub fn exit_code(&self) -> i32 {
         match self {
-            Failure::Input(_) => 2,
+            Failure::Input(_) | Failure::Refused(_) => 2,
             Failure::Runtime(_) => 1,
         }
     }
@@ -36,6 +38,7 @@ impl std::fmt::Display for Failure {
         match self {
             Failure::Input(r) => write!(f, "{r}"),
             Failure::Runtime(e) => write!(f, "error: {e:#}"),
+            Failure::Refused(t) => write!(f, "{t}"),
         }
     }
 }
@@ -204,47 +207,98 @@ fn ruleset_for(settings: &Settings, policy: &Policy, mac: Option<[u8; 6]>) -> Ru
     }
 }
 
-/// `brdivert apply`: set up the bridge and apply the rules once (kernel datapath).
-pub fn apply(settings_path: &std::path::Path) -> Result<String, Failure> {
-    let (settings, policy) = load(settings_path)?;
+/// What [`install`] did.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    pub rules: usize,
+    /// The bridge was created (not found).
+    pub created: bool,
+    pub mac: [u8; 6],
+}
+
+/// Refuse what the kernel-datapath install cannot do (before anything changes).
+pub fn check_installable(settings: &Settings) -> Result<(), Refused> {
     if settings.bridge.datapath == Datapath::Userspace {
-        return Err(Failure::Input(Refused(vec![
-            crate::diag::Diagnostic::error(
-                &settings.path,
-                crate::diag::Pos::NONE,
-                "apply sets up the kernel datapath only; with bridge.datapath = \"userspace\" nothing would forward frames without the daemon",
-                "run `brdivert run`, or set bridge.datapath = \"kernel\"",
-            ),
-        ])));
+        return Err(Refused(vec![crate::diag::Diagnostic::error(
+            &settings.path,
+            crate::diag::Pos::NONE,
+            "the userspace datapath is not implemented yet; only the kernel datapath can be set up",
+            "set bridge.datapath = \"kernel\"",
+        )]));
     }
-    let info = link::setup_blocking(&settings).map_err(anyhow::Error::from)?;
-    let t = target(&settings, Some(info.mac));
+    Ok(())
+}
+
+/// THE install path, shared by `brdivert apply` and the daemon (start and every reload):
+/// validated settings + policy in, bridge and links set up, TPROXY routing made to match,
+/// then every brdivert table replaced in one netlink transaction. Idempotent. The netlink
+/// transaction is blocking and runs on tokio's blocking pool.
+pub async fn install(settings: &Settings, policy: &Policy) -> Result<Installed, Failure> {
+    check_installable(settings)?;
+    let info = link::setup(settings).await.map_err(anyhow::Error::from)?;
+    let t = target(settings, Some(info.mac));
     // Routing before rules, so the first TPROXY'd packet already has its local route. A
     // policy without TPROXY keeps it: flows pinned to an earlier TPROXY rule still need it
     // (the tproxy mark is the whole mask, the same for every policy); `flush` removes it.
     if policy.uses_tproxy() {
-        link::setup_tproxy_routing_blocking(&settings.kernel, t.tproxy_mark(), t.mark_mask)
+        link::setup_tproxy_routing(&settings.kernel, t.tproxy_mark(), t.mark_mask)
+            .await
             .map_err(anyhow::Error::from)?;
     }
-    let rs = ruleset_for(&settings, &policy, Some(info.mac));
-    netlink::apply(&rs).map_err(anyhow::Error::from)?;
+    let rs = ruleset_for(settings, policy, Some(info.mac));
+    tokio::task::spawn_blocking(move || netlink::apply(&rs))
+        .await
+        .map_err(anyhow::Error::from)?
+        .map_err(anyhow::Error::from)?;
+    Ok(Installed {
+        rules: policy.rules.len(),
+        created: info.created,
+        mac: info.mac,
+    })
+}
+
+/// Run `fut` on a fresh current-thread runtime (the one-shot commands). Not from inside a
+/// tokio runtime.
+fn block_on<T>(fut: impl Future<Output = Result<T, Failure>>) -> Result<T, Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)?
+        .block_on(fut)
+}
+
+/// `brdivert apply`: set up the bridge and apply the rules once (kernel datapath).
+pub fn apply(settings_path: &std::path::Path) -> Result<String, Failure> {
+    let (settings, policy) = load(settings_path)?;
+    let info = block_on(install(&settings, &policy))?;
     Ok(format!(
         "applied {} rules to bridge {} ({}; {} ports)",
-        policy.rules.len(),
+        info.rules,
         settings.bridge.name,
         if info.created { "created" } else { "existing" },
         settings.bridge.ports.len()
     ))
 }
 
+/// Remove brdivert's tables and undo what [`install`] set up (links, routing). The daemon's
+/// `flush_on_exit` uses this too.
+pub async fn uninstall(settings: &Settings) -> Result<(), Failure> {
+    // Undo the links even when the tables could not be removed; report the first failure.
+    let tables = tokio::task::spawn_blocking(|| {
+        netlink::delete_tables(&[Family::Bridge, Family::Inet], TABLE_NAME)
+    })
+    .await
+    .map_err(anyhow::Error::from)?;
+    let links = link::teardown(settings).await;
+    tables.map_err(anyhow::Error::from)?;
+    links.map_err(anyhow::Error::from)?;
+    Ok(())
+}
+
 /// `brdivert flush`: remove brdivert's tables and undo what `apply` set up.
 pub fn flush(settings_path: &std::path::Path) -> Result<String, Failure> {
     let settings = Settings::load(settings_path)?;
-    // Undo the links even when the tables could not be removed; report the first failure.
-    let tables = netlink::delete_tables(&[Family::Bridge, Family::Inet], TABLE_NAME);
-    let links = link::teardown_blocking(&settings);
-    tables.map_err(anyhow::Error::from)?;
-    links.map_err(anyhow::Error::from)?;
+    block_on(uninstall(&settings))?;
     Ok(format!(
         "flushed brdivert's tables and links for bridge {}",
         settings.bridge.name

@@ -26,6 +26,8 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     #[serde(default)]
     pub kernel: KernelSettings,
+    #[serde(default)]
+    pub daemon: DaemonSettings,
     /// Directory of the settings file (rule paths are resolved against it). Not a key.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -103,6 +105,31 @@ impl Default for MetricsSettings {
     fn default() -> Self {
         MetricsSettings {
             listen: "127.0.0.1:9477".into(),
+        }
+    }
+}
+
+/// How `brdivert run` behaves (not used by the one-shot commands).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonSettings {
+    /// Remove brdivert's tables and links when the daemon stops (SIGTERM/SIGINT). Off by
+    /// default: in the kernel datapath the kernel forwards and diverts on its own, so a
+    /// daemon restart (upgrade, crash, `systemctl restart`) must not disturb traffic.
+    /// `brdivert flush` removes everything explicitly.
+    pub flush_on_exit: bool,
+    /// Reload when the settings file or a rule file changes (polled, debounced).
+    pub watch: bool,
+    /// How often the watcher looks at the files, in milliseconds.
+    pub watch_interval_ms: u64,
+}
+
+impl Default for DaemonSettings {
+    fn default() -> Self {
+        DaemonSettings {
+            flush_on_exit: false,
+            watch: true,
+            watch_interval_ms: 500,
         }
     }
 }

@@ -30,6 +30,7 @@ fn settings(name: &str, ports: &[&str], addrs: &[&str]) -> Settings {
             keep_br_netfilter: true,
             ..Default::default()
         },
+        daemon: Default::default(),
         base_dir: PathBuf::from("/etc/brdivert"),
         path: PathBuf::from("/etc/brdivert/brdivert.toml"),
     }

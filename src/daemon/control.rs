@@ -1,0 +1,330 @@
+//! The control socket: a Unix stream socket (mode 0600, its directory created, a stale
+//! socket replaced) speaking one JSON line each way:
+//!
+//! ```text
+//! -> {"cmd":"status"}          <- {"ok":true,"status":{…}}
+//! -> {"cmd":"reload"}          <- {"ok":true,"reload":{"result":"ok"|"refused"|"failed",…}}
+//! ```
+//! Anything else is answered with `{"ok":false,"error":"…"}`.
+
+use std::fmt::Write as _;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use super::counters::RuleCounts;
+use super::{HealthInfo, ReloadResult, Shared};
+use crate::ops::Failure;
+
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 4096;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request {
+    pub cmd: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload: Option<ReloadResult>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuleStatus {
+    pub name: String,
+    pub action: String,
+    pub families: Vec<String>,
+    pub counters: RuleCounts,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReloadCounts {
+    pub ok: u64,
+    pub refused: u64,
+    pub failed: u64,
+    pub last_success: Option<f64>,
+}
+
+/// What `brdivert status` shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub settings: String,
+    pub bridge: String,
+    pub uptime_seconds: f64,
+    pub started: f64,
+    pub rules: Vec<RuleStatus>,
+    /// Packets of established flows handled by the flow-pinning rule (all rules together).
+    #[serde(default)]
+    pub pinned: super::counters::Count,
+    /// Set when the kernel's counters could not be read (the totals then miss them).
+    pub counters_error: Option<String>,
+    pub health: Vec<HealthInfo>,
+    pub last_reload: Option<ReloadResult>,
+    pub reloads: ReloadCounts,
+}
+
+/// Bind the control socket: create its directory, replace a stale socket (one nobody
+/// answers on), refuse when a daemon already listens, and restrict it to the owner.
+pub fn bind(path: &Path) -> Result<UnixListener, Failure> {
+    let ctx = |what: &str, e: io::Error| {
+        Failure::Runtime(anyhow::anyhow!(
+            "control socket {}: {what}: {e}",
+            path.display()
+        ))
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| ctx("creating its directory", e))?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(Failure::Runtime(anyhow::anyhow!(
+                "control socket {}: exists and is not a socket; remove it or set [control] socket",
+                path.display()
+            )));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Failure::Runtime(anyhow::anyhow!(
+                "control socket {}: another brdivert daemon is running (it answered)",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(|e| ctx("removing the stale socket", e))?;
+    }
+    // Bind with a umask that leaves only the owner's bits, so the socket is never
+    // reachable by others, not even for a moment; nothing else creates files meanwhile
+    // (this runs before the daemon's tasks start).
+    // SAFETY: umask only changes the process's file mode mask.
+    let old = unsafe { libc::umask(0o177) };
+    let l = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let l = l.map_err(|e| ctx("binding", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| ctx("setting mode 0600", e))?;
+    Ok(l)
+}
+
+pub async fn serve(l: UnixListener, shared: Arc<Shared>) {
+    loop {
+        match l.accept().await {
+            Ok((s, _)) => {
+                let sh = shared.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(s, sh).await {
+                        tracing::debug!("control connection: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!("control socket accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn handle(s: UnixStream, shared: Arc<Shared>) -> io::Result<()> {
+    let (r, mut w) = s.into_split();
+    let mut line = String::new();
+    let mut r = BufReader::new(r.take(MAX_REQUEST));
+    tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
+    let resp = match serde_json::from_str::<Request>(line.trim()) {
+        Err(e) => Response::error(format!("bad request: {e}")),
+        Ok(req) => match req.cmd.as_str() {
+            "status" => Response {
+                status: Some(super::snapshot(&shared).await),
+                ..Response::good()
+            },
+            "reload" => Response {
+                reload: Some(super::reload(&shared, "control").await),
+                ..Response::good()
+            },
+            other => Response::error(format!("unknown command {other:?}")),
+        },
+    };
+    let mut out = serde_json::to_string(&resp).map_err(io::Error::other)?;
+    out.push('\n');
+    w.write_all(out.as_bytes()).await?;
+    w.shutdown().await
+}
+
+impl Response {
+    fn good() -> Response {
+        Response {
+            ok: true,
+            error: None,
+            status: None,
+            reload: None,
+        }
+    }
+
+    fn error(msg: String) -> Response {
+        Response {
+            ok: false,
+            error: Some(msg),
+            ..Response::good()
+        }
+    }
+}
+
+/// Client side: send one request, read one response (blocking; for the CLI).
+pub fn request(path: &Path, cmd: &str, timeout: Duration) -> io::Result<Response> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let req = serde_json::to_string(&Request { cmd: cmd.into() }).map_err(io::Error::other)?;
+    s.write_all(format!("{req}\n").as_bytes())?;
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line)?;
+    serde_json::from_str(line.trim()).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad answer from the daemon: {e}"),
+        )
+    })
+}
+
+fn when(t: f64) -> String {
+    let secs = t as i64;
+    let (d, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // civil date from days since the epoch (Howard Hinnant's algorithm), UTC
+    let z = d + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// `brdivert status` for people.
+pub fn format_status(s: &Status) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "brdivert {} (pid {}), bridge {}, settings {}, up {:.0}s",
+        s.version, s.pid, s.bridge, s.settings, s.uptime_seconds
+    );
+    let _ = writeln!(o, "rules ({}):", s.rules.len());
+    for r in &s.rules {
+        let c = &r.counters;
+        let _ = writeln!(
+            o,
+            "  {:<16} {:<8} {:<10} diverted {} pkts {} bytes, exempted {} pkts {} bytes",
+            r.name,
+            r.action,
+            r.families.join("+"),
+            c.diverted.packets,
+            c.diverted.bytes,
+            c.exempted.packets,
+            c.exempted.bytes
+        );
+        if c.unhealthy.packets > 0 {
+            let _ = writeln!(
+                o,
+                "  {:<16} while unhealthy: {} pkts {} bytes bypassed/dropped",
+                "", c.unhealthy.packets, c.unhealthy.bytes
+            );
+        }
+    }
+    if s.pinned.packets > 0 {
+        let _ = writeln!(
+            o,
+            "  pinned flows: {} pkts {} bytes",
+            s.pinned.packets, s.pinned.bytes
+        );
+    }
+    if let Some(e) = &s.counters_error {
+        let _ = writeln!(o, "  (kernel counters unreadable: {e})");
+    }
+    if !s.health.is_empty() {
+        let _ = writeln!(o, "health:");
+        for h in &s.health {
+            let _ = writeln!(
+                o,
+                "  {:<16} {:<22} {} since {} ({} down, {} up transitions)",
+                h.rule,
+                h.target,
+                if h.up { "UP" } else { "DOWN" },
+                when(h.since),
+                h.to_down,
+                h.to_up
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "reloads: {} ok, {} refused, {} failed",
+        s.reloads.ok, s.reloads.refused, s.reloads.failed
+    );
+    if let Some(r) = &s.last_reload {
+        let _ = writeln!(
+            o,
+            "last reload: {} ({}, {}):",
+            r.result,
+            r.trigger,
+            when(r.at)
+        );
+        for l in r.message.lines() {
+            let _ = writeln!(o, "  {l}");
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(when(0.0), "1970-01-01T00:00:00Z");
+        assert_eq!(when(1_700_000_000.0), "2023-11-14T22:13:20Z");
+    }
+
+    #[tokio::test]
+    async fn bind_is_0600_and_replaces_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub/control.sock");
+        let l = bind(&p).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // a live daemon: refused
+        assert!(bind(&p).is_err());
+        drop(l);
+        // stale (nobody listens): replaced
+        let _l = bind(&p).unwrap();
+        // not a socket: left alone, refused
+        let f = dir.path().join("file");
+        std::fs::write(&f, "x").unwrap();
+        assert!(bind(&f).is_err());
+        assert!(f.exists());
+    }
+}

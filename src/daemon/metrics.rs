@@ -1,0 +1,399 @@
+//! Prometheus metrics over a minimal HTTP/1.1 responder: `GET /metrics` answers the text
+//! exposition format (version 0.0.4), one request per connection.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::Shared;
+use super::control::Status;
+use crate::ops::Failure;
+
+pub async fn bind(listen: &str) -> Result<TcpListener, Failure> {
+    TcpListener::bind(listen)
+        .await
+        .map_err(|e| Failure::Runtime(anyhow::anyhow!("metrics.listen {listen}: binding: {e}")))
+}
+
+pub async fn serve(l: TcpListener, shared: Arc<Shared>) {
+    loop {
+        match l.accept().await {
+            Ok((s, _)) => {
+                let sh = shared.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(s, sh).await {
+                        tracing::debug!("metrics connection: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!("metrics accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn handle(mut s: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let head = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let n = s.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.len() > 8192 {
+                break;
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    if head.is_err() {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let mut first = text.lines().next().unwrap_or_default().split_whitespace();
+    let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (code, ctype, body) = if method != "GET" && method != "HEAD" {
+        (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_string(),
+        )
+    } else if path == "/metrics" {
+        let st = super::snapshot(&shared).await;
+        (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            render(&st),
+        )
+    } else if path == "/" {
+        ("200 OK", "text/plain", "brdivert: see /metrics\n".into())
+    } else {
+        ("404 Not Found", "text/plain", "not found\n".into())
+    };
+    let mut resp = format!(
+        "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if method != "HEAD" {
+        resp.push_str(&body);
+    }
+    s.write_all(resp.as_bytes()).await?;
+    s.shutdown().await
+}
+
+/// Escape a label value (backslash, double quote, newline).
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn family(o: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(o, "# HELP {name} {help}");
+    let _ = writeln!(o, "# TYPE {name} {kind}");
+}
+
+/// The exposition text for one status snapshot.
+pub fn render(st: &Status) -> String {
+    let mut o = String::new();
+    family(
+        &mut o,
+        "brdivert_build_info",
+        "gauge",
+        "Build information (always 1).",
+    );
+    let _ = writeln!(
+        o,
+        "brdivert_build_info{{version=\"{}\"}} 1",
+        esc(&st.version)
+    );
+    family(
+        &mut o,
+        "brdivert_start_time_seconds",
+        "gauge",
+        "Unix time the daemon started.",
+    );
+    let _ = writeln!(o, "brdivert_start_time_seconds {:.3}", st.started);
+    type Pick = fn(&super::counters::RuleCounts) -> u64;
+    let per_rule: [(&str, &str, Pick); 6] = [
+        (
+            "brdivert_rule_diverted_packets_total",
+            "Packets the rule's action took (diverted; for pass/drop rules: passed/dropped).",
+            |c| c.diverted.packets,
+        ),
+        (
+            "brdivert_rule_diverted_bytes_total",
+            "Bytes the rule's action took.",
+            |c| c.diverted.bytes,
+        ),
+        (
+            "brdivert_rule_exempted_packets_total",
+            "Packets the rule's except_src/except_dst lists exempted.",
+            |c| c.exempted.packets,
+        ),
+        (
+            "brdivert_rule_exempted_bytes_total",
+            "Bytes the rule's exemptions exempted.",
+            |c| c.exempted.bytes,
+        ),
+        (
+            "brdivert_rule_unhealthy_packets_total",
+            "Packets of new flows bypassed or dropped while the rule's target was down.",
+            |c| c.unhealthy.packets,
+        ),
+        (
+            "brdivert_rule_unhealthy_bytes_total",
+            "Bytes of those.",
+            |c| c.unhealthy.bytes,
+        ),
+    ];
+    for (name, help, pick) in per_rule {
+        family(&mut o, name, "counter", help);
+        for r in &st.rules {
+            let _ = writeln!(
+                o,
+                "{name}{{rule=\"{}\",action=\"{}\"}} {}",
+                esc(&r.name),
+                esc(&r.action),
+                pick(&r.counters)
+            );
+        }
+    }
+    family(
+        &mut o,
+        "brdivert_pinned_packets_total",
+        "counter",
+        "Packets of established flows kept on their path by flow pinning (all rules).",
+    );
+    let _ = writeln!(o, "brdivert_pinned_packets_total {}", st.pinned.packets);
+    family(
+        &mut o,
+        "brdivert_pinned_bytes_total",
+        "counter",
+        "Bytes of those.",
+    );
+    let _ = writeln!(o, "brdivert_pinned_bytes_total {}", st.pinned.bytes);
+    family(
+        &mut o,
+        "brdivert_health_up",
+        "gauge",
+        "1 when the rule's health-check target is up, 0 when down.",
+    );
+    for h in &st.health {
+        let _ = writeln!(
+            o,
+            "brdivert_health_up{{rule=\"{}\",target=\"{}\"}} {}",
+            esc(&h.rule),
+            esc(&h.target),
+            u8::from(h.up)
+        );
+    }
+    family(
+        &mut o,
+        "brdivert_health_transitions_total",
+        "counter",
+        "Health state changes per target, by the state changed to.",
+    );
+    for h in &st.health {
+        for (to, n) in [("down", h.to_down), ("up", h.to_up)] {
+            let _ = writeln!(
+                o,
+                "brdivert_health_transitions_total{{rule=\"{}\",target=\"{}\",to=\"{to}\"}} {n}",
+                esc(&h.rule),
+                esc(&h.target)
+            );
+        }
+    }
+    family(
+        &mut o,
+        "brdivert_reloads_total",
+        "counter",
+        "Reloads by result: ok, refused (bad input, nothing changed), failed (system error).",
+    );
+    for (res, n) in [
+        ("ok", st.reloads.ok),
+        ("refused", st.reloads.refused),
+        ("failed", st.reloads.failed),
+    ] {
+        let _ = writeln!(o, "brdivert_reloads_total{{result=\"{res}\"}} {n}");
+    }
+    family(
+        &mut o,
+        "brdivert_last_reload_success_timestamp_seconds",
+        "gauge",
+        "Unix time of the last successful (re)load, the start included.",
+    );
+    let _ = writeln!(
+        o,
+        "brdivert_last_reload_success_timestamp_seconds {:.3}",
+        st.reloads.last_success.unwrap_or(st.started)
+    );
+    family(
+        &mut o,
+        "brdivert_last_reload_ok",
+        "gauge",
+        "1 when the last reload succeeded, 0 when it was refused or failed.",
+    );
+    let _ = writeln!(
+        o,
+        "brdivert_last_reload_ok {}",
+        u8::from(st.last_reload.as_ref().is_none_or(|r| r.ok()))
+    );
+    family(
+        &mut o,
+        "brdivert_counters_readable",
+        "gauge",
+        "1 when the kernel's rule counters could be read for this scrape.",
+    );
+    let _ = writeln!(
+        o,
+        "brdivert_counters_readable {}",
+        u8::from(st.counters_error.is_none())
+    );
+    o
+}
+
+/// Check `text` is Prometheus text exposition: `# HELP`/`# TYPE` lines, and samples
+/// `name{labels} value` with valid names, quoted labels and a float value. Returns the
+/// samples as (name with labels, value).
+pub fn parse_exposition(text: &str) -> Result<Vec<(String, f64)>, String> {
+    fn valid_name(n: &str) -> bool {
+        let mut cs = n.chars();
+        cs.next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && cs.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    }
+    let mut out = Vec::new();
+    let mut typed = std::collections::HashSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let bad = |why: &str| format!("line {}: {why}: {line:?}", i + 1);
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut w = rest.splitn(3, ' ');
+            match (w.next(), w.next(), w.next()) {
+                (Some("HELP"), Some(n), _) if valid_name(n) => {}
+                (Some("TYPE"), Some(n), Some(t))
+                    if valid_name(n)
+                        && ["counter", "gauge", "histogram", "summary", "untyped"].contains(&t) =>
+                {
+                    if !typed.insert(n.to_string()) {
+                        return Err(bad("second TYPE for a metric"));
+                    }
+                }
+                _ => return Err(bad("bad HELP/TYPE line")),
+            }
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').ok_or_else(|| bad("no value"))?;
+        let v: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            "NaN" => f64::NAN,
+            v => v.parse().map_err(|_| bad("value is not a number"))?,
+        };
+        let name = match series.split_once('{') {
+            None => series,
+            Some((name, labels)) => {
+                let labels = labels
+                    .strip_suffix('}')
+                    .ok_or_else(|| bad("unclosed labels"))?;
+                // label="value" pairs, values quoted with \\ \" \n escapes
+                let mut rest = labels;
+                while !rest.is_empty() {
+                    let (k, after) = rest.split_once("=\"").ok_or_else(|| bad("bad label"))?;
+                    if !valid_name(k) {
+                        return Err(bad("bad label name"));
+                    }
+                    let mut end = None;
+                    let mut esc = false;
+                    for (j, c) in after.char_indices() {
+                        match (esc, c) {
+                            (true, _) => esc = false,
+                            (false, '\\') => esc = true,
+                            (false, '"') => {
+                                end = Some(j);
+                                break;
+                            }
+                            _ => {}
+                        }
+                    }
+                    let end = end.ok_or_else(|| bad("unterminated label value"))?;
+                    rest = &after[end + 1..];
+                    rest = rest.strip_prefix(',').unwrap_or(rest);
+                }
+                name
+            }
+        };
+        if !valid_name(name) {
+            return Err(bad("bad metric name"));
+        }
+        out.push((series.to_string(), v));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::HealthInfo;
+    use super::super::control::{ReloadCounts, RuleStatus};
+    use super::*;
+
+    #[test]
+    fn render_parses() {
+        let st = Status {
+            version: "0.1.0".into(),
+            pid: 1,
+            settings: "/etc/brdivert/brdivert.toml".into(),
+            bridge: "br0".into(),
+            uptime_seconds: 3.0,
+            started: 1_700_000_000.0,
+            rules: vec![RuleStatus {
+                name: "we\"b".into(),
+                action: "redirect".into(),
+                families: vec!["ipv4".into()],
+                counters: Default::default(),
+            }],
+            pinned: Default::default(),
+            counters_error: None,
+            health: vec![HealthInfo {
+                rule: "web".into(),
+                target: "127.0.0.1:3129".into(),
+                up: false,
+                to_down: 1,
+                to_up: 0,
+                since: 0.0,
+            }],
+            last_reload: None,
+            reloads: ReloadCounts {
+                ok: 2,
+                refused: 1,
+                failed: 0,
+                last_success: Some(1_700_000_001.0),
+            },
+        };
+        let text = render(&st);
+        let samples = parse_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert!(
+            samples
+                .iter()
+                .any(|(s, v)| s == "brdivert_reloads_total{result=\"refused\"}" && *v == 1.0)
+        );
+        assert!(samples.iter().any(|(s, _)| s.contains("we\\\"b")));
+        assert!(parse_exposition("bad line").is_err());
+        assert!(parse_exposition("x{a=\"1} 2").is_err());
+    }
+}

@@ -1,0 +1,607 @@
+//! `brdivert run`: the daemon. It installs the policy exactly like `brdivert apply` (one
+//! shared code path, [`crate::ops::install`]), then serves on a small tokio runtime:
+//!
+//! - signals: SIGHUP reloads; SIGTERM/SIGINT stop (rules kept unless
+//!   `[daemon] flush_on_exit = true`, see [`crate::settings::DaemonSettings`]);
+//! - reloads from SIGHUP, `brdivert reload` (control socket) and changed files
+//!   ([`watch`]); each is validated first and swapped in one netlink transaction;
+//! - the control socket ([`control`]) for `status` and `reload`;
+//! - Prometheus metrics ([`metrics`]);
+//! - health checks ([`health`]) of diverting rules' targets;
+//! - `sd_notify` READY / RELOADING / STOPPING / WATCHDOG ([`notify`]).
+//!
+//! Per-rule counters survive reloads: just before each swap the kernel's counters are read
+//! ([`counters`]) and added to running totals kept here.
+
+pub mod control;
+pub mod counters;
+pub mod health;
+pub mod metrics;
+pub mod notify;
+pub mod watch;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::task::JoinHandle;
+
+use crate::ops::{self, Failure};
+use crate::policy::{Family, Health, Policy};
+use crate::settings::Settings;
+use counters::RuleCounts;
+use health::{Connector, HealthSink, TcpConnector};
+use notify::Notifier;
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The outcome of one (re)load.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReloadResult {
+    /// "ok", "refused" (bad input, nothing changed) or "failed" (the system refused; the
+    /// running rules stay, as the swap is one transaction).
+    pub result: String,
+    pub message: String,
+    /// Unix time.
+    pub at: f64,
+    /// "start", "SIGHUP", "control" or "file".
+    pub trigger: String,
+}
+
+impl ReloadResult {
+    pub fn ok(&self) -> bool {
+        self.result == "ok"
+    }
+}
+
+/// Health of one rule's target, as status and metrics show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthInfo {
+    pub rule: String,
+    pub target: String,
+    pub up: bool,
+    /// Transitions to down and to up since the daemon started.
+    pub to_down: u64,
+    pub to_up: u64,
+    /// Unix time of the last transition (or of the first check's start).
+    pub since: f64,
+}
+
+/// What the kernel does when a rule's health changes. The daemon calls it on every
+/// transition and, after each swap (which installs every rule diverting), again for each
+/// rule whose target is down.
+///
+/// Integration with the kernel flip (`nft::netlink::set_rule_health`, being written in
+/// parallel) is one impl:
+/// `netlink::set_rule_health(ops::health_key(settings, policy, rule)?, up)`.
+pub trait HealthFlip: Send + Sync + 'static {
+    fn set(&self, settings: &Settings, policy: &Policy, rule: &str, up: bool)
+    -> anyhow::Result<()>;
+}
+
+/// Placeholder until the kernel flip API lands: logs only. The state machine, status,
+/// metrics and logs all work; the kernel keeps diverting.
+pub struct LogOnlyFlip;
+
+impl HealthFlip for LogOnlyFlip {
+    fn set(&self, _: &Settings, _: &Policy, rule: &str, up: bool) -> anyhow::Result<()> {
+        tracing::debug!(rule, up, "health flip: kernel API not wired in this build");
+        Ok(())
+    }
+}
+
+/// Mutable daemon state (behind a std mutex, held only briefly, never across an await).
+pub struct State {
+    pub settings: Settings,
+    pub policy: Policy,
+    /// Counter totals of the kernel rules that earlier swaps replaced.
+    pub base: BTreeMap<String, RuleCounts>,
+    pub last_reload: Option<ReloadResult>,
+    pub reloads_ok: u64,
+    pub reloads_refused: u64,
+    pub reloads_failed: u64,
+    pub last_success: Option<f64>,
+    pub health: BTreeMap<String, HealthInfo>,
+    health_tasks: HashMap<String, (Health, JoinHandle<()>)>,
+    /// The files as they were at the last (re)load, for the watcher.
+    pub fingerprint: watch::Fingerprint,
+}
+
+/// Everything the daemon's tasks share.
+pub struct Shared {
+    pub config: PathBuf,
+    pub notifier: Notifier,
+    pub started: f64,
+    pub started_mono: Instant,
+    state: Mutex<State>,
+    /// Serializes reloads (and status reads of the kernel counters against swaps).
+    reload_lock: tokio::sync::Mutex<()>,
+    connector: Arc<dyn Connector>,
+    flip: Arc<dyn HealthFlip>,
+}
+
+impl Shared {
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The sink health checkers report to.
+struct Sink(std::sync::Weak<Shared>);
+
+impl HealthSink for Sink {
+    fn initial(&self, rule: &str, target: SocketAddr, up: bool) {
+        let Some(sh) = self.0.upgrade() else { return };
+        let mut st = sh.state();
+        let e = st.health.entry(rule.to_string()).or_insert(HealthInfo {
+            rule: rule.to_string(),
+            target: target.to_string(),
+            up,
+            to_down: 0,
+            to_up: 0,
+            since: unix_now(),
+        });
+        // a restarted checker (changed parameters) starts from the state it had
+        e.target = target.to_string();
+        e.up = up;
+    }
+
+    fn transition(&self, rule: &str, target: SocketAddr, up: bool) {
+        let Some(sh) = self.0.upgrade() else { return };
+        if up {
+            tracing::info!(rule, %target, "health: target is up again; new flows are diverted");
+        } else {
+            tracing::warn!(rule, %target, "health: target is down; new flows follow on_unhealthy");
+        }
+        let (settings, policy) = {
+            let mut st = sh.state();
+            if let Some(h) = st.health.get_mut(rule) {
+                h.up = up;
+                h.since = unix_now();
+                if up {
+                    h.to_up += 1;
+                } else {
+                    h.to_down += 1;
+                }
+            }
+            (st.settings.clone(), st.policy.clone())
+        };
+        let flip = sh.flip.clone();
+        let rule = rule.to_string();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = flip.set(&settings, &policy, &rule, up) {
+                tracing::error!(rule, "health flip failed: {e:#}");
+            }
+        });
+    }
+}
+
+/// (Re)start health checkers to match the policy: unchanged checks keep running (and their
+/// state), changed ones restart, removed ones stop.
+fn sync_health(shared: &Arc<Shared>, st: &mut State) {
+    let wanted: HashMap<String, Health> = st
+        .policy
+        .rules
+        .iter()
+        .filter(|r| r.action.diverts())
+        .filter_map(|r| r.health.clone().map(|h| (r.name.clone(), h)))
+        .collect();
+    st.health_tasks.retain(|name, (h, task)| {
+        let keep = wanted.get(name) == Some(h);
+        if !keep {
+            task.abort();
+        }
+        keep
+    });
+    st.health.retain(|name, _| wanted.contains_key(name));
+    for (name, h) in wanted {
+        if st.health_tasks.contains_key(&name) {
+            continue;
+        }
+        let sink: Arc<dyn HealthSink> = Arc::new(Sink(Arc::downgrade(shared)));
+        let up = st.health.get(&name).is_none_or(|i| i.up);
+        let task = tokio::spawn(health::run_checker(
+            name.clone(),
+            h.clone(),
+            up,
+            shared.connector.clone(),
+            sink,
+        ));
+        st.health_tasks.insert(name, (h, task));
+    }
+}
+
+/// Log a refusal line by line and keep it for status.
+fn refused_message(r: &crate::diag::Refused) -> String {
+    r.to_string()
+}
+
+/// Reload: validate, read counters, swap in one transaction, record the result.
+pub async fn reload(shared: &Arc<Shared>, trigger: &str) -> ReloadResult {
+    let _guard = shared.reload_lock.lock().await;
+    if let Err(e) = shared.notifier.reloading() {
+        tracing::debug!("sd_notify RELOADING: {e}");
+    }
+    let path = shared.config.clone();
+    let loaded = tokio::task::spawn_blocking(move || {
+        let fp = watch::fingerprint(&path);
+        let r = ops::load(&path).and_then(|(s, p)| {
+            ops::check_installable(&s)?;
+            Ok((s, p))
+        });
+        (fp, r)
+    })
+    .await;
+    let (fp, loaded) = match loaded {
+        Ok(x) => x,
+        Err(e) => (
+            watch::Fingerprint::default(),
+            Err(Failure::Runtime(anyhow::anyhow!("reload task: {e}"))),
+        ),
+    };
+    let result = match loaded {
+        Err(Failure::Input(r)) => {
+            let msg = refused_message(&r);
+            for line in msg.lines() {
+                tracing::error!(trigger, "reload refused, running rules kept: {line}");
+            }
+            let mut st = shared.state();
+            st.reloads_refused += 1;
+            st.fingerprint = fp;
+            ReloadResult {
+                result: "refused".into(),
+                message: msg,
+                at: unix_now(),
+                trigger: trigger.into(),
+            }
+        }
+        Err(Failure::Runtime(e)) => failed(shared, trigger, fp, e),
+        Err(Failure::Refused(t)) => failed(shared, trigger, fp, anyhow::anyhow!("{t}")),
+        Ok((settings, policy)) => {
+            let counts = match tokio::task::spawn_blocking(counters::read).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    tracing::warn!(
+                        "reading rule counters before the swap: {e}; this generation's counts are lost"
+                    );
+                    BTreeMap::new()
+                }
+                Err(e) => {
+                    tracing::warn!("reading rule counters: {e}");
+                    BTreeMap::new()
+                }
+            };
+            match ops::install(&settings, &policy).await {
+                Err(Failure::Input(r)) => {
+                    let mut st = shared.state();
+                    st.reloads_refused += 1;
+                    st.fingerprint = fp;
+                    ReloadResult {
+                        result: "refused".into(),
+                        message: refused_message(&r),
+                        at: unix_now(),
+                        trigger: trigger.into(),
+                    }
+                }
+                Err(Failure::Runtime(e)) => failed(shared, trigger, fp, e),
+                Err(Failure::Refused(t)) => failed(shared, trigger, fp, anyhow::anyhow!("{t}")),
+                Ok(info) => {
+                    let down: Vec<String>;
+                    let policy_now = policy.clone();
+                    let msg = format!(
+                        "applied {} rules to bridge {}",
+                        info.rules, settings.bridge.name
+                    );
+                    {
+                        let mut st = shared.state();
+                        for (k, v) in counts {
+                            *st.base.entry(k).or_default() += v;
+                        }
+                        warn_unreloadable(&st.settings, &settings);
+                        st.settings = settings.clone();
+                        st.policy = policy;
+                        st.reloads_ok += 1;
+                        st.last_success = Some(unix_now());
+                        st.fingerprint = fp;
+                        sync_health(shared, &mut st);
+                        down = st
+                            .health
+                            .values()
+                            .filter(|h| !h.up)
+                            .map(|h| h.rule.clone())
+                            .collect();
+                    }
+                    // the swap installed every rule diverting: re-apply what is down
+                    let flip = shared.flip.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        for rule in down {
+                            if let Err(e) = flip.set(&settings, &policy_now, &rule, false) {
+                                tracing::error!(rule, "health flip after reload: {e:#}");
+                            }
+                        }
+                    })
+                    .await;
+                    tracing::info!(trigger, "reload ok: {msg}");
+                    ReloadResult {
+                        result: "ok".into(),
+                        message: msg,
+                        at: unix_now(),
+                        trigger: trigger.into(),
+                    }
+                }
+            }
+        }
+    };
+    shared.state().last_reload = Some(result.clone());
+    if let Err(e) = shared.notifier.ready() {
+        tracing::debug!("sd_notify READY: {e}");
+    }
+    let _ = shared.notifier.status(&format!(
+        "last reload {} ({}): {}",
+        result.result,
+        result.trigger,
+        result.message.lines().next().unwrap_or_default()
+    ));
+    result
+}
+
+fn failed(
+    shared: &Arc<Shared>,
+    trigger: &str,
+    fp: watch::Fingerprint,
+    e: anyhow::Error,
+) -> ReloadResult {
+    let msg = format!("{e:#}");
+    tracing::error!(trigger, "reload failed, running rules kept: {msg}");
+    let mut st = shared.state();
+    st.reloads_failed += 1;
+    st.fingerprint = fp;
+    ReloadResult {
+        result: "failed".into(),
+        message: msg,
+        at: unix_now(),
+        trigger: trigger.into(),
+    }
+}
+
+/// Settings a reload cannot change while running (they take effect at the next start).
+fn warn_unreloadable(old: &Settings, new: &Settings) {
+    if old.control != new.control {
+        tracing::warn!("control.socket changed: takes effect when the daemon restarts");
+    }
+    if old.metrics != new.metrics {
+        tracing::warn!("metrics.listen changed: takes effect when the daemon restarts");
+    }
+    if old.daemon.watch != new.daemon.watch
+        || old.daemon.watch_interval_ms != new.daemon.watch_interval_ms
+    {
+        tracing::warn!("daemon.watch changed: takes effect when the daemon restarts");
+    }
+}
+
+/// Per rule: name, action, families and counters (base + the kernel's current counts).
+pub fn rule_rows(st: &State, kernel: &BTreeMap<String, RuleCounts>) -> Vec<control::RuleStatus> {
+    st.policy
+        .rules
+        .iter()
+        .map(|r| {
+            let mut c = st.base.get(&r.name).copied().unwrap_or_default();
+            if let Some(k) = kernel.get(&r.name) {
+                c += *k;
+            }
+            control::RuleStatus {
+                name: r.name.clone(),
+                action: r.action.keyword().into(),
+                families: r
+                    .families()
+                    .iter()
+                    .map(|f| match f {
+                        Family::V4 => "ipv4".to_string(),
+                        Family::V6 => "ipv6".to_string(),
+                    })
+                    .collect(),
+                counters: c,
+            }
+        })
+        .collect()
+}
+
+/// Current kernel counters, read with reloads held off (so a swap cannot happen between
+/// reading them and adding the base).
+pub async fn snapshot(shared: &Arc<Shared>) -> control::Status {
+    let _guard = shared.reload_lock.lock().await;
+    let (kernel, err) = match tokio::task::spawn_blocking(counters::read).await {
+        Ok(Ok(c)) => (c, None),
+        Ok(Err(e)) => (BTreeMap::new(), Some(e.to_string())),
+        Err(e) => (BTreeMap::new(), Some(e.to_string())),
+    };
+    let st = shared.state();
+    let mut pinned = st
+        .base
+        .get(counters::PINNED)
+        .map(|c| c.diverted)
+        .unwrap_or_default();
+    if let Some(k) = kernel.get(counters::PINNED) {
+        pinned += k.diverted;
+    }
+    control::Status {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        settings: st.settings.path.display().to_string(),
+        bridge: st.settings.bridge.name.clone(),
+        uptime_seconds: shared.started_mono.elapsed().as_secs_f64(),
+        started: shared.started,
+        rules: rule_rows(&st, &kernel),
+        pinned,
+        counters_error: err,
+        health: st.health.values().cloned().collect(),
+        last_reload: st.last_reload.clone(),
+        reloads: control::ReloadCounts {
+            ok: st.reloads_ok,
+            refused: st.reloads_refused,
+            failed: st.reloads_failed,
+            last_success: st.last_success,
+        },
+    }
+}
+
+/// `brdivert run`.
+pub fn run(config: &Path) -> Result<String, Failure> {
+    // Validate before anything else: a bad file is exit 2 and changes nothing.
+    let (settings, policy) = ops::load(config)?;
+    ops::check_installable(&settings)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("brdivert")
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)?;
+    rt.block_on(serve(config, settings, policy))
+}
+
+async fn serve(config: &Path, settings: Settings, policy: Policy) -> Result<String, Failure> {
+    // Handlers first: an early SIGHUP must not kill the daemon (its default action).
+    let mut sighup = signal(SignalKind::hangup()).map_err(anyhow::Error::from)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(anyhow::Error::from)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(anyhow::Error::from)?;
+    let notifier = Notifier::from_env();
+    let fp = watch::fingerprint(config);
+    // The control socket first: a daemon already serving it means this one must not touch
+    // the kernel.
+    let control_path = settings.control.socket.clone();
+    let control_listener = control::bind(&control_path)?;
+    let started = async {
+        let metrics_listener = metrics::bind(&settings.metrics.listen).await?;
+        let installed = ops::install(&settings, &policy).await?;
+        Ok::<_, Failure>((metrics_listener, installed))
+    }
+    .await;
+    let (metrics_listener, installed) = match started {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = std::fs::remove_file(&control_path);
+            return Err(e);
+        }
+    };
+    let msg = format!(
+        "applied {} rules to bridge {} ({})",
+        installed.rules,
+        settings.bridge.name,
+        if installed.created {
+            "created"
+        } else {
+            "existing"
+        }
+    );
+    tracing::info!("{msg}");
+    let now = unix_now();
+    let shared = Arc::new(Shared {
+        config: config.to_path_buf(),
+        notifier,
+        started: now,
+        started_mono: Instant::now(),
+        state: Mutex::new(State {
+            settings: settings.clone(),
+            policy,
+            base: BTreeMap::new(),
+            last_reload: Some(ReloadResult {
+                result: "ok".into(),
+                message: msg,
+                at: now,
+                trigger: "start".into(),
+            }),
+            reloads_ok: 0,
+            reloads_refused: 0,
+            reloads_failed: 0,
+            last_success: Some(now),
+            health: BTreeMap::new(),
+            health_tasks: HashMap::new(),
+            fingerprint: fp,
+        }),
+        reload_lock: tokio::sync::Mutex::new(()),
+        connector: Arc::new(TcpConnector),
+        flip: Arc::new(LogOnlyFlip),
+    });
+    {
+        let mut st = shared.state();
+        sync_health(&shared, &mut st);
+    }
+
+    let mut tasks: Vec<JoinHandle<()>> = vec![
+        tokio::spawn(control::serve(control_listener, shared.clone())),
+        tokio::spawn(metrics::serve(metrics_listener, shared.clone())),
+    ];
+    if settings.daemon.watch {
+        tasks.push(tokio::spawn(watch::run(
+            shared.clone(),
+            std::time::Duration::from_millis(settings.daemon.watch_interval_ms.max(50)),
+        )));
+    }
+    if let Some(every) = notify::watchdog_interval() {
+        let sh = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if let Err(e) = sh.notifier.watchdog() {
+                    tracing::debug!("sd_notify WATCHDOG: {e}");
+                }
+            }
+        }));
+    }
+    if let Err(e) = shared.notifier.ready() {
+        tracing::warn!("sd_notify READY: {e}");
+    }
+    let _ = shared.notifier.status("running");
+    tracing::info!(
+        control = %settings.control.socket.display(),
+        metrics = %settings.metrics.listen,
+        "brdivert daemon ready"
+    );
+
+    let why = loop {
+        tokio::select! {
+            _ = sighup.recv() => {
+                let sh = shared.clone();
+                tokio::spawn(async move { reload(&sh, "SIGHUP").await; });
+            }
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+        }
+    };
+    tracing::info!("{why}: stopping");
+    let _ = shared.notifier.stopping();
+    // let a reload in progress finish its transaction, then hold reloads off
+    let _guard = shared.reload_lock.lock().await;
+    for t in &tasks {
+        t.abort();
+    }
+    let settings = {
+        let mut st = shared.state();
+        for (_, (_, t)) in st.health_tasks.drain() {
+            t.abort();
+        }
+        st.settings.clone()
+    };
+    let _ = std::fs::remove_file(&control_path);
+    if settings.daemon.flush_on_exit {
+        ops::uninstall(&settings).await?;
+        Ok("stopped; flushed brdivert's tables and links (daemon.flush_on_exit)".into())
+    } else {
+        tracing::info!(
+            "kernel rules kept (the kernel keeps forwarding and diverting); `brdivert flush` removes them"
+        );
+        Ok(String::new())
+    }
+}
