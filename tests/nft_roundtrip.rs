@@ -896,3 +896,39 @@ fn pin_and_health_state_survive_apply() {
         .expect("flush");
     assert!(!ns.ruleset().contains("brdivert"));
 }
+
+/// `apply` keeps base chains registered (same handle) while replacing everything in them, so
+/// no packet ever meets a freshly hooked, still empty chain during a swap.
+#[test]
+fn base_chains_stay_hooked_across_apply() {
+    let Some(ns) = netns_or_skip("base_chains_stay_hooked_across_apply") else {
+        return;
+    };
+    let handles = |ns: &Netns| -> Vec<String> {
+        let mut v = Vec::new();
+        for (fam, chain) in [
+            ("bridge", "prerouting"),
+            ("inet", "dstnat"),
+            ("inet", "mangle"),
+        ] {
+            let (ok, out, err) = ns.nft(&["-a", "list", "chain", fam, TABLE_NAME, chain]);
+            assert!(ok, "{err}");
+            let line = out
+                .lines()
+                .find(|l| l.contains(&format!("chain {chain} {{")))
+                .unwrap_or_else(|| panic!("no chain line in {out}"))
+                .trim()
+                .to_string();
+            v.push(format!("{fam} {line}"));
+        }
+        v
+    };
+    apply_in(&ns, &compiled(HEALTH_RULES)).expect("apply 1");
+    let before = handles(&ns);
+    let rs2 = compiled(
+        "[[divert]]\nname = \"web\"\nproto = \"tcp\"\ndport = 81\naction = \"redirect\"\nport = 3129\n",
+    );
+    apply_in(&ns, &rs2).expect("apply 2");
+    assert_eq!(handles(&ns), before, "base chains were re-created");
+    assert_roundtrip(&ns, &rs2);
+}

@@ -89,13 +89,21 @@ pub trait HealthFlip: Send + Sync + 'static {
     -> anyhow::Result<()>;
 }
 
-/// Placeholder until the kernel flip API lands: logs only. The state machine, status,
-/// metrics and logs all work; the kernel keeps diverting.
-pub struct LogOnlyFlip;
+/// The kernel datapath's flip: one element of the bridge table's `down` set (the rule's
+/// tag), added or removed in one small transaction. New flows of the rule then bypass or
+/// drop per `on_unhealthy`; pinned flows keep their path.
+pub struct NftFlip;
 
-impl HealthFlip for LogOnlyFlip {
-    fn set(&self, _: &Settings, _: &Policy, rule: &str, up: bool) -> anyhow::Result<()> {
-        tracing::debug!(rule, up, "health flip: kernel API not wired in this build");
+impl HealthFlip for NftFlip {
+    fn set(
+        &self,
+        settings: &Settings,
+        policy: &Policy,
+        rule: &str,
+        up: bool,
+    ) -> anyhow::Result<()> {
+        let key = ops::health_key(settings, policy, rule).map_err(|f| anyhow::anyhow!("{f}"))?;
+        crate::nft::netlink::set_rule_health(key, up)?;
         Ok(())
     }
 }
@@ -297,7 +305,7 @@ pub async fn reload(shared: &Arc<Shared>, trigger: &str) -> ReloadResult {
                 Err(Failure::Runtime(e)) => failed(shared, trigger, fp, e),
                 Err(Failure::Refused(t)) => failed(shared, trigger, fp, anyhow::anyhow!("{t}")),
                 Ok(info) => {
-                    let down: Vec<String>;
+                    let states: Vec<(String, bool)>;
                     let policy_now = policy.clone();
                     let msg = format!(
                         "applied {} rules to bridge {}",
@@ -315,18 +323,29 @@ pub async fn reload(shared: &Arc<Shared>, trigger: &str) -> ReloadResult {
                         st.last_success = Some(unix_now());
                         st.fingerprint = fp;
                         sync_health(shared, &mut st);
-                        down = st
-                            .health
-                            .values()
-                            .filter(|h| !h.up)
-                            .map(|h| h.rule.clone())
+                        // Every health-checked rule of the new policy, with its state (up
+                        // until a check says otherwise).
+                        states = st
+                            .policy
+                            .rules
+                            .iter()
+                            .filter(|r| r.health.is_some())
+                            .map(|r| {
+                                let up = st
+                                    .health
+                                    .values()
+                                    .find(|h| h.rule == r.name)
+                                    .is_none_or(|h| h.up);
+                                (r.name.clone(), up)
+                            })
                             .collect();
                     }
-                    // the swap installed every rule diverting: re-apply what is down
+                    // The `down` set survives swaps but tags follow rule order, so a reorder
+                    // moves them: set every health-checked rule's element explicitly.
                     let flip = shared.flip.clone();
                     let _ = tokio::task::spawn_blocking(move || {
-                        for rule in down {
-                            if let Err(e) = flip.set(&settings, &policy_now, &rule, false) {
+                        for (rule, up) in states {
+                            if let Err(e) = flip.set(&settings, &policy_now, &rule, up) {
                                 tracing::error!(rule, "health flip after reload: {e:#}");
                             }
                         }
@@ -531,7 +550,7 @@ async fn serve(config: &Path, settings: Settings, policy: Policy) -> Result<Stri
         }),
         reload_lock: tokio::sync::Mutex::new(()),
         connector: Arc::new(TcpConnector),
-        flip: Arc::new(LogOnlyFlip),
+        flip: Arc::new(NftFlip),
     });
     {
         let mut st = shared.state();

@@ -65,19 +65,18 @@ impl ApplyError {
     }
 }
 
-/// Applies `rs` atomically: every table in it is replaced by the model's version, except
-/// that sets marked [`Set::keep`] which already exist are kept with their elements (pinned
-/// flows, health state). A table with such sets is not deleted: its rules, chains and other
-/// sets are (listed first), then the model's are added, all in the one transaction.
+/// Applies `rs` atomically: every table in it ends up as the model says, in one
+/// transaction. Tables are never deleted and re-created: their rules are flushed and their
+/// regular chains and sets replaced (listed first), while base chains the model still has
+/// stay registered on their hooks, and sets marked [`Set::keep`] that already exist keep
+/// their elements (pinned flows, health state). Re-creating a base chain would hook the new
+/// chain in before the old one is unhooked, and a packet passing in between meets neither
+/// rule set: measured as a reset diverted connection in about 1 of 800 reloads under load.
 pub fn apply(rs: &Ruleset) -> Result<(), ApplyError> {
     let mut tx = Transaction::new();
     for t in &rs.tables {
-        if t.sets.iter().any(|s| s.keep) {
-            let existing = list_table(t.family, &t.name)?;
-            tx.refill_table(t, &existing)?;
-        } else {
-            tx.replace_table(t)?;
-        }
+        let existing = list_table(t.family, &t.name)?;
+        tx.refill_table(t, &existing)?;
     }
     tx.commit()
 }
@@ -221,6 +220,12 @@ impl Transaction {
             format!("flush table {fam} {}", t.name),
         );
         for c in &existing.chains {
+            // Base chains the model keeps stay registered (their rules were flushed above);
+            // the `add chain` below is then a no-op for them. Their hook and priority are
+            // brdivert's constants, so the kept chain is the model's.
+            if t.chains.iter().any(|m| m.base.is_some() && &m.name == c) {
+                continue;
+            }
             let chain = nftnl::Chain::new(cname("chain", c)?, &table);
             self.push(
                 &chain,
