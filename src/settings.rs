@@ -409,6 +409,14 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_settings_load() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/brdivert.toml");
+        let s = Settings::load(&p).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.bridge.ports, ["eth0", "eth1"]);
+        assert!(!s.daemon.flush_on_exit);
+    }
+
+    #[test]
     fn missing_file_refused() {
         let e = Settings::load(Path::new("/nonexistent/brdivert.toml")).unwrap_err();
         assert!(e.to_string().contains("not found"));
