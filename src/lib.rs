@@ -7,6 +7,7 @@
 
 pub mod classify;
 pub mod cli;
+pub mod datapath;
 pub mod diag;
 pub mod lab;
 pub mod link;

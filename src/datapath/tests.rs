@@ -1,0 +1,197 @@
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::frame::{VNET_F_NEEDS_CSUM, tag_mac};
+use super::*;
+use crate::classify::FrameSpec;
+use crate::policy::Context;
+use crate::rules;
+
+fn policy(text: &str) -> Policy {
+    let f = rules::parse(Path::new("r.toml"), text.into()).unwrap();
+    Policy::build(
+        &[f],
+        &Context {
+            ports: None,
+            mark_mask: 0x00ff_0000,
+        },
+    )
+    .unwrap()
+}
+
+const LOCAL: [u8; 6] = [2, 0, 0, 0, 0, 0xfe];
+
+fn frame(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<u8> {
+    let spec = FrameSpec {
+        src_mac: [2, 0, 0, 0, 0, 1],
+        dst_mac: [2, 0, 0, 0, 0, 2],
+        vlan: None,
+        src: src.parse::<IpAddr>().unwrap(),
+        dst: dst.parse::<IpAddr>().unwrap(),
+        l4proto: 6,
+        sport,
+        dport,
+    };
+    let mut b = vec![0u8; VNET_HDR_LEN];
+    // a checksum-partial frame: the header must come through untouched
+    VnetHdr {
+        flags: VNET_F_NEEDS_CSUM,
+        gso_type: 0,
+        hdr_len: 0,
+        gso_size: 0,
+        csum_start: 34,
+        csum_offset: 16,
+    }
+    .write(&mut b);
+    b.extend(spec.to_bytes());
+    b
+}
+
+const RULES: &str = r#"
+[[divert]]
+name = "web"
+from = ["p1"]
+proto = "tcp"
+dport = [80]
+except_src = ["10.0.0.5"]
+action = "redirect"
+port = 3129
+
+[[divert]]
+name = "nope"
+proto = "tcp"
+dport = [23]
+action = "drop"
+"#;
+
+fn run(p: &Policy, flows: &mut FlowTable, f: &mut [u8], iif: &str) -> Verdict {
+    let at = Ingress {
+        iif: 0,
+        iif_name: iif,
+        from_local: false,
+        local_mac: LOCAL,
+        now: Instant::now(),
+    };
+    process_frame(f, &at, p, flows).0
+}
+
+#[test]
+fn divert_rewrites_and_keeps_vnet_header() {
+    let p = policy(RULES);
+    let mut flows = FlowTable::new(Duration::from_secs(60), 100);
+    let mut f = frame("10.0.0.1", "192.0.2.1", 40000, 80);
+    let before = f.clone();
+    assert_eq!(run(&p, &mut flows, &mut f, "p1"), Verdict::Divert);
+    assert_eq!(&f[..VNET_HDR_LEN], &before[..VNET_HDR_LEN]);
+    assert_eq!(&f[VNET_HDR_LEN..VNET_HDR_LEN + 6], &LOCAL);
+    assert_eq!(
+        &f[VNET_HDR_LEN + 6..VNET_HDR_LEN + 12],
+        &tag_mac(p.rules[0].tag)
+    );
+    assert_eq!(&f[VNET_HDR_LEN + 12..], &before[VNET_HDR_LEN + 12..]);
+}
+
+#[test]
+fn exemptions_ports_and_drops() {
+    let p = policy(RULES);
+    let mut flows = FlowTable::new(Duration::from_secs(60), 100);
+    let mut f = frame("10.0.0.5", "192.0.2.1", 40000, 80);
+    assert_eq!(run(&p, &mut flows, &mut f, "p1"), Verdict::Forward);
+    let mut f = frame("10.0.0.1", "192.0.2.1", 40000, 80);
+    assert_eq!(run(&p, &mut flows, &mut f, "p2"), Verdict::Forward, "from");
+    let mut f = frame("10.0.0.1", "192.0.2.1", 40001, 23);
+    assert_eq!(run(&p, &mut flows, &mut f, "p2"), Verdict::Skip);
+    // non-IP frames are bridged
+    let mut arp = vec![0u8; VNET_HDR_LEN];
+    arp.extend_from_slice(&[0xff; 6]);
+    arp.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06]);
+    arp.extend_from_slice(&[0; 28]);
+    assert_eq!(run(&p, &mut flows, &mut arp, "p1"), Verdict::Forward);
+    // garbage does not panic
+    let mut junk = vec![0xffu8; 5];
+    assert_eq!(run(&p, &mut flows, &mut junk, "p1"), Verdict::Skip);
+}
+
+#[test]
+fn link_local_groups_but_bpdus_stay() {
+    let p = policy(RULES);
+    let mut flows = FlowTable::new(Duration::from_secs(60), 100);
+    let mut bpdu = vec![0u8; VNET_HDR_LEN];
+    bpdu.extend_from_slice(&[0x01, 0x80, 0xc2, 0, 0, 0, 2, 0, 0, 0, 0, 1, 0, 38]);
+    bpdu.extend_from_slice(&[0x42; 38]);
+    assert_eq!(run(&p, &mut flows, &mut bpdu, "p1"), Verdict::Forward);
+    let mut lacp = bpdu.clone();
+    lacp[VNET_HDR_LEN + 5] = 0x02;
+    assert_eq!(run(&p, &mut flows, &mut lacp, "p1"), Verdict::Skip);
+}
+
+#[test]
+fn flows_keep_their_path_across_a_swap() {
+    let old = policy(RULES);
+    let new = policy("");
+    let mut flows = FlowTable::new(Duration::from_secs(60), 100);
+    let mut f = frame("10.0.0.1", "192.0.2.1", 40000, 80);
+    assert_eq!(run(&old, &mut flows, &mut f, "p1"), Verdict::Divert);
+    let mut f = frame("10.0.0.1", "192.0.2.1", 40000, 80);
+    assert_eq!(
+        run(&new, &mut flows, &mut f, "p1"),
+        Verdict::Divert,
+        "established"
+    );
+    let mut f = frame("10.0.0.1", "192.0.2.1", 40002, 80);
+    assert_eq!(
+        run(&new, &mut flows, &mut f, "p1"),
+        Verdict::Forward,
+        "new flow"
+    );
+}
+
+#[test]
+fn tproxy_replies_are_diverted() {
+    let p = policy(
+        r#"
+[[divert]]
+name = "tp"
+from = ["p1"]
+proto = "tcp"
+dport = [80]
+dst = ["192.0.2.0/24"]
+except_src = ["10.0.0.5"]
+action = "tproxy"
+port = 3129
+"#,
+    );
+    let mut flows = FlowTable::new(Duration::from_secs(60), 100);
+    // origin's reply, arriving on the uplink
+    let mut f = frame("192.0.2.1", "10.0.0.1", 80, 40000);
+    assert_eq!(run(&p, &mut flows, &mut f, "p2"), Verdict::Divert);
+    // not from the client side
+    let mut f = frame("192.0.2.1", "10.0.0.1", 80, 40001);
+    assert_eq!(run(&p, &mut flows, &mut f, "p1"), Verdict::Forward);
+    // exempt client
+    let mut f = frame("192.0.2.1", "10.0.0.5", 80, 40000);
+    assert_eq!(run(&p, &mut flows, &mut f, "p2"), Verdict::Forward);
+    // other origin
+    let mut f = frame("198.51.100.1", "10.0.0.1", 80, 40000);
+    assert_eq!(run(&p, &mut flows, &mut f, "p2"), Verdict::Forward);
+}
+
+#[test]
+fn decide_agrees_with_classify_forward() {
+    let p = policy(RULES);
+    for (src, dport, iif) in [
+        ("10.0.0.1", 80, "p1"),
+        ("10.0.0.5", 80, "p1"),
+        ("10.0.0.1", 23, "p2"),
+        ("10.0.0.1", 443, "p1"),
+    ] {
+        let f = frame(src, "192.0.2.1", 1234, dport);
+        let info = classify::parse_frame(&f[VNET_HDR_LEN..]).unwrap();
+        assert_eq!(
+            decide(&p, iif, &info),
+            classify::classify(&p, iif, &info),
+            "{src} {dport} {iif}"
+        );
+    }
+}
