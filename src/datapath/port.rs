@@ -5,7 +5,6 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::path::Path;
 use std::time::Duration;
 
 use super::frame::{HEADROOM, VNET_HDR_LEN, restore_vlan};
@@ -87,14 +86,9 @@ pub struct PacketPort {
     fd: OwnedFd,
 }
 
-/// Why a port cannot be used.
+/// Refuse a port enslaved to a kernel bridge (it would be bridged twice).
 pub fn check_port(name: &str) -> io::Result<()> {
-    let sys_dir = Path::new("/sys/class/net").join(name);
-    if sys_dir.join("brport").exists() {
-        let master = std::fs::read_link(sys_dir.join("master"))
-            .ok()
-            .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
-            .unwrap_or_else(|| "?".into());
+    if let Some((master, true)) = super::tap::master_of(name)? {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(

@@ -29,7 +29,7 @@ impl Tap {
     pub fn create(name: &str, mtu: Option<u32>) -> io::Result<Tap> {
         let ctx =
             |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{what} {name:?}: {e}"));
-        if std::path::Path::new("/sys/class/net").join(name).exists() {
+        if sys::if_info(name).is_ok() {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
                 format!(
@@ -40,14 +40,14 @@ impl Tap {
         }
         let fd = sys::open_tun().map_err(|e| ctx("opening /dev/net/tun for", e))?;
         let raw = fd.as_raw_fd();
-        let hdr: libc::c_int = VNET_HDR_LEN as libc::c_int;
-        sys::intptr_ioctl(raw, sys::TUNSETVNETHDRSZ, &hdr)
-            .map_err(|e| ctx("TUNSETVNETHDRSZ", e))?;
         let mut r = sys::IfReq::new(name)?;
         let flags = sys::IFF_TAP | sys::IFF_NO_PI | sys::IFF_VNET_HDR;
         r.data[..2].copy_from_slice(&flags.to_ne_bytes());
         sys::ifreq_ioctl(raw, sys::TUNSETIFF, &mut r).map_err(|e| ctx("creating TAP", e))?;
         let name = r.name();
+        let hdr: libc::c_int = VNET_HDR_LEN as libc::c_int;
+        sys::intptr_ioctl(raw, sys::TUNSETVNETHDRSZ, &hdr)
+            .map_err(|e| ctx("TUNSETVNETHDRSZ", e))?;
         sys::int_ioctl(
             raw,
             sys::TUNSETOFFLOAD,
@@ -105,41 +105,104 @@ impl Tap {
     }
 }
 
-/// Put the bridge's addresses on the TAP (rtnetlink, IPv6 without DAD). Runs on a helper
-/// thread with its own small runtime, so it works from inside or outside tokio; the thread
-/// inherits the caller's network namespace.
+/// Run `fut` on a helper thread with its own small tokio runtime, so rtnetlink works from
+/// inside or outside tokio; the thread inherits the caller's network namespace.
+fn block_on<T: Send>(fut: impl Future<Output = io::Result<T>> + Send) -> io::Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(move || -> io::Result<T> {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(fut)
+        })
+        .join()
+        .map_err(|_| io::Error::other("netlink helper thread panicked"))?
+    })
+}
+
+fn connect() -> io::Result<rtnetlink::Handle> {
+    let (conn, handle, _) = rtnetlink::new_connection()?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+/// The master device of `name`: its name and whether it is a kernel bridge.
+/// (`/sys/class/net` is not used: it shows the namespace sysfs was mounted in.)
+pub fn master_of(name: &str) -> io::Result<Option<(String, bool)>> {
+    use futures::TryStreamExt;
+    use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+    let name = name.to_string();
+    block_on(async move {
+        let h = connect()?;
+        let get = |msg: Option<LinkMessage>| msg;
+        let nl_err = |e: rtnetlink::Error| io::Error::other(format!("rtnetlink: {e}"));
+        let port = get(h
+            .link()
+            .get()
+            .match_name(name.clone())
+            .execute()
+            .try_next()
+            .await
+            .map_err(nl_err)?);
+        let Some(master) = port.and_then(|m| {
+            m.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Controller(i) if *i != 0 => Some(*i),
+                _ => None,
+            })
+        }) else {
+            return Ok(None);
+        };
+        let Some(m) = h
+            .link()
+            .get()
+            .match_index(master)
+            .execute()
+            .try_next()
+            .await
+            .map_err(nl_err)?
+        else {
+            return Ok(None);
+        };
+        let mut mname = format!("#{master}");
+        let mut bridge = false;
+        for a in &m.attributes {
+            match a {
+                LinkAttribute::IfName(n) => mname = n.clone(),
+                LinkAttribute::LinkInfo(infos) => {
+                    bridge |= infos
+                        .iter()
+                        .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge)));
+                }
+                _ => {}
+            }
+        }
+        Ok(Some((mname, bridge)))
+    })
+}
+
+/// Put the bridge's addresses on the TAP (rtnetlink, IPv6 without DAD).
 pub fn add_addresses(ifindex: u32, addrs: &[IpNet]) -> io::Result<()> {
     if addrs.is_empty() {
         return Ok(());
     }
     let addrs = addrs.to_vec();
-    std::thread::scope(|s| {
-        s.spawn(move || -> io::Result<()> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
-                let (conn, handle, _) = rtnetlink::new_connection()?;
-                tokio::spawn(conn);
-                for net in &addrs {
-                    let mut req = handle.address().add(ifindex, net.addr(), net.prefix_len());
-                    if net.addr().is_ipv6() {
-                        use netlink_packet_route::address::{
-                            AddressAttribute, AddressFlags, AddressHeaderFlags,
-                        };
-                        let m = req.message_mut();
-                        m.header.flags |= AddressHeaderFlags::Nodad;
-                        m.attributes
-                            .push(AddressAttribute::Flags(AddressFlags::Nodad));
-                    }
-                    req.execute().await.map_err(|e| {
-                        io::Error::other(format!("adding address {net} to the TAP: {e}"))
-                    })?;
-                }
-                Ok(())
-            })
-        })
-        .join()
-        .map_err(|_| io::Error::other("address thread panicked"))?
+    block_on(async move {
+        let handle = connect()?;
+        for net in &addrs {
+            let mut req = handle.address().add(ifindex, net.addr(), net.prefix_len());
+            if net.addr().is_ipv6() {
+                use netlink_packet_route::address::{
+                    AddressAttribute, AddressFlags, AddressHeaderFlags,
+                };
+                let m = req.message_mut();
+                m.header.flags |= AddressHeaderFlags::Nodad;
+                m.attributes
+                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            }
+            req.execute()
+                .await
+                .map_err(|e| io::Error::other(format!("adding address {net} to the TAP: {e}")))?;
+        }
+        Ok(())
     })
 }
