@@ -8,6 +8,8 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
+use brdivert::settings::{Datapath as Kind, Settings};
+
 use brdivert::lab::{
     BR_V4, BR_V6, BRIDGE, C1_MAC, C1_V4, C1_V6, C2_MAC, C2_V4, C2_V6, Lab, LabOptions, Ns, PORT_C1,
     PORT_C2, PORT_UP, Proxy, UP_MAC, UP_V4, UP_V6, find_program, is_root,
@@ -46,9 +48,112 @@ fn lab(datapath: &str, proxy: Proxy) -> Option<Lab> {
     )
 }
 
-fn apply(lab: &Lab) {
+/// Put the lab's rules in force: `brdivert apply` for the kernel datapath; for the userspace
+/// datapath, what `brdivert run` does, in-process through the library (start the datapath in
+/// the bridge namespace and install its local-stack rules, or swap the policy and reinstall
+/// them when it already runs). Keep the returned guard alive for the test: dropping it stops
+/// the datapath and removes what it installed.
+#[must_use = "the userspace datapath stops when the guard is dropped"]
+fn apply(lab: &Lab) -> Option<userspace_run::Running> {
+    let settings = Settings::load(&lab.settings_path()).expect("lab settings");
+    if settings.bridge.datapath == Kind::Userspace {
+        return userspace_run::apply(lab, settings);
+    }
     if let Err(e) = lab.apply(bin()) {
         panic!("{e:#}");
+    }
+    None
+}
+
+/// The userspace datapath for the suite, one per lab (keyed by the lab's prefix).
+mod userspace_run {
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+    use std::sync::{Arc, Mutex};
+
+    use brdivert::datapath::{Datapath, local_rules};
+    use brdivert::lab::{Lab, Ns, in_netns};
+    use brdivert::policy::Policy;
+    use brdivert::settings::Settings;
+
+    static RUNNING: Mutex<Option<HashMap<String, Datapath>>> = Mutex::new(None);
+
+    pub struct Running {
+        prefix: String,
+        br_ns: String,
+        settings: Settings,
+        state_dir: PathBuf,
+        cleanup: bool,
+    }
+
+    fn take(prefix: &str) -> Option<Datapath> {
+        let mut g = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
+        g.get_or_insert_with(HashMap::new).remove(prefix)
+    }
+
+    pub fn apply(lab: &Lab, settings: Settings) -> Option<Running> {
+        let policy = Arc::new(Policy::load(&settings).unwrap_or_else(|e| panic!("{e}")));
+        let br_ns = lab.ns(Ns::Br);
+        let state_dir = lab.dir().join("state");
+        let prefix = lab.prefix().to_string();
+        let running = take(&prefix);
+        let fresh = running.is_none();
+        let dp = match running {
+            Some(dp) => {
+                dp.swap_policy(policy.clone());
+                dp
+            }
+            None => {
+                let (s, p) = (settings.clone(), policy.clone());
+                in_netns(&br_ns, move || {
+                    Datapath::start(&s, p).map_err(std::io::Error::other)
+                })
+                .unwrap_or_else(|e| panic!("starting the userspace datapath: {e:#}"))
+            }
+        };
+        let mac = dp.local_port().1;
+        let (s, p, d) = (settings.clone(), policy.clone(), state_dir.clone());
+        in_netns(&br_ns, move || {
+            local_rules::install_at_blocking(&s, &p, mac, &d).map_err(std::io::Error::other)
+        })
+        .unwrap_or_else(|e| panic!("installing the local-stack rules: {e:#}"));
+        RUNNING
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(HashMap::new)
+            .insert(prefix.clone(), dp);
+        // not `then_some`: building a guard for a re-apply would stop the datapath on drop
+        if !fresh {
+            return None;
+        }
+        Some(Running {
+            prefix,
+            br_ns,
+            settings,
+            state_dir,
+            cleanup: true,
+        })
+    }
+
+    impl Running {
+        /// Stop the datapath only (as if the daemon died), leaving its rules for `flush`.
+        pub fn kill(mut self) {
+            self.cleanup = false;
+        }
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            if let Some(dp) = take(&self.prefix) {
+                dp.stop();
+            }
+            if self.cleanup {
+                let (s, d) = (self.settings.clone(), self.state_dir.clone());
+                let _ = in_netns(&self.br_ns, move || {
+                    local_rules::remove_at_blocking(&s, &d).map_err(std::io::Error::other)
+                });
+            }
+        }
     }
 }
 
@@ -261,7 +366,7 @@ fn intercept_tcp80(dp: &str) {
         return;
     };
     lab.write_rules("web", RULES_WEB).expect("rules");
-    apply(&lab);
+    let _dp = apply(&lab);
     check_intercepted(&lab, Ns::C1, UP_V4, "/t-intercept", BR_V4);
 }
 
@@ -270,7 +375,7 @@ fn other_port_bridged(dp: &str) {
         return;
     };
     lab.write_rules("web", RULES_WEB).expect("rules");
-    apply(&lab);
+    let _dp = apply(&lab);
     check_bridged(&lab, Ns::C1, &format!("{UP_V4}:8080"), "/t-8080", C1_V4);
     check_bridged(&lab, Ns::C1, &format!("[{UP_V6}]:8080"), "/t-8080-6", C1_V6);
 }
@@ -280,7 +385,7 @@ fn except_src_bypasses(dp: &str) {
         return;
     };
     lab.write_rules("web", RULES_WEB).expect("rules");
-    apply(&lab);
+    let _dp = apply(&lab);
     check_bridged(&lab, Ns::C2, UP_V4, "/t-exempt", C2_V4);
     check_bridged(&lab, Ns::C2, &format!("[{UP_V6}]"), "/t-exempt-6", C2_V6);
     check_intercepted(&lab, Ns::C1, UP_V4, "/t-not-exempt", BR_V4);
@@ -291,7 +396,7 @@ fn intercept_ipv6(dp: &str) {
         return;
     };
     lab.write_rules("web", RULES_WEB).expect("rules");
-    apply(&lab);
+    let _dp = apply(&lab);
     check_intercepted(&lab, Ns::C1, &format!("[{UP_V6}]"), "/t-intercept-6", BR_V6);
 }
 
@@ -300,7 +405,7 @@ fn tproxy_squid(dp: &str) {
         return;
     };
     lab.write_rules("tp", RULES_TPROXY).expect("rules");
-    apply(&lab);
+    let _dp = apply(&lab);
     check_tproxied(&lab, Ns::C1, &format!("{UP_V4}:8080"), "/t-tproxy", C1_V4);
     // the exempt client's replies must be bridged back, not diverted on the return path
     check_bridged(
@@ -319,7 +424,7 @@ fn local_vip(dp: &str) {
     };
     setup_vip(&mut lab);
     lab.write_rules("vip", RULES_VIP).expect("rules");
-    apply(&lab);
+    let _dp = apply(&lab);
     check_vip_local(&lab);
     check_bridged(&lab, Ns::C1, UP_V4, "/t-vip-other", C1_V4);
 }
@@ -330,7 +435,7 @@ fn arp_icmp_udp_bridged(dp: &str) {
     };
     lab.write_rules("web", RULES_WEB).expect("rules");
     lab.write_rules("tp", RULES_TPROXY).expect("rules");
-    apply(&lab);
+    let _dp = apply(&lab);
     check_l2_bridged(&lab);
 }
 
@@ -340,7 +445,7 @@ fn apply_idempotent(dp: &str) {
     };
     lab.write_rules("web", RULES_WEB).expect("rules");
     lab.write_rules("tp", RULES_TPROXY).expect("rules");
-    apply(&lab);
+    let _dp = apply(&lab);
     let state = |lab: &Lab| {
         (
             nft_ruleset(lab),
@@ -352,7 +457,7 @@ fn apply_idempotent(dp: &str) {
         )
     };
     let first = state(&lab);
-    apply(&lab);
+    let _again = apply(&lab);
     let second = state(&lab);
     assert_eq!(first, second, "a second apply changed the state");
     check_intercepted(&lab, Ns::C1, UP_V4, "/t-idem", BR_V4);
@@ -364,7 +469,7 @@ fn bad_rules_refused(dp: &str) {
         return;
     };
     lab.write_rules("web", RULES_WEB).expect("rules");
-    apply(&lab);
+    let _dp = apply(&lab);
     let before = nft_ruleset(&lab);
     let bad = lab.write_rules("zz-bad", RULES_BAD).expect("rules");
     let settings = lab.settings_path().to_string_lossy().into_owned();
@@ -401,12 +506,16 @@ fn flush_leaves_no_trace(dp: &str) {
         return;
     };
     lab.write_rules("tp", RULES_TPROXY).expect("rules");
-    apply(&lab);
+    let running = apply(&lab);
     let rules = lab.exec_ok(Ns::Br, &["ip", "rule"]).expect("ip rule");
     assert!(
         rules.contains("lookup 3129"),
         "tproxy policy routing: {rules}"
     );
+    // userspace: the daemon goes first (its TAP with it), flush removes what it left
+    if let Some(r) = running {
+        r.kill();
+    }
     let settings = lab.settings_path().to_string_lossy().into_owned();
     let out = lab
         .brdivert(bin(), &["flush", "-c", &settings])
@@ -464,3 +573,4 @@ macro_rules! datapath_suite {
 }
 
 datapath_suite!(kernel);
+datapath_suite!(userspace);

@@ -11,12 +11,17 @@
 //! ruleset, whichever datapath feeds it. Frames that reach the TAP without a tag MAC (ARP,
 //! traffic to the bridge's own address) are never marked.
 
+use std::path::Path;
+
 use super::frame::tag_mac;
+use crate::link;
 use crate::nft::compile::{self, MANGLE_PRIORITY, Target};
 use crate::nft::{
     BaseChain, Chain, ChainType, Hook, Match, Rule, Set, SetElem, SetKind, Stmt, Table,
 };
+use crate::nft::{Family, Ruleset, TABLE_NAME, netlink};
 use crate::policy::{Action, Policy};
+use crate::settings::Settings;
 
 /// Priority of the tagging chain: after conntrack (-200), before mangle (-150, TPROXY).
 pub const TAG_PRIORITY: i32 = MANGLE_PRIORITY - 10;
@@ -74,12 +79,72 @@ pub fn userspace_local_table(policy: &Policy, target: &Target, tap: &str) -> Tab
     t
 }
 
+/// The compile target in userspace mode: the TAP's MAC and the settings' mark bits.
+pub fn target(settings: &Settings, tap_mac: [u8; 6]) -> Target {
+    Target {
+        bridge_mac: tap_mac,
+        mark_mask: settings.kernel.mark_mask,
+    }
+}
+
+/// Everything userspace mode applies with nft: the one inet table.
+pub fn ruleset(settings: &Settings, policy: &Policy, tap_mac: [u8; 6]) -> Ruleset {
+    Ruleset {
+        tables: vec![userspace_local_table(
+            policy,
+            &target(settings, tap_mac),
+            &settings.bridge.name,
+        )],
+    }
+}
+
+/// Install (or replace, on reload) the local-stack side of userspace mode: TPROXY policy
+/// routing when the policy uses TPROXY (removed when it does not), then the inet table in one
+/// transaction. Blocking (not from inside tokio); `state_dir` as `link` uses it.
+pub fn install_at_blocking(
+    settings: &Settings,
+    policy: &Policy,
+    tap_mac: [u8; 6],
+    state_dir: &Path,
+) -> anyhow::Result<()> {
+    let t = target(settings, tap_mac);
+    if policy.uses_tproxy() {
+        link::setup_tproxy_routing_at_blocking(
+            &settings.kernel,
+            t.tproxy_mark(),
+            t.mark_mask,
+            state_dir,
+        )?;
+    } else {
+        link::teardown_tproxy_routing_at_blocking(&settings.kernel, state_dir)?;
+    }
+    netlink::apply(&ruleset(settings, policy, tap_mac))?;
+    Ok(())
+}
+
+/// [`install_at_blocking`] with the default state directory.
+pub fn install_blocking(
+    settings: &Settings,
+    policy: &Policy,
+    tap_mac: [u8; 6],
+) -> anyhow::Result<()> {
+    install_at_blocking(settings, policy, tap_mac, &link::state_dir())
+}
+
+/// Remove the inet table and the TPROXY routing (after the datapath stopped).
+pub fn remove_at_blocking(settings: &Settings, state_dir: &Path) -> anyhow::Result<()> {
+    let tables = netlink::delete_tables(&[Family::Inet], TABLE_NAME);
+    link::teardown_tproxy_routing_at_blocking(&settings.kernel, state_dir)?;
+    tables?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::nft::{Family, render};
+    use crate::nft::render;
     use crate::policy::Context;
     use crate::rules;
 
