@@ -31,6 +31,7 @@ pub mod port;
 mod sys;
 pub mod tap;
 
+use std::collections::HashSet;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -38,7 +39,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::classify::{self, Decision, PacketInfo};
-use crate::policy::{Action, DivertRule, Policy};
+use crate::policy::{Action, DivertRule, OnUnhealthy, Policy};
 use crate::settings::{Datapath as DatapathKind, Settings};
 
 use fdb::{Fdb, Out};
@@ -135,6 +136,8 @@ struct Shared {
     tap_mac: [u8; 6],
     fdb: Mutex<Fdb>,
     policy: RwLock<Arc<Policy>>,
+    /// names of rules whose health check says their target is down
+    down: RwLock<Arc<HashSet<String>>>,
     generation: AtomicU64,
     stop: AtomicBool,
     port_counters: Vec<PortCounters>,
@@ -243,6 +246,7 @@ impl Datapath {
             tap_mac,
             fdb: Mutex::new(fdb),
             policy: RwLock::new(policy),
+            down: RwLock::new(Arc::new(HashSet::new())),
             generation: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             port_counters: (0..n).map(|_| PortCounters::default()).collect(),
@@ -284,6 +288,17 @@ impl Datapath {
         match self.shared.policy.write() {
             Ok(mut p) => *p = policy,
             Err(poisoned) => *poisoned.into_inner() = policy,
+        }
+        self.shared.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Tell the datapath which rules' targets are down (by rule name; health checks run
+    /// elsewhere). New flows a down rule would divert follow its `on_unhealthy`: bridged to
+    /// their original destination (`bypass`) or dropped. Established flows keep their path.
+    pub fn set_unhealthy(&self, down: HashSet<String>) {
+        match self.shared.down.write() {
+            Ok(mut d) => *d = Arc::new(down),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(down),
         }
         self.shared.generation.fetch_add(1, Ordering::Release);
     }
@@ -388,6 +403,31 @@ pub fn decide(policy: &Policy, iif: &str, p: &PacketInfo) -> Decision {
     Decision::Bridge
 }
 
+/// The rules in force for new flows: the policy and the rules whose targets are down.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules<'a> {
+    pub policy: &'a Policy,
+    pub down: &'a HashSet<String>,
+}
+
+impl Rules<'_> {
+    /// [`decide`], then the health state: a diverting rule whose target is down bypasses
+    /// (bridges) or drops, as its `on_unhealthy` says.
+    pub fn decide(&self, iif: &str, p: &PacketInfo) -> Decision {
+        let d = decide(self.policy, iif, p);
+        if let Decision::Divert { rule, .. } = d
+            && let Some(r) = self.policy.rules.get(rule)
+            && self.down.contains(&r.name)
+        {
+            return match r.on_unhealthy {
+                OnUnhealthy::Bypass => Decision::Bridge,
+                OnUnhealthy::Drop => Decision::Drop { rule },
+            };
+        }
+        d
+    }
+}
+
 /// Is `p` a reply of the origin to a flow rule `r` TPROXYs? Seen as the forward packet it
 /// answers (addresses and ports swapped), arriving on a port that is not one of `from`; the
 /// source MAC is not looked at (the kernel's reply chain does not either).
@@ -427,7 +467,7 @@ pub struct Ingress<'a> {
 pub fn process_frame(
     buf: &mut [u8],
     at: &Ingress<'_>,
-    policy: &Policy,
+    rules: &Rules<'_>,
     flows: &mut FlowTable,
 ) -> (Verdict, Option<Decision>) {
     let Ingress {
@@ -454,7 +494,7 @@ pub fn process_frame(
         return (Verdict::Forward, None);
     };
     let d = flows.decide(FlowKey::of(iif, &info), now, || {
-        decide(policy, iif_name, &info)
+        rules.decide(iif_name, &info)
     });
     let v = match d {
         Decision::Divert { tag, .. } => {
@@ -503,6 +543,7 @@ impl Worker {
         let from_local = me == sh.tap_index;
         let mut seen_gen = sh.generation.load(Ordering::Acquire);
         let mut policy = read_policy(&sh);
+        let mut down = read_down(&sh);
         let pc = &sh.port_counters[me];
         let mut last_err: Option<Instant> = None;
         while !sh.stop.load(Ordering::Relaxed) {
@@ -526,6 +567,7 @@ impl Worker {
             if g != seen_gen {
                 seen_gen = g;
                 policy = read_policy(&sh);
+                down = read_down(&sh);
             }
             pc.rx_frames.fetch_add(n as u64, Ordering::Relaxed);
             pc.rx_bad.store(self.rx.bad, Ordering::Relaxed);
@@ -544,7 +586,15 @@ impl Worker {
                     local_mac: sh.tap_mac,
                     now,
                 };
-                let (v, d) = process_frame(f, &at, &policy, &mut self.flows);
+                let (v, d) = process_frame(
+                    f,
+                    &at,
+                    &Rules {
+                        policy: &policy,
+                        down: &down,
+                    },
+                    &mut self.flows,
+                );
                 match (v, d) {
                     (Verdict::Divert, _) => diverted += 1,
                     (Verdict::Skip, Some(Decision::Drop { .. })) => dropped += 1,
@@ -640,6 +690,13 @@ fn read_policy(sh: &Shared) -> Arc<Policy> {
     match sh.policy.read() {
         Ok(p) => p.clone(),
         Err(p) => p.into_inner().clone(),
+    }
+}
+
+fn read_down(sh: &Shared) -> Arc<HashSet<String>> {
+    match sh.down.read() {
+        Ok(d) => d.clone(),
+        Err(d) => d.into_inner().clone(),
     }
 }
 

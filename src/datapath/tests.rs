@@ -1,3 +1,4 @@
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -73,7 +74,12 @@ fn run(p: &Policy, flows: &mut FlowTable, f: &mut [u8], iif: &str) -> Verdict {
         local_mac: LOCAL,
         now: Instant::now(),
     };
-    process_frame(f, &at, p, flows).0
+    let down = HashSet::new();
+    let rules = Rules {
+        policy: p,
+        down: &down,
+    };
+    process_frame(f, &at, &rules, flows).0
 }
 
 #[test]
@@ -194,4 +200,45 @@ fn decide_agrees_with_classify_forward() {
             "{src} {dport} {iif}"
         );
     }
+}
+
+#[test]
+fn unhealthy_rules_bypass_or_drop() {
+    let p = policy(
+        r#"
+[[divert]]
+name = "web"
+proto = "tcp"
+dport = [80]
+action = "redirect"
+port = 3129
+health = { connect = "127.0.0.1:3129" }
+
+[[divert]]
+name = "strict"
+proto = "tcp"
+dport = [81]
+action = "redirect"
+port = 3129
+health = { connect = "127.0.0.1:3129" }
+on_unhealthy = "drop"
+"#,
+    );
+    let f80 = frame("10.0.0.1", "192.0.2.1", 1, 80);
+    let f81 = frame("10.0.0.1", "192.0.2.1", 1, 81);
+    let i80 = classify::parse_frame(&f80[VNET_HDR_LEN..]).unwrap();
+    let i81 = classify::parse_frame(&f81[VNET_HDR_LEN..]).unwrap();
+    let none = HashSet::new();
+    let up = Rules {
+        policy: &p,
+        down: &none,
+    };
+    assert!(matches!(up.decide("p1", &i80), Decision::Divert { .. }));
+    let down: HashSet<String> = ["web".to_string(), "strict".to_string()].into();
+    let dn = Rules {
+        policy: &p,
+        down: &down,
+    };
+    assert_eq!(dn.decide("p1", &i80), Decision::Bridge);
+    assert_eq!(dn.decide("p1", &i81), Decision::Drop { rule: 1 });
 }
