@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use brdivert::classify::FrameSpec;
 use brdivert::datapath::{Datapath, local_rules};
 use brdivert::lab::{find_program, is_root};
 use brdivert::nft::compile::Target;
@@ -328,6 +329,47 @@ fn bridges_icmp_tcp_and_the_local_port() {
         "whole file in {:?}",
         t.elapsed()
     );
+
+    // 802.1Q: the receiving veth strips the tag into metadata; the datapath must put it back
+    // (PACKET_AUXDATA). No 8021q module here, so: a tagged frame sent raw from h1, and
+    // tcpdump (libpcap re-inserts the tag) watching h2's eth0.
+    if find_program("tcpdump").is_some() {
+        let frame = FrameSpec {
+            src_mac: [2, 0x42, 0, 0, 0, 1],
+            dst_mac: [0xff; 6],
+            vlan: Some(42),
+            src: "10.42.0.1".parse().unwrap(),
+            dst: "10.42.0.2".parse().unwrap(),
+            l4proto: 17,
+            sport: 4242,
+            dport: 4343,
+        }
+        .to_bytes();
+        let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
+        let ns = bed.ns("h2");
+        let dump = Command::new("ip")
+            .args([
+                "netns", "exec", &ns, "timeout", "8", "tcpdump", "-i", "eth0",
+            ])
+            .args(["-nn", "-e", "-l", "-c", "1", "vlan 42 and udp port 4343"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump");
+        std::thread::sleep(Duration::from_millis(1500));
+        let send = format!(
+            "import socket,time\ns=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\n\
+             s.bind(('eth0',0))\nfor _ in range(5):\n    s.send(bytes.fromhex('{hex}'))\n    time.sleep(0.2)\n"
+        );
+        bed.ok("h1", &["python3", "-c", &send]);
+        let out = dump.wait_with_output().expect("tcpdump");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("vlan 42") && text.contains("4343"),
+            "tagged frame at h2: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     let stats = bed.dp.as_ref().unwrap().stats();
     assert!(

@@ -4,6 +4,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::frame::{VNET_F_NEEDS_CSUM, tag_mac};
+use proptest::prelude::*;
+
 use super::*;
 use crate::classify::FrameSpec;
 use crate::policy::Context;
@@ -241,4 +243,54 @@ on_unhealthy = "drop"
     };
     assert_eq!(dn.decide("p1", &i80), Decision::Bridge);
     assert_eq!(dn.decide("p1", &i81), Decision::Drop { rule: 1 });
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Arbitrary bytes as a received frame (vnet header + Ethernet): no panic, and a
+    /// diverted frame only ever has its MAC addresses changed.
+    #[test]
+    fn arbitrary_frames_do_not_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let p = policy(RULES);
+        let mut flows = FlowTable::new(Duration::from_secs(60), 100);
+        let mut f = bytes.clone();
+        let v = run(&p, &mut flows, &mut f, "p1");
+        if v == Verdict::Divert {
+            prop_assert_eq!(&f[..VNET_HDR_LEN], &bytes[..VNET_HDR_LEN]);
+            prop_assert_eq!(&f[VNET_HDR_LEN + 12..], &bytes[VNET_HDR_LEN + 12..]);
+        } else {
+            prop_assert_eq!(f, bytes);
+        }
+    }
+
+    #[test]
+    fn vlan_restore_never_panics(
+        bytes in proptest::collection::vec(any::<u8>(), 0..80),
+        start in 0usize..90,
+        len in 0usize..90,
+        tci in any::<u16>(),
+    ) {
+        let mut b = bytes;
+        let _ = frame::restore_vlan(&mut b, start, len, 0x8100, tci);
+    }
+}
+
+/// Divert keeps GSO frames intact: the vnet header is not touched, only the MACs.
+#[test]
+fn divert_keeps_gso_header() {
+    let p = policy(RULES);
+    let mut flows = FlowTable::new(Duration::from_secs(60), 100);
+    let mut f = frame("10.0.0.1", "192.0.2.1", 40000, 80);
+    let gso = VnetHdr {
+        flags: VNET_F_NEEDS_CSUM,
+        gso_type: 1,
+        hdr_len: 54,
+        gso_size: 1448,
+        csum_start: 34,
+        csum_offset: 16,
+    };
+    gso.write(&mut f);
+    assert_eq!(run(&p, &mut flows, &mut f, "p1"), Verdict::Divert);
+    assert_eq!(VnetHdr::parse(&f), Some(gso));
 }
