@@ -74,7 +74,7 @@ up_kernel() {
 }
 down_kernel() { ip -n "$B" link del br0; }
 up_user() {
-    ip netns exec "$B" env BRDIVERT_STATE_DIR="$WORK/state" "$BIN" "$WORK/brdivert.toml" 2>"$WORK/dp.log" &
+    ip netns exec "$B" env BRDIVERT_BATCH="${BRDIVERT_BATCH:-64}" BRDIVERT_STATE_DIR="$WORK/state" "$BIN" "$WORK/brdivert.toml" 2>"$WORK/dp.log" &
     DP_PID=$!
     for _ in $(seq 50); do grep -q running "$WORK/dp.log" 2>/dev/null && break; sleep 0.1; done
 }

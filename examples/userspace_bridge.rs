@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use brdivert::datapath::{Datapath, local_rules};
+use brdivert::datapath::{Datapath, Options, local_rules};
 use brdivert::policy::Policy;
 use brdivert::settings::Settings;
 
@@ -23,7 +23,12 @@ fn main() -> anyhow::Result<()> {
         .context("usage: userspace_bridge SETTINGS.toml")?;
     let settings = Settings::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let policy = Arc::new(Policy::load(&settings).map_err(|e| anyhow::anyhow!("{e}"))?);
-    let dp = Datapath::start(&settings, policy.clone())?;
+    // BRDIVERT_BATCH: frames per recvmmsg/sendmmsg (experiments; default 64)
+    let mut opts = Options::default();
+    if let Some(b) = std::env::var("BRDIVERT_BATCH").ok().and_then(|b| b.parse().ok()) {
+        opts.batch = b;
+    }
+    let dp = Datapath::start_with(&settings, policy.clone(), opts)?;
     local_rules::install_blocking(&settings, &policy, dp.local_port().1)?;
     eprintln!("userspace datapath running ({:?})", dp.local_port());
     let rt = tokio::runtime::Builder::new_current_thread()
