@@ -25,7 +25,10 @@ fn main() -> anyhow::Result<()> {
     let policy = Arc::new(Policy::load(&settings).map_err(|e| anyhow::anyhow!("{e}"))?);
     // BRDIVERT_BATCH: frames per recvmmsg/sendmmsg (experiments; default 64)
     let mut opts = Options::default();
-    if let Some(b) = std::env::var("BRDIVERT_BATCH").ok().and_then(|b| b.parse().ok()) {
+    if let Some(b) = std::env::var("BRDIVERT_BATCH")
+        .ok()
+        .and_then(|b| b.parse().ok())
+    {
         opts.batch = b;
     }
     let dp = Datapath::start_with(&settings, policy.clone(), opts)?;

@@ -428,6 +428,12 @@ port = 8080
     assert!(bed.curl("h2", &format!("http://{H1}:80/who.txt")).is_err());
     let stats = bed.dp.as_ref().unwrap().stats();
     assert!(stats.diverted > 0, "{stats:?}");
+    for rule in ["vip", "web"] {
+        assert!(
+            stats.rules.iter().any(|(n, c)| n == rule && *c > 0),
+            "{rule}: {stats:?}"
+        );
+    }
     // the nft tag rules counted the diverted packets
     let nft = bed.ok(
         "br",
@@ -486,6 +492,10 @@ action = "drop"
     assert!(bed.ping("h1", H2), "other traffic still bridged");
     let stats = bed.dp.as_ref().unwrap().stats();
     assert!(stats.policy_dropped > 0, "{stats:?}");
+    assert!(
+        stats.rules.iter().any(|(n, c)| n == "nope" && *c > 0),
+        "{stats:?}"
+    );
     assert_eq!(stats.policy_generation, 1);
 
     // A port enslaved to a kernel bridge is refused with a clear error.

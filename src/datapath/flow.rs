@@ -36,7 +36,8 @@ impl FlowKey {
 
 #[derive(Debug)]
 pub struct FlowTable {
-    map: HashMap<FlowKey, (Decision, Instant)>,
+    /// decision, last seen, and the policy sequence number it was decided under
+    map: HashMap<FlowKey, (Decision, Instant, u64)>,
     idle: Duration,
     max: usize,
     last_sweep: Option<Instant>,
@@ -68,20 +69,32 @@ impl FlowTable {
         now: Instant,
         decide: impl FnOnce() -> Decision,
     ) -> Decision {
-        if let Some((d, seen)) = self.map.get_mut(&key)
+        self.decide_seq(key, now, 0, decide).0
+    }
+
+    /// [`FlowTable::decide`], also saying under which policy (`seq`, the caller's numbering)
+    /// the decision was made, so rule indexes of older policies are not miscounted.
+    pub fn decide_seq(
+        &mut self,
+        key: FlowKey,
+        now: Instant,
+        seq: u64,
+        decide: impl FnOnce() -> Decision,
+    ) -> (Decision, u64) {
+        if let Some((d, seen, s)) = self.map.get_mut(&key)
             && now.saturating_duration_since(*seen) <= self.idle
         {
             *seen = now;
-            return *d;
+            return (*d, *s);
         }
         let d = decide();
         if self.map.len() >= self.max {
             self.expire(now);
         }
         if self.map.len() < self.max || self.map.contains_key(&key) {
-            self.map.insert(key, (d, now));
+            self.map.insert(key, (d, now, seq));
         }
-        d
+        (d, seq)
     }
 
     /// Drop idle flows (at most once a second).
@@ -99,7 +112,7 @@ impl FlowTable {
     fn expire(&mut self, now: Instant) {
         let idle = self.idle;
         self.map
-            .retain(|_, (_, seen)| now.saturating_duration_since(*seen) <= idle);
+            .retain(|_, (_, seen, _)| now.saturating_duration_since(*seen) <= idle);
     }
 }
 
@@ -138,6 +151,19 @@ mod tests {
             rule: 0,
         });
         assert_eq!(d, Decision::Drop { rule: 0 });
+    }
+
+    #[test]
+    fn decisions_remember_their_policy() {
+        let mut ft = FlowTable::new(Duration::from_secs(10), 10);
+        let t = Instant::now();
+        let d = Decision::Pass { rule: 3 };
+        assert_eq!(ft.decide_seq(key(1), t, 7, || d), (d, 7));
+        assert_eq!(ft.decide_seq(key(1), t, 8, || Decision::Bridge), (d, 7));
+        assert_eq!(
+            ft.decide_seq(key(2), t, 8, || Decision::Bridge),
+            (Decision::Bridge, 8)
+        );
     }
 
     #[test]

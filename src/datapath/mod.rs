@@ -31,7 +31,7 @@ pub mod port;
 mod sys;
 pub mod tap;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -135,7 +135,10 @@ struct Shared {
     tap_index: usize,
     tap_mac: [u8; 6],
     fdb: Mutex<Fdb>,
-    policy: RwLock<Arc<Policy>>,
+    /// the policy and its sequence number (bumped by every swap)
+    policy: RwLock<(Arc<Policy>, u64)>,
+    /// packets per rule name since start
+    rule_hits: Mutex<HashMap<String, u64>>,
     /// names of rules whose health check says their target is down
     down: RwLock<Arc<HashSet<String>>>,
     generation: AtomicU64,
@@ -170,6 +173,9 @@ pub struct Stats {
     pub fdb_entries: usize,
     pub fdb_evicted: u64,
     pub policy_generation: u64,
+    /// Packets each rule decided (divert, pass or drop), by rule name, sorted; packets of
+    /// flows decided under an earlier policy count under that policy's rule names too.
+    pub rules: Vec<(String, u64)>,
 }
 
 /// The running userspace datapath. Dropping it stops it too.
@@ -245,7 +251,8 @@ impl Datapath {
             tap_index,
             tap_mac,
             fdb: Mutex::new(fdb),
-            policy: RwLock::new(policy),
+            policy: RwLock::new((policy, 0)),
+            rule_hits: Mutex::new(HashMap::new()),
             down: RwLock::new(Arc::new(HashSet::new())),
             generation: AtomicU64::new(0),
             stop: AtomicBool::new(false),
@@ -286,8 +293,11 @@ impl Datapath {
     /// keep their decision until they idle out.
     pub fn swap_policy(&self, policy: Arc<Policy>) {
         match self.shared.policy.write() {
-            Ok(mut p) => *p = policy,
-            Err(poisoned) => *poisoned.into_inner() = policy,
+            Ok(mut p) => *p = (policy, p.1 + 1),
+            Err(poisoned) => {
+                let mut p = poisoned.into_inner();
+                *p = (policy, p.1 + 1);
+            }
         }
         self.shared.generation.fetch_add(1, Ordering::Release);
     }
@@ -333,6 +343,15 @@ impl Datapath {
             fdb_entries,
             fdb_evicted,
             policy_generation: ld(&sh.generation),
+            rules: {
+                let hits = match sh.rule_hits.lock() {
+                    Ok(h) => h.clone(),
+                    Err(p) => p.into_inner().clone(),
+                };
+                let mut v: Vec<_> = hits.into_iter().collect();
+                v.sort();
+                v
+            },
         }
     }
 
@@ -408,6 +427,8 @@ pub fn decide(policy: &Policy, iif: &str, p: &PacketInfo) -> Decision {
 pub struct Rules<'a> {
     pub policy: &'a Policy,
     pub down: &'a HashSet<String>,
+    /// the policy's sequence number (kept with each flow's decision)
+    pub seq: u64,
 }
 
 impl Rules<'_> {
@@ -469,7 +490,7 @@ pub fn process_frame(
     at: &Ingress<'_>,
     rules: &Rules<'_>,
     flows: &mut FlowTable,
-) -> (Verdict, Option<Decision>) {
+) -> (Verdict, Option<(Decision, u64)>) {
     let Ingress {
         iif,
         iif_name,
@@ -493,7 +514,7 @@ pub fn process_frame(
     let Ok(info) = classify::parse_frame(eth) else {
         return (Verdict::Forward, None);
     };
-    let d = flows.decide(FlowKey::of(iif, &info), now, || {
+    let (d, seq) = flows.decide_seq(FlowKey::of(iif, &info), now, rules.seq, || {
         rules.decide(iif_name, &info)
     });
     let v = match d {
@@ -507,7 +528,7 @@ pub fn process_frame(
         Decision::Drop { .. } => Verdict::Skip,
         Decision::Pass { .. } | Decision::Bridge => Verdict::Forward,
     };
-    (v, Some(d))
+    (v, Some((d, seq)))
 }
 
 struct Worker {
@@ -542,8 +563,10 @@ impl Worker {
         let me = self.me;
         let from_local = me == sh.tap_index;
         let mut seen_gen = sh.generation.load(Ordering::Acquire);
-        let mut policy = read_policy(&sh);
+        let (mut policy, mut seq) = read_policy(&sh);
         let mut down = read_down(&sh);
+        let mut hits = RuleHits::default();
+        hits.track(seq, &policy);
         let pc = &sh.port_counters[me];
         let mut last_err: Option<Instant> = None;
         while !sh.stop.load(Ordering::Relaxed) {
@@ -566,8 +589,9 @@ impl Worker {
             let g = sh.generation.load(Ordering::Acquire);
             if g != seen_gen {
                 seen_gen = g;
-                policy = read_policy(&sh);
+                (policy, seq) = read_policy(&sh);
                 down = read_down(&sh);
+                hits.track(seq, &policy);
             }
             pc.rx_frames.fetch_add(n as u64, Ordering::Relaxed);
             pc.rx_bad.store(self.rx.bad, Ordering::Relaxed);
@@ -592,10 +616,20 @@ impl Worker {
                     &Rules {
                         policy: &policy,
                         down: &down,
+                        seq,
                     },
                     &mut self.flows,
                 );
-                match (v, d) {
+                if let Some((
+                    Decision::Divert { rule, .. }
+                    | Decision::Pass { rule }
+                    | Decision::Drop { rule },
+                    at_seq,
+                )) = d
+                {
+                    hits.count(at_seq, rule);
+                }
+                match (v, d.map(|(d, _)| d)) {
                     (Verdict::Divert, _) => diverted += 1,
                     (Verdict::Skip, Some(Decision::Drop { .. })) => dropped += 1,
                     (Verdict::Skip, None) if f.len() > VNET_HDR_LEN => ll += 1,
@@ -604,6 +638,7 @@ impl Worker {
                 }
                 self.verdicts[i] = v;
             }
+            hits.flush(&sh.rule_hits);
             pc.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
             let c = &sh.counters;
             c.diverted.fetch_add(diverted, Ordering::Relaxed);
@@ -686,10 +721,58 @@ impl Worker {
     }
 }
 
-fn read_policy(sh: &Shared) -> Arc<Policy> {
+fn read_policy(sh: &Shared) -> (Arc<Policy>, u64) {
     match sh.policy.read() {
         Ok(p) => p.clone(),
         Err(p) => p.into_inner().clone(),
+    }
+}
+
+/// Per-thread rule counters for the policies this thread's flows were decided under (the
+/// newest few), flushed into the shared counters by rule name once per batch.
+#[derive(Default)]
+struct RuleHits {
+    seen: Vec<(u64, Arc<Policy>, Vec<u64>)>,
+}
+
+impl RuleHits {
+    const KEEP: usize = 8;
+
+    fn track(&mut self, seq: u64, policy: &Arc<Policy>) {
+        if self.seen.iter().any(|(s, _, _)| *s == seq) {
+            return;
+        }
+        if self.seen.len() >= Self::KEEP {
+            self.seen.remove(0);
+        }
+        self.seen
+            .push((seq, policy.clone(), vec![0; policy.rules.len()]));
+    }
+
+    fn count(&mut self, seq: u64, rule: usize) {
+        if let Some((_, _, hits)) = self.seen.iter_mut().find(|(s, _, _)| *s == seq)
+            && let Some(h) = hits.get_mut(rule)
+        {
+            *h += 1;
+        }
+    }
+
+    fn flush(&mut self, into: &Mutex<HashMap<String, u64>>) {
+        if !self.seen.iter().any(|(_, _, h)| h.iter().any(|&n| n > 0)) {
+            return;
+        }
+        let mut m = match into.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        for (_, policy, hits) in &mut self.seen {
+            for (r, n) in policy.rules.iter().zip(hits.iter_mut()) {
+                if *n > 0 {
+                    *m.entry(r.name.clone()).or_default() += *n;
+                    *n = 0;
+                }
+            }
+        }
     }
 }
 

@@ -80,6 +80,7 @@ fn run(p: &Policy, flows: &mut FlowTable, f: &mut [u8], iif: &str) -> Verdict {
     let rules = Rules {
         policy: p,
         down: &down,
+        seq: 0,
     };
     process_frame(f, &at, &rules, flows).0
 }
@@ -234,12 +235,14 @@ on_unhealthy = "drop"
     let up = Rules {
         policy: &p,
         down: &none,
+        seq: 0,
     };
     assert!(matches!(up.decide("p1", &i80), Decision::Divert { .. }));
     let down: HashSet<String> = ["web".to_string(), "strict".to_string()].into();
     let dn = Rules {
         policy: &p,
         down: &down,
+        seq: 0,
     };
     assert_eq!(dn.decide("p1", &i80), Decision::Bridge);
     assert_eq!(dn.decide("p1", &i81), Decision::Drop { rule: 1 });
