@@ -520,3 +520,46 @@ action = "drop"
     .unwrap();
     assert!(err.contains("enslaved to kernel bridge \"kbr\""), "{err}");
 }
+
+#[test]
+fn arp_shield_answers_vip_arp_from_the_bridge_host_only() {
+    let Some(mut bed) = Bed::new() else { return };
+    bed.start(policy(&format!(
+        r#"
+[[divert]]
+name = "vip"
+dst = ["{VIP}"]
+action = "local"
+arp_shield = true
+"#
+    )));
+    // h2 is a realserver that also holds the VIP (and would answer ARP for it)
+    bed.ok(
+        "h2",
+        &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "eth0"],
+    );
+    bed.ok(
+        "br",
+        &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
+    );
+    // h1 sees the VIP on its link, so it ARPs for it
+    bed.ok(
+        "h1",
+        &["ip", "route", "add", &format!("{VIP}/32"), "dev", "eth0"],
+    );
+    assert!(bed.ping("h1", VIP), "the VIP answers");
+    let neigh = bed.ok("h1", &["ip", "neigh", "show", VIP]);
+    let tap_mac = bed.dp.as_ref().unwrap().local_port().1;
+    let tap_mac: String = tap_mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    assert!(
+        neigh.contains(&tap_mac),
+        "h1 resolved the VIP to the bridge host ({tap_mac}): {neigh}"
+    );
+    // the realserver never heard the request (it would have learnt h1 from it)
+    let heard = bed.ok("h2", &["ip", "neigh", "show", H1]);
+    assert!(heard.trim().is_empty(), "h2 saw ARP for the VIP: {heard}");
+}

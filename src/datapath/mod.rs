@@ -392,6 +392,52 @@ pub enum Verdict {
     Divert,
     /// Bridged by the FDB.
     Forward,
+    /// Sent unchanged to the local port only (ARP for a shielded VIP).
+    Local,
+}
+
+/// `arp_shield`: ARP about a VIP of a `local` rule with `arp_shield = true` does not cross
+/// the bridge. Requests and replies whose target is the VIP go to the local port only (the
+/// bridge host, which holds the VIP, answers); ARP from a port whose sender is the VIP (a
+/// realserver that also holds it) is dropped. `None`: not shielded ARP.
+pub fn arp_shield(policy: &Policy, eth: &[u8]) -> Option<Verdict> {
+    let mut et_at = 12;
+    if eth.get(12..14)? == [0x81, 0x00] {
+        et_at = 16;
+    }
+    if eth.get(et_at..et_at + 2)? != [0x08, 0x06] {
+        return None;
+    }
+    let arp = eth.get(et_at + 2..et_at + 2 + 28)?;
+    // Ethernet/IPv4 ARP only: htype 1, ptype 0x0800, hlen 6, plen 4
+    if arp[..6] != [0, 1, 0x08, 0x00, 6, 4] {
+        return None;
+    }
+    let ip = |at: usize| {
+        std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+            arp[at],
+            arp[at + 1],
+            arp[at + 2],
+            arp[at + 3],
+        ))
+    };
+    let (spa, tpa) = (ip(14), ip(24));
+    let mut verdict = None;
+    for r in &policy.rules {
+        if !r.arp_shield || !matches!(r.action, Action::Local { .. }) {
+            continue;
+        }
+        let crate::policy::AddrMatch::Only(vips) = &r.dst else {
+            continue;
+        };
+        if vips.contains(spa) {
+            return Some(Verdict::Skip);
+        }
+        if vips.contains(tpa) {
+            verdict = Some(Verdict::Local);
+        }
+    }
+    verdict
 }
 
 /// The policy's decision for a packet that arrived on `iif`, including the TPROXY return
@@ -510,6 +556,9 @@ pub fn process_frame(
     }
     if from_local {
         return (Verdict::Forward, None);
+    }
+    if let Some(v) = arp_shield(rules.policy, eth) {
+        return (v, None);
     }
     let Ok(info) = classify::parse_frame(eth) else {
         return (Verdict::Forward, None);
@@ -662,7 +711,7 @@ impl Worker {
                     fdb.learn(self.srcs[i], me, now);
                     match self.verdicts[i] {
                         Verdict::Skip => {}
-                        Verdict::Divert => self.out[sh.tap_index].push(i),
+                        Verdict::Divert | Verdict::Local => self.out[sh.tap_index].push(i),
                         Verdict::Forward => {
                             let f = self.rx.frame(i);
                             let mut dst = [0u8; 6];

@@ -297,3 +297,60 @@ fn divert_keeps_gso_header() {
     assert_eq!(run(&p, &mut flows, &mut f, "p1"), Verdict::Divert);
     assert_eq!(VnetHdr::parse(&f), Some(gso));
 }
+
+fn arp(sender: [u8; 4], target: [u8; 4], vlan: bool) -> Vec<u8> {
+    let mut f = vec![0u8; VNET_HDR_LEN];
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 9]);
+    if vlan {
+        f.extend_from_slice(&[0x81, 0x00, 0, 7]);
+    }
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 9]);
+    f.extend_from_slice(&sender);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target);
+    f
+}
+
+#[test]
+fn arp_shield_keeps_vip_arp_off_the_bridge() {
+    let p = policy(
+        r#"
+[[divert]]
+name = "vip"
+dst = ["10.77.0.100"]
+action = "local"
+arp_shield = true
+"#,
+    );
+    let mut flows = FlowTable::new(Duration::from_secs(60), 100);
+    let vip = [10, 77, 0, 100];
+    let router = [10, 77, 0, 1];
+    // the router asks for the VIP: only the bridge host hears it
+    for vlan in [false, true] {
+        let mut f = arp(router, vip, vlan);
+        assert_eq!(
+            run(&p, &mut flows, &mut f, "p1"),
+            Verdict::Local,
+            "vlan {vlan}"
+        );
+    }
+    // a realserver answering / announcing the VIP: dropped
+    let mut f = arp(vip, router, false);
+    assert_eq!(run(&p, &mut flows, &mut f, "p2"), Verdict::Skip);
+    // other ARP is bridged
+    let mut f = arp(router, [10, 77, 0, 2], false);
+    assert_eq!(run(&p, &mut flows, &mut f, "p1"), Verdict::Forward);
+    // without arp_shield, VIP ARP is bridged as usual
+    let plain = policy(
+        r#"
+[[divert]]
+name = "vip"
+dst = ["10.77.0.100"]
+action = "local"
+"#,
+    );
+    let mut f = arp(router, vip, false);
+    assert_eq!(run(&plain, &mut flows, &mut f, "p1"), Verdict::Forward);
+}
