@@ -378,6 +378,12 @@ fn bridges_icmp_tcp_and_the_local_port() {
     );
     assert!(stats.fdb_entries >= 3, "{stats:?}");
     assert_eq!(stats.diverted, 0);
+
+    // stop() joins the threads and takes the TAP away
+    bed.dp.take().expect("running").stop();
+    let gone = bed.exec("br", &["ip", "link", "show", "dev", TAP]);
+    assert!(!gone.status.success(), "TAP left behind after stop()");
+    assert!(!bed.ping("h1", H2), "nothing bridges once stopped");
 }
 
 #[test]
