@@ -525,6 +525,18 @@ action = "drop"
     })
     .unwrap();
     assert!(err.contains("enslaved to kernel bridge \"kbr\""), "{err}");
+    let mut s = bed.settings();
+    s.bridge.name = "ubr2".into();
+    s.bridge.ports = vec!["nope0".into()];
+    s.bridge.address.clear();
+    let err = in_netns(&bed.ns("br"), move || {
+        match Datapath::start(&s, Arc::new(policy(""))) {
+            Ok(_) => Ok(String::new()),
+            Err(e) => Ok(e.to_string()),
+        }
+    })
+    .unwrap();
+    assert!(err.contains("no such port \"nope0\""), "{err}");
 }
 
 #[test]

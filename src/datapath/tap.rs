@@ -130,20 +130,24 @@ fn connect() -> io::Result<rtnetlink::Handle> {
 /// (`/sys/class/net` is not used: it shows the namespace sysfs was mounted in.)
 pub fn master_of(name: &str) -> io::Result<Option<(String, bool)>> {
     use futures::TryStreamExt;
-    use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+    use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
     let name = name.to_string();
     block_on(async move {
         let h = connect()?;
-        let get = |msg: Option<LinkMessage>| msg;
         let nl_err = |e: rtnetlink::Error| io::Error::other(format!("rtnetlink: {e}"));
-        let port = get(h
+        let port = match h
             .link()
             .get()
             .match_name(name.clone())
             .execute()
             .try_next()
             .await
-            .map_err(nl_err)?);
+        {
+            Ok(m) => m,
+            // no such port: opening it says so, with its name
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code().abs() == libc::ENODEV => None,
+            Err(e) => return Err(nl_err(e)),
+        };
         let Some(master) = port.and_then(|m| {
             m.attributes.iter().find_map(|a| match a {
                 LinkAttribute::Controller(i) if *i != 0 => Some(*i),
