@@ -1,0 +1,836 @@
+//! The userspace datapath (`datapath = "userspace"`): brdivert bridges frames itself.
+//!
+//! - Every port is an AF_PACKET socket ([`port`]); the local port is a TAP device named after
+//!   the bridge ([`tap`]) carrying the bridge's addresses, bridged like any other port.
+//! - One dedicated thread per port (not tokio) receives a batch (`recvmmsg`), classifies each
+//!   IP frame with the same policy as the kernel datapath ([`crate::classify`]), learns
+//!   source MACs in the shared [`fdb`], and sends per destination port in one `sendmmsg`.
+//! - A diverted frame gets the frame diverter's move: destination MAC := the TAP's MAC, and
+//!   it is written to the TAP only. The TAP cannot carry a packet mark, so the rule's tag
+//!   rides in the frame's source MAC ([`frame::tag_mac`]) and one nft rule per diverting rule
+//!   on the TAP's ingress turns it back into the mark the usual local-stack rules (REDIRECT,
+//!   TPROXY, fwmark) match on ([`local_rules`]).
+//! - Decisions are made on the first packet of a flow and cached ([`flow`]) so a policy swap
+//!   ([`Datapath::swap_policy`]) leaves established flows on their path.
+//!
+//! Frames carry a `virtio_net_hdr` end to end (AF_PACKET `PACKET_VNET_HDR`, TAP
+//! `IFF_VNET_HDR`), so GSO/GRO super-frames and checksum-partial frames cross intact.
+//!
+//! STP policy: BPDUs (01:80:c2:00:00:00) are forwarded transparently, like a Linux bridge
+//! with STP off; the other IEEE link-local groups (…:01 to …:0f: pause, LACP, 802.1X, LLDP)
+//! are not forwarded, as a Linux bridge's default `group_fwd_mask`.
+//!
+//! Without the process nothing is bridged: killing the daemon stops traffic until it is
+//! restarted (systemd `Restart=always`).
+
+pub mod fdb;
+pub mod flow;
+pub mod frame;
+pub mod local_rules;
+pub mod port;
+mod sys;
+pub mod tap;
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::classify::{self, Decision, PacketInfo};
+use crate::policy::{Action, DivertRule, OnUnhealthy, Policy};
+use crate::settings::{Datapath as DatapathKind, Settings};
+
+use fdb::{Fdb, Out};
+use flow::{FlowKey, FlowTable};
+use frame::{VNET_HDR_LEN, VnetHdr};
+use port::{PacketPort, RxBatch, TxBatch};
+use tap::Tap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("bridge.datapath is not \"userspace\"; the kernel datapath is set up by `apply`")]
+    NotUserspace,
+    #[error("port {port:?}: {source}")]
+    Port { port: String, source: io::Error },
+    #[error("local port (TAP) {name:?}: {source}")]
+    Tap { name: String, source: io::Error },
+    #[error("static FDB entry names {port:?}, which is not a port of this bridge")]
+    UnknownStaticPort { port: String },
+    #[error("starting a datapath thread: {0}")]
+    Thread(io::Error),
+}
+
+/// Tunables (the defaults suit a small inline box).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Frames per `recvmmsg`/`sendmmsg`.
+    pub batch: usize,
+    pub fdb_aging: Duration,
+    pub fdb_max: usize,
+    pub flow_idle: Duration,
+    pub flow_max: usize,
+    /// Permanent FDB entries: MAC -> port name (a port of `bridge.ports` or `bridge.name`).
+    pub static_fdb: Vec<([u8; 6], String)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            batch: 64,
+            fdb_aging: fdb::DEFAULT_AGING,
+            fdb_max: fdb::DEFAULT_MAX_ENTRIES,
+            flow_idle: flow::DEFAULT_IDLE,
+            flow_max: flow::DEFAULT_MAX_FLOWS,
+            static_fdb: Vec::new(),
+        }
+    }
+}
+
+enum Io {
+    Packet(PacketPort),
+    Tap(Tap),
+}
+
+impl Io {
+    fn recv(&self, b: &mut RxBatch, t: Duration) -> io::Result<usize> {
+        match self {
+            Io::Packet(p) => p.recv(b, t),
+            Io::Tap(p) => p.recv(b, t),
+        }
+    }
+
+    fn send(&self, tx: &mut TxBatch, frames: &[&[u8]]) -> usize {
+        match self {
+            Io::Packet(p) => p.send(tx, frames),
+            Io::Tap(p) => p.send(frames),
+        }
+    }
+}
+
+#[derive(Default)]
+struct PortCounters {
+    rx_frames: AtomicU64,
+    rx_bytes: AtomicU64,
+    tx_frames: AtomicU64,
+    tx_errors: AtomicU64,
+    mtu_dropped: AtomicU64,
+    rx_bad: AtomicU64,
+}
+
+#[derive(Default)]
+struct Counters {
+    diverted: AtomicU64,
+    policy_dropped: AtomicU64,
+    passed: AtomicU64,
+    flooded: AtomicU64,
+    link_local_dropped: AtomicU64,
+}
+
+struct Shared {
+    ports: Vec<Io>,
+    names: Vec<String>,
+    mtu: Vec<u32>,
+    tap_index: usize,
+    tap_mac: [u8; 6],
+    fdb: Mutex<Fdb>,
+    /// the policy and its sequence number (bumped by every swap)
+    policy: RwLock<(Arc<Policy>, u64)>,
+    /// packets per rule name since start
+    rule_hits: Mutex<HashMap<String, u64>>,
+    /// names of rules whose health check says their target is down
+    down: RwLock<Arc<HashSet<String>>>,
+    generation: AtomicU64,
+    stop: AtomicBool,
+    port_counters: Vec<PortCounters>,
+    counters: Counters,
+    opts: Options,
+}
+
+/// Counters of one port.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortStats {
+    pub name: String,
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_errors: u64,
+    pub mtu_dropped: u64,
+    pub rx_bad: u64,
+}
+
+/// A snapshot of the datapath's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// `bridge.ports` in order, then the local port (TAP).
+    pub ports: Vec<PortStats>,
+    pub diverted: u64,
+    pub policy_dropped: u64,
+    pub passed: u64,
+    pub flooded: u64,
+    pub link_local_dropped: u64,
+    pub fdb_entries: usize,
+    pub fdb_evicted: u64,
+    pub policy_generation: u64,
+    /// Packets each rule decided (divert, pass or drop), by rule name, sorted; packets of
+    /// flows decided under an earlier policy count under that policy's rule names too.
+    pub rules: Vec<(String, u64)>,
+}
+
+/// The running userspace datapath. Dropping it stops it too.
+pub struct Datapath {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("ports", &self.shared.names)
+            .field("tap_mac", &self.shared.tap_mac)
+            .finish()
+    }
+}
+
+impl Datapath {
+    /// Open the ports, create the TAP local port (`bridge.name`, with `bridge.address`), and
+    /// start one forwarding thread per port. Runs in the caller's network namespace.
+    pub fn start(settings: &Settings, policy: Arc<Policy>) -> Result<Datapath, DatapathError> {
+        Datapath::start_with(settings, policy, Options::default())
+    }
+
+    pub fn start_with(
+        settings: &Settings,
+        policy: Arc<Policy>,
+        opts: Options,
+    ) -> Result<Datapath, DatapathError> {
+        if settings.bridge.datapath != DatapathKind::Userspace {
+            return Err(DatapathError::NotUserspace);
+        }
+        let mut ports = Vec::new();
+        let mut names = Vec::new();
+        let mut mtu = Vec::new();
+        for name in &settings.bridge.ports {
+            let p = PacketPort::open(name).map_err(|source| DatapathError::Port {
+                port: name.clone(),
+                source,
+            })?;
+            names.push(p.name.clone());
+            mtu.push(p.mtu);
+            ports.push(Io::Packet(p));
+        }
+        let tap_name = settings.bridge.name.clone();
+        let tap_err = |source| DatapathError::Tap {
+            name: tap_name.clone(),
+            source,
+        };
+        let tap = Tap::create(&tap_name, mtu.iter().copied().min()).map_err(tap_err)?;
+        tap::add_addresses(tap.ifindex as u32, &settings.bridge.address).map_err(tap_err)?;
+        let tap_index = ports.len();
+        let tap_mac = tap.mac;
+        names.push(tap.name.clone());
+        mtu.push(tap.mtu);
+        ports.push(Io::Tap(tap));
+
+        let now = Instant::now();
+        let mut fdb = Fdb::new(opts.fdb_aging, opts.fdb_max);
+        fdb.add_static(tap_mac, tap_index, now);
+        for (mac, port) in &opts.static_fdb {
+            let i = names
+                .iter()
+                .position(|n| n == port)
+                .ok_or_else(|| DatapathError::UnknownStaticPort { port: port.clone() })?;
+            fdb.add_static(*mac, i, now);
+        }
+        let n = ports.len();
+        let shared = Arc::new(Shared {
+            ports,
+            names,
+            mtu,
+            tap_index,
+            tap_mac,
+            fdb: Mutex::new(fdb),
+            policy: RwLock::new((policy, 0)),
+            rule_hits: Mutex::new(HashMap::new()),
+            down: RwLock::new(Arc::new(HashSet::new())),
+            generation: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            port_counters: (0..n).map(|_| PortCounters::default()).collect(),
+            counters: Counters::default(),
+            opts,
+        });
+        let mut dp = Datapath {
+            shared: shared.clone(),
+            threads: Vec::new(),
+        };
+        for i in 0..n {
+            let sh = shared.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("brdivert-{}", sh.names[i]))
+                .spawn(move || Worker::new(sh, i).run())
+                .map_err(DatapathError::Thread)?;
+            dp.threads.push(t);
+        }
+        tracing::info!(
+            "userspace datapath up: ports {:?}, local port {} ({})",
+            &dp.shared.names[..tap_index],
+            dp.shared.names[tap_index],
+            mac_text(&tap_mac)
+        );
+        Ok(dp)
+    }
+
+    /// The local port's (TAP's) name and MAC.
+    pub fn local_port(&self) -> (&str, [u8; 6]) {
+        (
+            &self.shared.names[self.shared.tap_index],
+            self.shared.tap_mac,
+        )
+    }
+
+    /// Swap in a new policy: new flows follow it from the next batch on, established flows
+    /// keep their decision until they idle out.
+    pub fn swap_policy(&self, policy: Arc<Policy>) {
+        match self.shared.policy.write() {
+            Ok(mut p) => *p = (policy, p.1 + 1),
+            Err(poisoned) => {
+                let mut p = poisoned.into_inner();
+                *p = (policy, p.1 + 1);
+            }
+        }
+        self.shared.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Tell the datapath which rules' targets are down (by rule name; health checks run
+    /// elsewhere). New flows a down rule would divert follow its `on_unhealthy`: bridged to
+    /// their original destination (`bypass`) or dropped. Established flows keep their path.
+    pub fn set_unhealthy(&self, down: HashSet<String>) {
+        match self.shared.down.write() {
+            Ok(mut d) => *d = Arc::new(down),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(down),
+        }
+        self.shared.generation.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn stats(&self) -> Stats {
+        let sh = &self.shared;
+        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (fdb_entries, fdb_evicted) = match sh.fdb.lock() {
+            Ok(f) => (f.len(), f.evicted),
+            Err(p) => (p.get_ref().len(), p.get_ref().evicted),
+        };
+        Stats {
+            ports: sh
+                .names
+                .iter()
+                .zip(&sh.port_counters)
+                .map(|(name, c)| PortStats {
+                    name: name.clone(),
+                    rx_frames: ld(&c.rx_frames),
+                    rx_bytes: ld(&c.rx_bytes),
+                    tx_frames: ld(&c.tx_frames),
+                    tx_errors: ld(&c.tx_errors),
+                    mtu_dropped: ld(&c.mtu_dropped),
+                    rx_bad: ld(&c.rx_bad),
+                })
+                .collect(),
+            diverted: ld(&sh.counters.diverted),
+            policy_dropped: ld(&sh.counters.policy_dropped),
+            passed: ld(&sh.counters.passed),
+            flooded: ld(&sh.counters.flooded),
+            link_local_dropped: ld(&sh.counters.link_local_dropped),
+            fdb_entries,
+            fdb_evicted,
+            policy_generation: ld(&sh.generation),
+            rules: {
+                let hits = match sh.rule_hits.lock() {
+                    Ok(h) => h.clone(),
+                    Err(p) => p.into_inner().clone(),
+                };
+                let mut v: Vec<_> = hits.into_iter().collect();
+                v.sort();
+                v
+            },
+        }
+    }
+
+    /// Stop forwarding, join the threads, close the ports and remove the TAP.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("a datapath thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn mac_text(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// What happens to one received frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not sent anywhere (bad, dropped by policy, link-local).
+    Skip,
+    /// Rewritten and sent to the local port only.
+    Divert,
+    /// Bridged by the FDB.
+    Forward,
+    /// Sent unchanged to the local port only (ARP for a shielded VIP).
+    Local,
+}
+
+/// `arp_shield`: ARP about a VIP of a `local` rule with `arp_shield = true` does not cross
+/// the bridge. Requests and replies whose target is the VIP go to the local port only (the
+/// bridge host, which holds the VIP, answers); ARP from a port whose sender is the VIP (a
+/// realserver that also holds it) is dropped. `None`: not shielded ARP.
+pub fn arp_shield(policy: &Policy, eth: &[u8]) -> Option<Verdict> {
+    let mut et_at = 12;
+    if eth.get(12..14)? == [0x81, 0x00] {
+        et_at = 16;
+    }
+    if eth.get(et_at..et_at + 2)? != [0x08, 0x06] {
+        return None;
+    }
+    let arp = eth.get(et_at + 2..et_at + 2 + 28)?;
+    // Ethernet/IPv4 ARP only: htype 1, ptype 0x0800, hlen 6, plen 4
+    if arp[..6] != [0, 1, 0x08, 0x00, 6, 4] {
+        return None;
+    }
+    let ip = |at: usize| {
+        std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+            arp[at],
+            arp[at + 1],
+            arp[at + 2],
+            arp[at + 3],
+        ))
+    };
+    let (spa, tpa) = (ip(14), ip(24));
+    let mut verdict = None;
+    for r in &policy.rules {
+        if !r.arp_shield || !matches!(r.action, Action::Local { .. }) {
+            continue;
+        }
+        let crate::policy::AddrMatch::Only(vips) = &r.dst else {
+            continue;
+        };
+        if vips.contains(spa) {
+            return Some(Verdict::Skip);
+        }
+        if vips.contains(tpa) {
+            verdict = Some(Verdict::Local);
+        }
+    }
+    verdict
+}
+
+/// The policy's decision for a packet that arrived on `iif`, including the TPROXY return
+/// path (the origin's replies to a TPROXY'd flow go to the proxy's socket too). Rules are
+/// tried in order, each rule's reply match right after its own match, as in the kernel
+/// datapath's bridge table; the matching itself is `classify::rule_matches`.
+pub fn decide(policy: &Policy, iif: &str, p: &PacketInfo) -> Decision {
+    for (i, r) in policy.rules.iter().enumerate() {
+        if classify::rule_matches(r, iif, p) {
+            return match r.action {
+                Action::Pass => Decision::Pass { rule: i },
+                Action::Drop => Decision::Drop { rule: i },
+                action => Decision::Divert {
+                    rule: i,
+                    tag: r.tag,
+                    action,
+                },
+            };
+        }
+        if matches!(r.action, Action::Tproxy { .. }) && reply_matches(r, iif, p) {
+            return Decision::Divert {
+                rule: i,
+                tag: r.tag,
+                action: r.action,
+            };
+        }
+    }
+    Decision::Bridge
+}
+
+/// The rules in force for new flows: the policy and the rules whose targets are down.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules<'a> {
+    pub policy: &'a Policy,
+    pub down: &'a HashSet<String>,
+    /// the policy's sequence number (kept with each flow's decision)
+    pub seq: u64,
+}
+
+impl Rules<'_> {
+    /// [`decide`], then the health state: a diverting rule whose target is down bypasses
+    /// (bridges) or drops, as its `on_unhealthy` says.
+    pub fn decide(&self, iif: &str, p: &PacketInfo) -> Decision {
+        let d = decide(self.policy, iif, p);
+        if let Decision::Divert { rule, .. } = d
+            && let Some(r) = self.policy.rules.get(rule)
+            && self.down.contains(&r.name)
+        {
+            return match r.on_unhealthy {
+                OnUnhealthy::Bypass => Decision::Bridge,
+                OnUnhealthy::Drop => Decision::Drop { rule },
+            };
+        }
+        d
+    }
+}
+
+/// Is `p` a reply of the origin to a flow rule `r` TPROXYs? Seen as the forward packet it
+/// answers (addresses and ports swapped), arriving on a port that is not one of `from`; the
+/// source MAC is not looked at (the kernel's reply chain does not either).
+fn reply_matches(r: &DivertRule, iif: &str, p: &PacketInfo) -> bool {
+    if !r.from.is_empty() && r.from.iter().any(|f| f == iif) {
+        return false;
+    }
+    let Some((sport, dport)) = p.ports else {
+        return false;
+    };
+    let fwd = PacketInfo {
+        src_mac: r.src_mac.first().copied().unwrap_or(p.src_mac),
+        dst_mac: p.src_mac,
+        vlan: p.vlan,
+        src: p.dst,
+        dst: p.src,
+        l4proto: p.l4proto,
+        ports: Some((dport, sport)),
+    };
+    let as_iif = r.from.first().map_or(iif, String::as_str);
+    classify::rule_matches(r, as_iif, &fwd)
+}
+
+/// Where and when a frame arrived, for [`process_frame`].
+#[derive(Debug, Clone, Copy)]
+pub struct Ingress<'a> {
+    pub iif: usize,
+    pub iif_name: &'a str,
+    /// from the local port (the host's own frames: bridged, not classified)
+    pub from_local: bool,
+    pub local_mac: [u8; 6],
+    pub now: Instant,
+}
+
+/// Classify one received frame (vnet header + Ethernet) from port `iif_name` and apply the
+/// frame diverter's rewrite if it is diverted.
+pub fn process_frame(
+    buf: &mut [u8],
+    at: &Ingress<'_>,
+    rules: &Rules<'_>,
+    flows: &mut FlowTable,
+) -> (Verdict, Option<(Decision, u64)>) {
+    let Ingress {
+        iif,
+        iif_name,
+        from_local,
+        local_mac,
+        now,
+    } = *at;
+    let Some(eth) = buf.get_mut(VNET_HDR_LEN..) else {
+        return (Verdict::Skip, None);
+    };
+    if eth.len() < frame::ETH_HLEN {
+        return (Verdict::Skip, None);
+    }
+    // IEEE 802.1D link-local groups other than BPDUs are not forwarded.
+    if eth[..5] == [0x01, 0x80, 0xc2, 0x00, 0x00] && eth[5] != 0 && eth[5] <= 0x0f {
+        return (Verdict::Skip, None);
+    }
+    if from_local {
+        return (Verdict::Forward, None);
+    }
+    if let Some(v) = arp_shield(rules.policy, eth) {
+        return (v, None);
+    }
+    let Ok(info) = classify::parse_frame(eth) else {
+        return (Verdict::Forward, None);
+    };
+    let (d, seq) = flows.decide_seq(FlowKey::of(iif, &info), now, rules.seq, || {
+        rules.decide(iif_name, &info)
+    });
+    let v = match d {
+        Decision::Divert { tag, .. } => {
+            if frame::divert_rewrite(eth, local_mac, tag) {
+                Verdict::Divert
+            } else {
+                Verdict::Skip
+            }
+        }
+        Decision::Drop { .. } => Verdict::Skip,
+        Decision::Pass { .. } | Decision::Bridge => Verdict::Forward,
+    };
+    (v, Some((d, seq)))
+}
+
+struct Worker {
+    sh: Arc<Shared>,
+    me: usize,
+    rx: RxBatch,
+    tx: TxBatch,
+    flows: FlowTable,
+    verdicts: Vec<Verdict>,
+    srcs: Vec<[u8; 6]>,
+    out: Vec<Vec<usize>>,
+}
+
+impl Worker {
+    fn new(sh: Arc<Shared>, me: usize) -> Worker {
+        let b = sh.opts.batch;
+        let n = sh.ports.len();
+        Worker {
+            rx: RxBatch::new(b),
+            tx: TxBatch::default(),
+            flows: FlowTable::new(sh.opts.flow_idle, sh.opts.flow_max),
+            verdicts: vec![Verdict::Skip; b.max(1)],
+            srcs: vec![[0; 6]; b.max(1)],
+            out: vec![Vec::with_capacity(b); n],
+            sh,
+            me,
+        }
+    }
+
+    fn run(mut self) {
+        let sh = self.sh.clone();
+        let me = self.me;
+        let from_local = me == sh.tap_index;
+        let mut seen_gen = sh.generation.load(Ordering::Acquire);
+        let (mut policy, mut seq) = read_policy(&sh);
+        let mut down = read_down(&sh);
+        let mut hits = RuleHits::default();
+        hits.track(seq, &policy);
+        let pc = &sh.port_counters[me];
+        let mut last_err: Option<Instant> = None;
+        while !sh.stop.load(Ordering::Relaxed) {
+            let n = match sh.ports[me].recv(&mut self.rx, Duration::from_millis(100)) {
+                Ok(n) => n,
+                Err(e) => {
+                    if last_err.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        tracing::warn!("receiving on {}: {e}", sh.names[me]);
+                        last_err = Some(Instant::now());
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            if n == 0 {
+                self.flows.sweep(now);
+                continue;
+            }
+            let g = sh.generation.load(Ordering::Acquire);
+            if g != seen_gen {
+                seen_gen = g;
+                (policy, seq) = read_policy(&sh);
+                down = read_down(&sh);
+                hits.track(seq, &policy);
+            }
+            pc.rx_frames.fetch_add(n as u64, Ordering::Relaxed);
+            pc.rx_bad.store(self.rx.bad, Ordering::Relaxed);
+            let mut bytes = 0u64;
+            let (mut diverted, mut dropped, mut passed, mut ll) = (0u64, 0u64, 0u64, 0u64);
+            for i in 0..n {
+                let f = self.rx.frame_mut(i);
+                bytes += f.len().saturating_sub(VNET_HDR_LEN) as u64;
+                if f.len() >= VNET_HDR_LEN + 12 {
+                    self.srcs[i].copy_from_slice(&f[VNET_HDR_LEN + 6..VNET_HDR_LEN + 12]);
+                }
+                let at = Ingress {
+                    iif: me,
+                    iif_name: &sh.names[me],
+                    from_local,
+                    local_mac: sh.tap_mac,
+                    now,
+                };
+                let (v, d) = process_frame(
+                    f,
+                    &at,
+                    &Rules {
+                        policy: &policy,
+                        down: &down,
+                        seq,
+                    },
+                    &mut self.flows,
+                );
+                if let Some((
+                    Decision::Divert { rule, .. }
+                    | Decision::Pass { rule }
+                    | Decision::Drop { rule },
+                    at_seq,
+                )) = d
+                {
+                    hits.count(at_seq, rule);
+                }
+                match (v, d.map(|(d, _)| d)) {
+                    (Verdict::Divert, _) => diverted += 1,
+                    (Verdict::Skip, Some(Decision::Drop { .. })) => dropped += 1,
+                    (Verdict::Skip, None) if f.len() > VNET_HDR_LEN => ll += 1,
+                    (_, Some(Decision::Pass { .. })) => passed += 1,
+                    _ => {}
+                }
+                self.verdicts[i] = v;
+            }
+            hits.flush(&sh.rule_hits);
+            pc.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+            let c = &sh.counters;
+            c.diverted.fetch_add(diverted, Ordering::Relaxed);
+            c.policy_dropped.fetch_add(dropped, Ordering::Relaxed);
+            c.passed.fetch_add(passed, Ordering::Relaxed);
+            c.link_local_dropped.fetch_add(ll, Ordering::Relaxed);
+
+            // Learn and look up under one lock per batch.
+            let nports = sh.ports.len();
+            let mut flooded = 0u64;
+            {
+                let mut fdb = match sh.fdb.lock() {
+                    Ok(f) => f,
+                    Err(p) => p.into_inner(),
+                };
+                for i in 0..n {
+                    let (_, len) = self.rx.frames[i];
+                    if len < VNET_HDR_LEN + frame::ETH_HLEN {
+                        continue;
+                    }
+                    fdb.learn(self.srcs[i], me, now);
+                    match self.verdicts[i] {
+                        Verdict::Skip => {}
+                        Verdict::Divert | Verdict::Local => self.out[sh.tap_index].push(i),
+                        Verdict::Forward => {
+                            let f = self.rx.frame(i);
+                            let mut dst = [0u8; 6];
+                            dst.copy_from_slice(&f[VNET_HDR_LEN..VNET_HDR_LEN + 6]);
+                            match fdb.out(&dst, me, now) {
+                                Out::Port(p) => self.out[p].push(i),
+                                Out::Filtered => {}
+                                Out::Flood => {
+                                    flooded += 1;
+                                    for (p, o) in self.out.iter_mut().enumerate() {
+                                        if p != me {
+                                            o.push(i);
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            sh.counters.flooded.fetch_add(flooded, Ordering::Relaxed);
+
+            for p in 0..nports {
+                if self.out[p].is_empty() {
+                    continue;
+                }
+                let mtu = sh.mtu[p] as usize;
+                let mut too_big = 0u64;
+                let frames: Vec<&[u8]> = self.out[p]
+                    .iter()
+                    .map(|&i| self.rx.frame(i))
+                    .filter(|f| {
+                        let gso = VnetHdr::parse(f).is_some_and(|h| h.is_gso());
+                        let ok = gso || frame::l3_len(&f[VNET_HDR_LEN..]) <= mtu;
+                        if !ok {
+                            too_big += 1;
+                        }
+                        ok
+                    })
+                    .collect();
+                let sent = sh.ports[p].send(&mut self.tx, &frames) as u64;
+                let q = &sh.port_counters[p];
+                q.tx_frames.fetch_add(sent, Ordering::Relaxed);
+                q.tx_errors
+                    .fetch_add(frames.len() as u64 - sent, Ordering::Relaxed);
+                q.mtu_dropped.fetch_add(too_big, Ordering::Relaxed);
+                self.out[p].clear();
+            }
+            self.flows.sweep(now);
+            if me == 0
+                && let Ok(mut f) = sh.fdb.try_lock()
+            {
+                f.sweep(now);
+            }
+        }
+    }
+}
+
+fn read_policy(sh: &Shared) -> (Arc<Policy>, u64) {
+    match sh.policy.read() {
+        Ok(p) => p.clone(),
+        Err(p) => p.into_inner().clone(),
+    }
+}
+
+/// Per-thread rule counters for the policies this thread's flows were decided under (the
+/// newest few), flushed into the shared counters by rule name once per batch.
+#[derive(Default)]
+struct RuleHits {
+    seen: Vec<(u64, Arc<Policy>, Vec<u64>)>,
+}
+
+impl RuleHits {
+    const KEEP: usize = 8;
+
+    fn track(&mut self, seq: u64, policy: &Arc<Policy>) {
+        if self.seen.iter().any(|(s, _, _)| *s == seq) {
+            return;
+        }
+        if self.seen.len() >= Self::KEEP {
+            self.seen.remove(0);
+        }
+        self.seen
+            .push((seq, policy.clone(), vec![0; policy.rules.len()]));
+    }
+
+    fn count(&mut self, seq: u64, rule: usize) {
+        if let Some((_, _, hits)) = self.seen.iter_mut().find(|(s, _, _)| *s == seq)
+            && let Some(h) = hits.get_mut(rule)
+        {
+            *h += 1;
+        }
+    }
+
+    fn flush(&mut self, into: &Mutex<HashMap<String, u64>>) {
+        if !self.seen.iter().any(|(_, _, h)| h.iter().any(|&n| n > 0)) {
+            return;
+        }
+        let mut m = match into.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        for (_, policy, hits) in &mut self.seen {
+            for (r, n) in policy.rules.iter().zip(hits.iter_mut()) {
+                if *n > 0 {
+                    *m.entry(r.name.clone()).or_default() += *n;
+                    *n = 0;
+                }
+            }
+        }
+    }
+}
+
+fn read_down(sh: &Shared) -> Arc<HashSet<String>> {
+    match sh.down.read() {
+        Ok(d) => d.clone(),
+        Err(d) => d.into_inner().clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests;
