@@ -201,9 +201,11 @@ fn ruleset_for(settings: &Settings, policy: &Policy, mac: Option<[u8; 6]>) -> Ru
     let t = target(settings, mac);
     match settings.bridge.datapath {
         Datapath::Kernel => compile::compile(policy, &t),
-        Datapath::Userspace => Ruleset {
-            tables: vec![compile::local_stack_table(policy, &t)],
-        },
+        // What the daemon installs for its TAP local port (tag MACs -> marks); the TAP's
+        // MAC is only known once it exists.
+        Datapath::Userspace => {
+            crate::datapath::local_rules::ruleset(settings, policy, mac.unwrap_or([0; 6]))
+        }
     }
 }
 
@@ -222,8 +224,8 @@ pub fn check_installable(settings: &Settings) -> Result<(), Refused> {
         return Err(Refused(vec![crate::diag::Diagnostic::error(
             &settings.path,
             crate::diag::Pos::NONE,
-            "the userspace datapath is not implemented yet; only the kernel datapath can be set up",
-            "set bridge.datapath = \"kernel\"",
+            "apply sets up the kernel datapath only: with bridge.datapath = \"userspace\" nothing would forward frames without the daemon",
+            "run `brdivert run` (the daemon drives the userspace datapath), or set bridge.datapath = \"kernel\"",
         )]));
     }
     Ok(())

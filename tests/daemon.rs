@@ -73,6 +73,10 @@ port   = 3129
 "#;
 
 fn lab() -> Option<Lab> {
+    lab_on("kernel")
+}
+
+fn lab_on(datapath: &str) -> Option<Lab> {
     if !is_root() {
         eprintln!("SKIP: daemon lab tests need root (network namespaces)");
         return None;
@@ -86,7 +90,7 @@ fn lab() -> Option<Lab> {
     Some(
         Lab::with_options(LabOptions {
             proxy: Proxy::Squid,
-            datapath: "kernel".into(),
+            datapath: datapath.into(),
             prefix: None,
         })
         .expect("building the lab"),
@@ -767,4 +771,59 @@ fn health_state_in_status_and_metrics() {
             .iter()
             .any(|h| h.rule == "web" && h.up && h.to_up == 1 && h.target == "127.0.0.1:3129")
     });
+}
+
+/// `brdivert run` drives the userspace datapath: it bridges and diverts through its TAP local
+/// port, reloads swap the policy (a bad file is refused), health is reported, and stopping
+/// removes the TAP (nothing forwards without the daemon in this mode).
+#[test]
+fn userspace_datapath_under_the_daemon() {
+    let Some(lab) = lab_on("userspace") else {
+        return;
+    };
+    lab.write_rules("web", RULES_WEB).expect("rules");
+    let socket = Daemon::configure(&lab, "");
+    let mut d = Daemon::start(&lab, &socket, "u1");
+
+    intercepted(&lab, "/u-first");
+    let tap = lab
+        .exec(Ns::Br, &["ip", "-d", "link", "show", "dev", "br0"])
+        .expect("ip");
+    assert!(
+        String::from_utf8_lossy(&tap.stdout).contains("tun type tap"),
+        "br0 is the datapath's TAP: {}",
+        String::from_utf8_lossy(&tap.stdout)
+    );
+    // bridged traffic still flows (port 8080 has no rule)
+    let r = lab
+        .curl(Ns::C1, &format!("http://{UP_V4}:8080/u-bridged"))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", d.log()));
+    assert_eq!(r.header("Via"), None, "{r:?}");
+
+    // a refused reload keeps the running policy
+    lab.write_rules("zz-bad", "[[divert]]\nname = \"bad\"\naction = \"nope\"\n")
+        .expect("rules");
+    let out = d.ctl(&["reload"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    intercepted(&lab, "/u-after-bad");
+
+    // a valid reload that stops diverting port 80: new flows are bridged
+    std::fs::remove_file(lab.dir().join("rules.d").join("zz-bad.toml")).expect("rm");
+    lab.write_rules("web", &RULES_WEB.replace("dport  = [80]", "dport  = [81]"))
+        .expect("rules");
+    let out = d.ctl(&["reload"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let r = lab
+        .curl(Ns::C1, &format!("http://{UP_V4}/u-after-reload"))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", d.log()));
+    assert_eq!(r.header("Via"), None, "port 80 no longer diverted: {r:?}");
+
+    // stopping stops the datapath and removes the TAP
+    d.signal(libc::SIGTERM);
+    let st = d.wait_exit(Duration::from_secs(10));
+    assert!(st.success(), "{st}: {}", d.log());
+    let gone = lab
+        .exec(Ns::Br, &["ip", "link", "show", "dev", "br0"])
+        .expect("ip");
+    assert!(!gone.status.success(), "TAP left behind after stop");
 }

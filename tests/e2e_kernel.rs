@@ -138,6 +138,21 @@ mod userspace_run {
         })
     }
 
+    /// The health flip of the userspace datapath (the daemon's health checker calls the same
+    /// `Datapath::set_unhealthy`): `rule` down or every rule up.
+    pub fn set_health(lab: &Lab, rule: &str, up: bool) {
+        let g = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
+        let dp = g
+            .as_ref()
+            .and_then(|m| m.get(lab.prefix()))
+            .expect("the userspace datapath runs for this lab");
+        let mut down = std::collections::HashSet::new();
+        if !up {
+            down.insert(rule.to_string());
+        }
+        dp.set_unhealthy(down);
+    }
+
     impl Running {
         /// Stop the datapath only (as if the daemon died), leaving its rules for `flush`.
         pub fn kill(mut self) {
@@ -617,7 +632,7 @@ fn reload_keeps_established_flows(dp: &str) {
         return;
     };
     lab.write_rules("web", RULES_WEB).expect("rules");
-    apply(&lab);
+    let _running = apply(&lab);
     let path = "/slow/t-reload";
     let path6 = "/slow/t-reload-6";
     let t = lab
@@ -628,17 +643,24 @@ fn reload_keeps_established_flows(dp: &str) {
         .expect("curl");
     wait_origin_saw(&lab, path);
     wait_origin_saw(&lab, path6);
-    for (map, needle) in [
-        ("flows4", format!("{C1_V4} . {UP_V4} . tcp .")),
-        ("flows6", format!("{C1_V6} . {UP_V6} . tcp .")),
-    ] {
+    // the kernel datapath pins flows in the bridge table's maps (the userspace datapath in
+    // its own flow table)
+    let pinned_maps = if dp == "kernel" {
+        vec![
+            ("flows4", format!("{C1_V4} . {UP_V4} . tcp .")),
+            ("flows6", format!("{C1_V6} . {UP_V6} . tcp .")),
+        ]
+    } else {
+        Vec::new()
+    };
+    for (map, needle) in pinned_maps {
         let pins = lab
             .exec_ok(Ns::Br, &["nft", "list", "map", "bridge", "brdivert", map])
             .expect("nft");
         assert!(pins.contains(&needle), "flow not pinned: {pins}");
     }
     lab.write_rules("web", RULES_WEB_81).expect("rules");
-    apply(&lab);
+    let _running = apply(&lab);
     check_bridged(&lab, Ns::C1, UP_V4, "/t-after-reload", C1_V4);
     check_bridged(
         &lab,
@@ -651,6 +673,15 @@ fn reload_keeps_established_flows(dp: &str) {
     check_transfer(&lab, t6, path6, BR_V6);
 }
 
+/// Flip a rule's health on the datapath under test.
+fn set_health(lab: &Lab, dp: &str, rule: &str, up: bool) {
+    if dp == "kernel" {
+        lab.set_rule_health(rule, up).expect("health flip");
+    } else {
+        userspace_run::set_health(lab, rule, up);
+    }
+}
+
 /// Health down (bypass): new flows are bridged, the established diverted flow keeps going
 /// through Squid; up again: new flows are diverted again.
 fn health_flip_bypass(dp: &str) {
@@ -659,16 +690,16 @@ fn health_flip_bypass(dp: &str) {
     };
     lab.write_rules("web", &RULES_WEB_HEALTH.replace("{ON}", "bypass"))
         .expect("rules");
-    apply(&lab);
+    let _running = apply(&lab);
     check_intercepted(&lab, Ns::C1, UP_V4, "/t-health-up", BR_V4);
     let path = "/slow/t-health-established";
     let t = lab
         .start_transfer(Ns::C1, &format!("http://{UP_V4}{path}"), &[])
         .expect("curl");
     wait_origin_saw(&lab, path);
-    lab.set_rule_health("web", false).expect("down");
+    set_health(&lab, dp, "web", false);
     check_bridged(&lab, Ns::C1, UP_V4, "/t-health-down", C1_V4);
-    lab.set_rule_health("web", true).expect("up");
+    set_health(&lab, dp, "web", true);
     check_intercepted(&lab, Ns::C1, UP_V4, "/t-health-up-again", BR_V4);
     check_transfer(&lab, t, path, BR_V4);
 }
@@ -680,14 +711,14 @@ fn health_flip_drop(dp: &str) {
     };
     lab.write_rules("web", &RULES_WEB_HEALTH.replace("{ON}", "drop"))
         .expect("rules");
-    apply(&lab);
+    let _running = apply(&lab);
     let to: SocketAddr = format!("{UP_V4}:80").parse().expect("address");
-    lab.set_rule_health("web", false).expect("down");
+    set_health(&lab, dp, "web", false);
     assert!(
         !lab.tcp_connects(Ns::C1, to).expect("connect"),
         "a new flow got through a rule that is down with on_unhealthy = drop"
     );
-    lab.set_rule_health("web", true).expect("up");
+    set_health(&lab, dp, "web", true);
     check_intercepted(&lab, Ns::C1, UP_V4, "/t-health-drop-up", BR_V4);
 }
 
@@ -699,7 +730,7 @@ fn tproxy_reply_only_diverted_clients(dp: &str) {
         return;
     };
     lab.write_rules("tp", RULES_TPROXY).expect("rules");
-    apply(&lab);
+    let _running = apply(&lab);
     let path = "/slow/t-tproxy-long";
     let t = lab
         .start_transfer(

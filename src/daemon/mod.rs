@@ -18,6 +18,7 @@ pub mod counters;
 pub mod health;
 pub mod metrics;
 pub mod notify;
+pub mod userspace;
 pub mod watch;
 
 use std::collections::{BTreeMap, HashMap};
@@ -136,6 +137,41 @@ pub struct Shared {
     reload_lock: tokio::sync::Mutex<()>,
     connector: Arc<dyn Connector>,
     flip: Arc<dyn HealthFlip>,
+    /// The userspace datapath, when `bridge.datapath = "userspace"` (else the kernel forwards).
+    userspace: Option<Arc<userspace::Userspace>>,
+}
+
+/// Install a validated policy on the datapath the daemon runs: the kernel's (one
+/// transaction, [`ops::install`]) or its own userspace datapath (swap + local-stack rules).
+async fn install(
+    userspace: Option<Arc<userspace::Userspace>>,
+    settings: &Settings,
+    policy: &Policy,
+) -> Result<ops::Installed, Failure> {
+    match userspace {
+        None => ops::install(settings, policy).await,
+        Some(u) => {
+            let (s, p) = (settings.clone(), policy.clone());
+            tokio::task::spawn_blocking(move || u.reload(&s, &p))
+                .await
+                .map_err(anyhow::Error::from)?
+        }
+    }
+}
+
+/// What a reload may not change: the datapath the daemon started with.
+fn check_reloadable(running: &Settings, new: &Settings) -> Result<(), Failure> {
+    if running.bridge.datapath != new.bridge.datapath {
+        return Err(Failure::Input(crate::diag::Refused(vec![
+            crate::diag::Diagnostic::error(
+                &new.path,
+                crate::diag::Pos::NONE,
+                "bridge.datapath changed; a reload cannot move the bridge between datapaths",
+                "restart the daemon (systemctl restart brdivert) to switch datapaths",
+            ),
+        ])));
+    }
+    Ok(())
 }
 
 impl Shared {
@@ -244,10 +280,7 @@ pub async fn reload(shared: &Arc<Shared>, trigger: &str) -> ReloadResult {
     let path = shared.config.clone();
     let loaded = tokio::task::spawn_blocking(move || {
         let fp = watch::fingerprint(&path);
-        let r = ops::load(&path).and_then(|(s, p)| {
-            ops::check_installable(&s)?;
-            Ok((s, p))
-        });
+        let r = ops::load(&path);
         (fp, r)
     })
     .await;
@@ -258,6 +291,10 @@ pub async fn reload(shared: &Arc<Shared>, trigger: &str) -> ReloadResult {
             Err(Failure::Runtime(anyhow::anyhow!("reload task: {e}"))),
         ),
     };
+    let loaded = loaded.and_then(|(s, p)| {
+        check_reloadable(&shared.state().settings, &s)?;
+        Ok((s, p))
+    });
     let result = match loaded {
         Err(Failure::Input(r)) => {
             let msg = refused_message(&r);
@@ -290,7 +327,7 @@ pub async fn reload(shared: &Arc<Shared>, trigger: &str) -> ReloadResult {
                     BTreeMap::new()
                 }
             };
-            match ops::install(&settings, &policy).await {
+            match install(shared.userspace.clone(), &settings, &policy).await {
                 Err(Failure::Input(r)) => {
                     let mut st = shared.state();
                     st.reloads_refused += 1;
@@ -479,7 +516,6 @@ pub async fn snapshot(shared: &Arc<Shared>) -> control::Status {
 pub fn run(config: &Path) -> Result<String, Failure> {
     // Validate before anything else: a bad file is exit 2 and changes nothing.
     let (settings, policy) = ops::load(config)?;
-    ops::check_installable(&settings)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("brdivert")
@@ -502,11 +538,21 @@ async fn serve(config: &Path, settings: Settings, policy: Policy) -> Result<Stri
     let control_listener = control::bind(&control_path)?;
     let started = async {
         let metrics_listener = metrics::bind(&settings.metrics.listen).await?;
-        let installed = ops::install(&settings, &policy).await?;
-        Ok::<_, Failure>((metrics_listener, installed))
+        let (userspace, installed) = match settings.bridge.datapath {
+            crate::settings::Datapath::Kernel => (None, ops::install(&settings, &policy).await?),
+            crate::settings::Datapath::Userspace => {
+                let (s, p) = (settings.clone(), policy.clone());
+                let (u, i) =
+                    tokio::task::spawn_blocking(move || userspace::Userspace::start(&s, &p))
+                        .await
+                        .map_err(anyhow::Error::from)??;
+                (Some(u), i)
+            }
+        };
+        Ok::<_, Failure>((metrics_listener, userspace, installed))
     }
     .await;
-    let (metrics_listener, installed) = match started {
+    let (metrics_listener, userspace, installed) = match started {
         Ok(x) => x,
         Err(e) => {
             let _ = std::fs::remove_file(&control_path);
@@ -550,7 +596,11 @@ async fn serve(config: &Path, settings: Settings, policy: Policy) -> Result<Stri
         }),
         reload_lock: tokio::sync::Mutex::new(()),
         connector: Arc::new(TcpConnector),
-        flip: Arc::new(NftFlip),
+        flip: match &userspace {
+            Some(u) => u.clone() as Arc<dyn HealthFlip>,
+            None => Arc::new(NftFlip),
+        },
+        userspace,
     });
     {
         let mut st = shared.state();
@@ -614,6 +664,14 @@ async fn serve(config: &Path, settings: Settings, policy: Policy) -> Result<Stri
         st.settings.clone()
     };
     let _ = std::fs::remove_file(&control_path);
+    if let Some(u) = shared.userspace.clone() {
+        // Nothing forwards without the daemon in this mode: stop it all, leave no TAP behind.
+        let s = settings.clone();
+        tokio::task::spawn_blocking(move || u.stop(&s))
+            .await
+            .map_err(anyhow::Error::from)??;
+        return Ok("stopped the userspace datapath".into());
+    }
     if settings.daemon.flush_on_exit {
         ops::uninstall(&settings).await?;
         Ok("stopped; flushed brdivert's tables and links (daemon.flush_on_exit)".into())
