@@ -477,6 +477,19 @@ impl Validator<'_> {
                 "remove arp_shield, or use it on the VIP's local rule",
             );
         }
+        if let (Some(a), Some(Action::Local { .. })) = (&r.arp_shield, action)
+            && *a.get_ref()
+            && !matches!(&dst, AddrMatch::Only(p) if !p.v4.is_empty() && !p.is_all(Family::V4))
+        {
+            self.err(
+                file,
+                a.span().start,
+                "arp_shield needs the VIPs as IPv4 dst addresses (Neighbour Discovery is not \
+                 shielded yet)"
+                    .into(),
+                "add dst = [\"<VIP>\"], or remove arp_shield",
+            );
+        }
         let health = r.health.as_ref().and_then(|h| self.health(file, h));
         let on_unhealthy = match &r.on_unhealthy {
             None => OnUnhealthy::Bypass,

@@ -199,7 +199,8 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
         sets: state_sets(),
         chains: Vec::new(),
     };
-    let mut prerouting = Vec::new();
+    // ARP shield first: ARP frames meet nothing else in this table.
+    let mut prerouting = arp_shield_rules(policy, target, &mut t.sets);
     // Pinned flows keep the path (mark) they were diverted with, whatever the rules say now;
     // every packet refreshes its pin.
     for f in [IpFamily::V4, IpFamily::V6] {
@@ -332,6 +333,54 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
     });
     t.chains.extend(rule_chains);
     t
+}
+
+/// `arp_shield` on a `local` VIP rule: only the bridge host (the director, which holds the
+/// VIPs) answers ARP for them. Every rule's drops come first (as the userspace datapath checks
+/// the sender before the target):
+/// - ARP from a port whose *sender* address is a VIP (a realserver's reply or gratuitous ARP
+///   for the VIP) is dropped;
+/// - ARP *requests* for a VIP are not flooded: the frame diverter's move hands them to the
+///   bridge host only (the broadcast is re-addressed to the bridge MAC, so the bridge delivers
+///   it locally and nowhere else), whose ARP stack answers with the bridge MAC.
+///
+/// Frames the bridge host sends itself (its own replies and announcements) never pass bridge
+/// prerouting, so they are untouched. Replies *to* the VIP (the director's own resolution)
+/// are unicast to the bridge MAC already and are left alone.
+fn arp_shield_rules(policy: &Policy, target: &Target, sets: &mut Vec<Set>) -> Vec<Rule> {
+    let mut drops = Vec::new();
+    let mut requests = Vec::new();
+    for r in &policy.rules {
+        if !r.arp_shield || !matches!(r.action, Action::Local { .. }) {
+            continue;
+        }
+        let Some(set) = r
+            .dst
+            .restricts(policy::Family::V4)
+            .and_then(|p| prefix_set(sets, r, "dst", p, policy::Family::V4))
+        else {
+            continue;
+        };
+        let comment = Some(format!("{}: arp shield", r.name));
+        drops.push(Rule {
+            matches: vec![Match::ArpAddr {
+                dir: Dir::Src,
+                set: set.clone(),
+            }],
+            stmts: vec![Stmt::Counter, Stmt::Drop],
+            comment: comment.clone(),
+        });
+        let mut stmts = vec![Stmt::Counter];
+        stmts.extend(divert_move(target));
+        stmts.push(Stmt::Accept);
+        requests.push(Rule {
+            matches: vec![Match::ArpRequest, Match::ArpAddr { dir: Dir::Dst, set }],
+            stmts,
+            comment,
+        });
+    }
+    drops.extend(requests);
+    drops
 }
 
 /// A health-checked rule, before its divert: tag what it would divert, and while the tag is in

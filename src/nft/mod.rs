@@ -252,6 +252,11 @@ pub enum Match {
     MarkNonZero { mask: u32 },
     /// `meta mark & MASK == @set` (the masked mark is an element of the set)
     MarkIn { mask: u32, set: String },
+    /// `arp operation request` (bridge family; implies `ether type arp`)
+    ArpRequest,
+    /// `arp saddr ip @set` / `arp daddr ip @set`: the sender / target protocol address of an
+    /// Ethernet/IPv4 ARP packet (bridge family; implies `ether type arp`)
+    ArpAddr { dir: Dir, set: String },
 }
 
 /// One statement (action). Verdicts come last.

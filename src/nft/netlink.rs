@@ -573,6 +573,7 @@ pub fn lower_rule(family: Family, r: &Rule) -> Result<Vec<RawExpr>, ApplyError> 
     let mut l3: Option<IpFamily> = None;
     let mut l4: Option<L4> = None;
     let mut vlan = false;
+    let mut arp = false;
     for m in &r.matches {
         match m {
             Match::IifName { negate, set } => {
@@ -684,6 +685,34 @@ pub fn lower_rule(family: Family, r: &Rule) -> Result<Vec<RawExpr>, ApplyError> 
                     v.push(ext::bitwise(&mask.to_ne_bytes(), &[0; 4]));
                 }
                 v.push(ext::lookup(set, false));
+            }
+            Match::ArpRequest | Match::ArpAddr { .. } => {
+                if family != Family::Bridge {
+                    return Err(ApplyError::Invalid(
+                        "arp matches need the bridge family".into(),
+                    ));
+                }
+                // nft's dependency: `ether type arp` (the link header's type field)
+                if !arp {
+                    v.push(ext::payload_load(ext::NFT_PAYLOAD_LL_HEADER, 12, 2));
+                    v.push(ext::cmp_eq(&0x0806u16.to_be_bytes()));
+                    arp = true;
+                }
+                match m {
+                    Match::ArpAddr { dir, set } => {
+                        // Ethernet/IPv4 ARP: sender IP at 14, target IP at 24
+                        let off = match dir {
+                            Dir::Src => 14,
+                            Dir::Dst => 24,
+                        };
+                        v.push(ext::payload_load(ext::NFT_PAYLOAD_NETWORK_HEADER, off, 4));
+                        v.push(ext::lookup(set, false));
+                    }
+                    _ => {
+                        v.push(ext::payload_load(ext::NFT_PAYLOAD_NETWORK_HEADER, 6, 2));
+                        v.push(ext::cmp_eq(&1u16.to_be_bytes()));
+                    }
+                }
             }
         }
     }

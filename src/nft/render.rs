@@ -394,6 +394,8 @@ pub fn match_text(m: &Match) -> String {
         Match::MarkNonZero { mask } => format!("meta mark & 0x{mask:08x} != 0x00000000"),
         Match::MarkIn { mask, set } if *mask == u32::MAX => format!("meta mark @{set}"),
         Match::MarkIn { mask, set } => format!("meta mark & 0x{mask:08x} == @{set}"),
+        Match::ArpRequest => "arp operation request".to_string(),
+        Match::ArpAddr { dir, set } => format!("arp {} ip @{set}", dir_text(*dir)),
     }
 }
 

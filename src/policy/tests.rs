@@ -477,3 +477,19 @@ fn durations() {
     assert_eq!(parse_duration("2"), None);
     assert_eq!(parse_duration("s"), None);
 }
+
+#[test]
+fn arp_shield_needs_v4_vips() {
+    let vip = |dst: &str| {
+        format!("[[divert]]\nname = \"vip\"\n{dst}action = \"local\"\narp_shield = true\n")
+    };
+    let p = build(&vip("dst = [\"10.0.0.100\", \"2001:db8::100\"]\n")).unwrap();
+    assert!(p.rules[0].arp_shield);
+    // no dst, v6 only, or every v4 address: refused at arp_shield
+    for dst in ["", "dst = \"2001:db8::100\"\n", "dst = \"0.0.0.0/0\"\n"] {
+        let e = error(&vip(dst));
+        let line = 4 + usize::from(!dst.is_empty());
+        assert!(e.starts_with(&format!("r.toml:{line}:14:")), "{dst}: {e}");
+        assert!(e.contains("IPv4 dst"), "{e}");
+    }
+}
