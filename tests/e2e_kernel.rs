@@ -777,3 +777,147 @@ macro_rules! datapath_suite {
 
 datapath_suite!(kernel);
 datapath_suite!(userspace);
+
+const RULES_VIP_SHIELD: &str = r#"[[divert]]
+name       = "vip"
+dst        = ["10.77.0.100"]
+action     = "local"
+arp_shield = true
+"#;
+
+/// The router resolves the VIP once (fresh neighbour entry) and returns the MAC it got, if any.
+fn router_resolves_vip(lab: &Lab) -> Option<String> {
+    lab.exec_ok(Ns::Up, &["ip", "neigh", "flush", "to", VIP])
+        .expect("flush");
+    lab.ping(Ns::Up, VIP).ok()?;
+    let neigh = lab
+        .exec_ok(Ns::Up, &["ip", "neigh", "show", VIP])
+        .unwrap_or_default();
+    let mut w = neigh.split_whitespace();
+    w.by_ref().find(|t| *t == "lladdr")?;
+    w.next().map(str::to_string)
+}
+
+/// c2 (the realserver) announces the VIP with a gratuitous ARP reply, as a realserver
+/// bringing the VIP up on an interface would (arping -U -A).
+fn send_garp_from_c2(lab: &Lab) {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\n\
+         s.bind(('eth0', 0))\n\
+         mac = bytes.fromhex('{}')\n\
+         vip = socket.inet_aton('{VIP}')\n\
+         f = b'\\xff' * 6 + mac + b'\\x08\\x06' + bytes([0, 1, 8, 0, 6, 4, 0, 2]) \
+         + mac + vip + mac + vip\n\
+         for _ in range(3):\n    s.send(f)\n",
+        C2_MAC.replace(':', "")
+    );
+    lab.exec_ok(Ns::C2, &["python3", "-c", &script])
+        .expect("gratuitous ARP from c2");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+}
+
+/// LVS "ARP problem" solved at the bridge: c2 plays a realserver holding the VIP on `lo` with
+/// the default arp_ignore=0 (it answers ARP for the VIP on eth0), the bridge host (director)
+/// holds it too. With `arp_shield`, the router's ARP for the VIP is answered by the director
+/// only, every time, and the realserver never even hears the request.
+///
+/// A gratuitous ARP reply for the VIP from the realserver's port is dropped too.
+///
+/// Control (run first, printed, not asserted): with the same VIP rule but no shield, the
+/// realserver hears every request and answers it (here the director's reply happened to
+/// arrive first each time, so the router kept the bridge MAC — a race), and one gratuitous
+/// ARP from the realserver moves the router's entry to the realserver's MAC
+/// (02:77:00:00:00:03): VIP traffic would then bypass the director.
+#[test]
+fn kernel_arp_shield_router_resolves_vip_to_director() {
+    let Some(lab) = lab("kernel", Proxy::None) else {
+        return;
+    };
+    for (ns, dev) in [(Ns::Br, "lo"), (Ns::C2, "lo")] {
+        lab.exec_ok(ns, &["ip", "addr", "add", &format!("{VIP}/32"), "dev", dev])
+            .expect("VIP on lo");
+    }
+    lab.exec_ok(Ns::C2, &["sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=0"])
+        .expect("arp_ignore");
+    lab.exec_ok(
+        Ns::C2,
+        &["sysctl", "-qw", "net.ipv4.conf.eth0.arp_ignore=0"],
+    )
+    .expect("arp_ignore");
+    // control: the same VIP rule without the shield
+    lab.write_rules("vip", RULES_VIP).expect("rules");
+    let _control = apply(&lab);
+    let br_mac = lab.mac(Ns::Br, BRIDGE).expect("bridge MAC");
+    let control: Vec<(Option<String>, bool)> = (0..5)
+        .map(|_| {
+            lab.exec_ok(Ns::C2, &["ip", "neigh", "flush", "to", UP_V4])
+                .expect("flush");
+            let got = router_resolves_vip(&lab);
+            let heard = lab
+                .exec_ok(Ns::C2, &["ip", "neigh", "show", UP_V4])
+                .unwrap_or_default();
+            (got, !heard.trim().is_empty())
+        })
+        .collect();
+    send_garp_from_c2(&lab);
+    let hijacked = lab
+        .exec_ok(Ns::Up, &["ip", "neigh", "show", VIP])
+        .unwrap_or_default();
+    eprintln!("control (no shield): after c2's gratuitous ARP the router has {hijacked:?}");
+    eprintln!(
+        "control (no shield): (router's MAC for the VIP, realserver heard and answered) = \
+         {control:?} (bridge {br_mac}, realserver {C2_MAC})"
+    );
+
+    lab.write_rules("vip", RULES_VIP_SHIELD).expect("rules");
+    let _dp = apply(&lab);
+    for i in 0..10 {
+        lab.exec_ok(Ns::C2, &["ip", "neigh", "flush", "to", UP_V4])
+            .expect("flush");
+        let got = router_resolves_vip(&lab);
+        assert_eq!(
+            got.as_deref(),
+            Some(br_mac.as_str()),
+            "round {i}: the router's neighbour entry for the VIP\nruleset:\n{}",
+            nft_ruleset(&lab)
+        );
+        // the realserver never heard the request (it would have learnt the router from it)
+        let heard = lab
+            .exec_ok(Ns::C2, &["ip", "neigh", "show", UP_V4])
+            .unwrap_or_default();
+        assert!(
+            heard.trim().is_empty(),
+            "round {i}: c2 saw ARP for the VIP: {heard}"
+        );
+    }
+    // a gratuitous ARP reply for the VIP from the realserver's port (which would override
+    // the router's entry) is dropped: the router's entry stays the director's
+    send_garp_from_c2(&lab);
+    let neigh = lab
+        .exec_ok(Ns::Up, &["ip", "neigh", "show", VIP])
+        .unwrap_or_default();
+    assert!(
+        neigh.contains(&br_mac),
+        "after c2's gratuitous ARP: {neigh}"
+    );
+    // ordinary ARP still crosses the bridge
+    assert!(
+        lab.ping(Ns::Up, C2_V4).unwrap_or(false),
+        "router reaches c2"
+    );
+    // and the shield rule is what answered: its counter saw every request
+    let chain = lab
+        .exec_ok(
+            Ns::Br,
+            &["nft", "list", "chain", "bridge", "brdivert", "prerouting"],
+        )
+        .expect("nft list chain");
+    let packets = chain
+        .lines()
+        .find(|l| l.contains("arp operation request"))
+        .and_then(|l| l.split("packets ").nth(1))
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(packets.is_some_and(|n| n >= 10), "{chain}");
+}
