@@ -164,6 +164,27 @@ fn bridge_table() -> Table {
                         Some("vip: arp shield"),
                     ),
                     rule(
+                        vec![Match::NdTarget {
+                            advert: true,
+                            target: "2001:db8::100".parse().unwrap(),
+                        }],
+                        vec![Stmt::Counter, Stmt::Drop],
+                        Some("vip: arp shield"),
+                    ),
+                    rule(
+                        vec![Match::NdTarget {
+                            advert: false,
+                            target: "fd77::100".parse().unwrap(),
+                        }],
+                        vec![
+                            Stmt::Counter,
+                            Stmt::PkttypeSetHost,
+                            Stmt::EtherDaddrSet(MAC),
+                            Stmt::Accept,
+                        ],
+                        None,
+                    ),
+                    rule(
                         vec![Match::IifName {
                             negate: true,
                             set: "from".into(),

@@ -344,6 +344,11 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
 ///   bridge host only (the broadcast is re-addressed to the bridge MAC, so the bridge delivers
 ///   it locally and nowhere else), whose ARP stack answers with the bridge MAC.
 ///
+/// IPv6 VIPs get the same for Neighbour Discovery, one rule pair per VIP (the ND target is a
+/// raw 128-bit compare in nft 1.0.6): neighbour adverts about a VIP from a port are dropped,
+/// neighbour solicitations for a VIP go to the bridge host only (which must hold the VIP on
+/// the bridge device: Linux answers NS only for addresses of the receiving interface).
+///
 /// Frames the bridge host sends itself (its own replies and announcements) never pass bridge
 /// prerouting, so they are untouched. Replies *to* the VIP (the director's own resolution)
 /// are unicast to the bridge MAC already and are left alone.
@@ -354,6 +359,34 @@ fn arp_shield_rules(policy: &Policy, target: &Target, sets: &mut Vec<Set>) -> Ve
         if !r.arp_shield || !matches!(r.action, Action::Local { .. }) {
             continue;
         }
+        let comment = Some(format!("{}: arp shield", r.name));
+        // IPv6: Neighbour Discovery about each VIP address, the same two moves
+        if let Some(p) = r.dst.restricts(policy::Family::V6) {
+            for vip in p.v6.iter().filter(|n| n.prefix_len() == 128) {
+                for advert in [true, false] {
+                    let m = Match::NdTarget {
+                        advert,
+                        target: vip.addr(),
+                    };
+                    if advert {
+                        drops.push(Rule {
+                            matches: vec![m],
+                            stmts: vec![Stmt::Counter, Stmt::Drop],
+                            comment: comment.clone(),
+                        });
+                    } else {
+                        let mut stmts = vec![Stmt::Counter];
+                        stmts.extend(divert_move(target));
+                        stmts.push(Stmt::Accept);
+                        requests.push(Rule {
+                            matches: vec![m],
+                            stmts,
+                            comment: comment.clone(),
+                        });
+                    }
+                }
+            }
+        }
         let Some(set) = r
             .dst
             .restricts(policy::Family::V4)
@@ -361,7 +394,6 @@ fn arp_shield_rules(policy: &Policy, target: &Target, sets: &mut Vec<Set>) -> Ve
         else {
             continue;
         };
-        let comment = Some(format!("{}: arp shield", r.name));
         drops.push(Rule {
             matches: vec![Match::ArpAddr {
                 dir: Dir::Src,

@@ -12,7 +12,7 @@ pub mod ext;
 pub mod netlink;
 pub mod render;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
@@ -257,6 +257,10 @@ pub enum Match {
     /// `arp saddr ip @set` / `arp daddr ip @set`: the sender / target protocol address of an
     /// Ethernet/IPv4 ARP packet (bridge family; implies `ether type arp`)
     ArpAddr { dir: Dir, set: String },
+    /// `icmpv6 type nd-neighbor-solicit @th,64,128 0x…` (`advert`: `nd-neighbor-advert`): a
+    /// Neighbour Discovery message about `target` (the ND target address, 8 bytes into the
+    /// ICMPv6 header; nft 1.0.6 has no name for it). Bridge family; implies `ether type ip6`.
+    NdTarget { advert: bool, target: Ipv6Addr },
 }
 
 /// One statement (action). Verdicts come last.

@@ -714,6 +714,23 @@ pub fn lower_rule(family: Family, r: &Rule) -> Result<Vec<RawExpr>, ApplyError> 
                     }
                 }
             }
+            Match::NdTarget { advert, target } => {
+                if family != Family::Bridge {
+                    return Err(ApplyError::Invalid(
+                        "nd matches need the bridge family".into(),
+                    ));
+                }
+                // nft's dependencies, as it lowers `icmpv6 type`: ether type ip6, then
+                // l4proto ipv6-icmp; then the type byte and the target at offset 8
+                v.push(ext::payload_load(ext::NFT_PAYLOAD_LL_HEADER, 12, 2));
+                v.push(ext::cmp_eq(&ethertype(IpFamily::V6)));
+                v.push(ext::meta_load(ext::NFT_META_L4PROTO));
+                v.push(ext::cmp_eq(&[58]));
+                v.push(ext::payload_load(ext::NFT_PAYLOAD_TRANSPORT_HEADER, 0, 1));
+                v.push(ext::cmp_eq(&[if *advert { 136 } else { 135 }]));
+                v.push(ext::payload_load(ext::NFT_PAYLOAD_TRANSPORT_HEADER, 8, 16));
+                v.push(ext::cmp_eq(&target.octets()));
+            }
         }
     }
     for s in &r.stmts {

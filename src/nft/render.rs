@@ -396,6 +396,11 @@ pub fn match_text(m: &Match) -> String {
         Match::MarkIn { mask, set } => format!("meta mark & 0x{mask:08x} == @{set}"),
         Match::ArpRequest => "arp operation request".to_string(),
         Match::ArpAddr { dir, set } => format!("arp {} ip @{set}", dir_text(*dir)),
+        Match::NdTarget { advert, target } => format!(
+            "icmpv6 type nd-neighbor-{} @th,64,128 0x{:032x}",
+            if *advert { "advert" } else { "solicit" },
+            u128::from(*target)
+        ),
     }
 }
 

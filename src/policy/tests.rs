@@ -479,17 +479,27 @@ fn durations() {
 }
 
 #[test]
-fn arp_shield_needs_v4_vips() {
+fn arp_shield_needs_vips() {
     let vip = |dst: &str| {
         format!("[[divert]]\nname = \"vip\"\n{dst}action = \"local\"\narp_shield = true\n")
     };
-    let p = build(&vip("dst = [\"10.0.0.100\", \"2001:db8::100\"]\n")).unwrap();
-    assert!(p.rules[0].arp_shield);
-    // no dst, v6 only, or every v4 address: refused at arp_shield
-    for dst in ["", "dst = \"2001:db8::100\"\n", "dst = \"0.0.0.0/0\"\n"] {
+    for ok in [
+        "dst = [\"10.0.0.100\", \"2001:db8::100\"]\n",
+        "dst = \"10.0.0.96/28\"\n",
+        "dst = \"2001:db8::100\"\n",
+    ] {
+        let p = build(&vip(ok)).unwrap();
+        assert!(p.rules[0].arp_shield, "{ok}");
+    }
+    // no dst, every address, or an IPv6 prefix: refused at arp_shield
+    for (dst, what) in [
+        ("", "dst addresses"),
+        ("dst = \"0.0.0.0/0\"\n", "dst addresses"),
+        ("dst = [\"10.0.0.1\", \"2001:db8::/64\"]\n", "/128"),
+    ] {
         let e = error(&vip(dst));
         let line = 4 + usize::from(!dst.is_empty());
         assert!(e.starts_with(&format!("r.toml:{line}:14:")), "{dst}: {e}");
-        assert!(e.contains("IPv4 dst"), "{e}");
+        assert!(e.contains(what), "{e}");
     }
 }
