@@ -921,3 +921,137 @@ fn kernel_arp_shield_router_resolves_vip_to_director() {
         .and_then(|n| n.parse::<u64>().ok());
     assert!(packets.is_some_and(|n| n >= 10), "{chain}");
 }
+
+const VIP6: &str = "fd77::100";
+
+const RULES_VIP6_SHIELD: &str = r#"[[divert]]
+name       = "vip"
+dst        = ["10.77.0.100", "fd77::100"]
+action     = "local"
+arp_shield = true
+"#;
+
+/// The router resolves the IPv6 VIP once (fresh neighbour entry) and returns the MAC it got.
+fn router_resolves_vip6(lab: &Lab) -> Option<String> {
+    lab.exec_ok(Ns::Up, &["ip", "-6", "neigh", "flush", "to", VIP6])
+        .expect("flush");
+    lab.ping(Ns::Up, VIP6).ok()?;
+    let neigh = lab
+        .exec_ok(Ns::Up, &["ip", "-6", "neigh", "show", VIP6])
+        .unwrap_or_default();
+    let mut w = neigh.split_whitespace();
+    w.by_ref().find(|t| *t == "lladdr")?;
+    w.next().map(str::to_string)
+}
+
+/// c2 (the realserver) announces the IPv6 VIP: an unsolicited neighbour advert with the
+/// override flag and its MAC, to all nodes.
+fn send_na_from_c2(lab: &Lab) {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)\n\
+         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)\n\
+         mac = bytes.fromhex('{}')\n\
+         na = bytes([136, 0, 0, 0, 0x20, 0, 0, 0]) + socket.inet_pton(socket.AF_INET6, '{VIP6}') \
+         + bytes([2, 1]) + mac\n\
+         for _ in range(3):\n    s.sendto(na, ('ff02::1', 0, 0, socket.if_nametoindex('eth0')))\n",
+        C2_MAC.replace(':', "")
+    );
+    lab.exec_ok(Ns::C2, &["python3", "-c", &script])
+        .expect("neighbour advert from c2");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+}
+
+/// The IPv6 side of the shield: the director holds the VIP on the bridge device (Linux
+/// answers NS only for addresses of the receiving interface), the realserver on `lo`. The
+/// router's NS for the VIP reaches the director only and is answered with the bridge MAC;
+/// the realserver's unsolicited override NA for the VIP is dropped.
+///
+/// Control (printed, not asserted): without the shield the realserver's NA moves the router's
+/// entry to the realserver's MAC.
+#[test]
+fn kernel_nd_shield_router_resolves_vip6_to_director() {
+    let Some(lab) = lab("kernel", Proxy::None) else {
+        return;
+    };
+    lab.write_rules("vip", RULES_VIP).expect("rules");
+    let _control = apply(&lab);
+    lab.exec_ok(
+        Ns::Br,
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{VIP6}/128"),
+            "dev",
+            BRIDGE,
+            "nodad",
+        ],
+    )
+    .expect("VIP6 on the bridge");
+    lab.exec_ok(
+        Ns::C2,
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{VIP6}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ],
+    )
+    .expect("VIP6 on lo");
+    let br_mac = lab.mac(Ns::Br, BRIDGE).expect("bridge MAC");
+    let first = router_resolves_vip6(&lab);
+    send_na_from_c2(&lab);
+    let hijacked = lab
+        .exec_ok(Ns::Up, &["ip", "-6", "neigh", "show", VIP6])
+        .unwrap_or_default();
+    eprintln!(
+        "control (no shield): router resolved {VIP6} to {first:?}, after c2's NA: {hijacked:?} \
+         (bridge {br_mac}, realserver {C2_MAC})"
+    );
+
+    lab.write_rules("vip", RULES_VIP6_SHIELD).expect("rules");
+    let _dp = apply(&lab);
+    for i in 0..5 {
+        let got = router_resolves_vip6(&lab);
+        assert_eq!(
+            got.as_deref(),
+            Some(br_mac.as_str()),
+            "round {i}: the router's neighbour entry for {VIP6}\nruleset:\n{}",
+            nft_ruleset(&lab)
+        );
+    }
+    send_na_from_c2(&lab);
+    let neigh = lab
+        .exec_ok(Ns::Up, &["ip", "-6", "neigh", "show", VIP6])
+        .unwrap_or_default();
+    assert!(
+        neigh.contains(&br_mac),
+        "after c2's neighbour advert: {neigh}"
+    );
+    // ordinary ND still crosses the bridge
+    assert!(
+        lab.ping(Ns::Up, C2_V6).unwrap_or(false),
+        "router reaches c2"
+    );
+    let chain = lab
+        .exec_ok(
+            Ns::Br,
+            &["nft", "list", "chain", "bridge", "brdivert", "prerouting"],
+        )
+        .expect("nft list chain");
+    let packets = |what: &str| {
+        chain
+            .lines()
+            .find(|l| l.contains(what))
+            .and_then(|l| l.split("packets ").nth(1))
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(packets("nd-neighbor-solicit") >= 5, "{chain}");
+    assert!(packets("nd-neighbor-advert") >= 3, "{chain}");
+}
