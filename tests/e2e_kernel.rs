@@ -901,6 +901,28 @@ fn kernel_arp_shield_router_resolves_vip_to_director() {
         neigh.contains(&br_mac),
         "after c2's gratuitous ARP: {neigh}"
     );
+    // c2 with the default arp_announce = 0 resolves the router for a packet sourced from
+    // the VIP: its request carries the VIP as sender. Turned into a probe by the shield, it
+    // is answered (c2 learns the router) and the router does not learn the VIP from it.
+    // (Without the rewrite — a plain drop — c2's entry stayed INCOMPLETE.)
+    lab.exec_ok(Ns::C2, &["ip", "neigh", "flush", "to", UP_V4])
+        .expect("flush");
+    lab.exec(Ns::C2, &["ping", "-c", "1", "-W", "1", "-I", VIP, UP_V4])
+        .ok();
+    let c2_router = lab
+        .exec_ok(Ns::C2, &["ip", "neigh", "show", UP_V4])
+        .unwrap_or_default();
+    assert!(
+        c2_router.contains(UP_MAC),
+        "c2 resolved the router from the VIP: {c2_router}"
+    );
+    let neigh = lab
+        .exec_ok(Ns::Up, &["ip", "neigh", "show", VIP])
+        .unwrap_or_default();
+    assert!(
+        !neigh.contains(C2_MAC),
+        "the router learnt the VIP from c2's request: {neigh}"
+    );
     // ordinary ARP still crosses the bridge
     assert!(
         lab.ping(Ns::Up, C2_V4).unwrap_or(false),
@@ -913,13 +935,18 @@ fn kernel_arp_shield_router_resolves_vip_to_director() {
             &["nft", "list", "chain", "bridge", "brdivert", "prerouting"],
         )
         .expect("nft list chain");
-    let packets = chain
-        .lines()
-        .find(|l| l.contains("arp operation request"))
-        .and_then(|l| l.split("packets ").nth(1))
-        .and_then(|t| t.split_whitespace().next())
-        .and_then(|n| n.parse::<u64>().ok());
-    assert!(packets.is_some_and(|n| n >= 10), "{chain}");
+    let packets = |what: &str| {
+        chain
+            .lines()
+            .find(|l| l.contains(what))
+            .and_then(|l| l.split("packets ").nth(1))
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(packets("arp operation request arp daddr") >= 10, "{chain}");
+    assert!(packets("arp saddr ip set 0.0.0.0") >= 1, "{chain}");
+    assert!(packets("arp daddr ip @vip_dst4 counter") >= 3, "{chain}");
 }
 
 const VIP6: &str = "fd77::100";

@@ -151,6 +151,21 @@ fn bridge_table() -> Table {
                         vec![
                             Match::ArpRequest,
                             Match::ArpAddr {
+                                dir: Dir::Src,
+                                set: "dst4".into(),
+                            },
+                        ],
+                        vec![
+                            Stmt::Counter,
+                            Stmt::ArpSaddrSet(Ipv4Addr::UNSPECIFIED),
+                            Stmt::Accept,
+                        ],
+                        None,
+                    ),
+                    rule(
+                        vec![
+                            Match::ArpRequest,
+                            Match::ArpAddr {
                                 dir: Dir::Dst,
                                 set: "dst4".into(),
                             },

@@ -339,7 +339,9 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
 /// VIPs) answers ARP for them. Every rule's drops come first (as the userspace datapath checks
 /// the sender before the target):
 /// - ARP from a port whose *sender* address is a VIP (a realserver's reply or gratuitous ARP
-///   for the VIP) is dropped;
+///   for the VIP) is dropped — except a request for another address (a realserver resolving
+///   its gateway for a reply sourced from the VIP, default `arp_announce = 0`), which is
+///   turned into a probe (sender 0.0.0.0): answered, but nobody learns the VIP from it;
 /// - ARP *requests* for a VIP are not flooded: the frame diverter's move hands them to the
 ///   bridge host only (the broadcast is re-addressed to the bridge MAC, so the bridge delivers
 ///   it locally and nowhere else), whose ARP stack answers with the bridge MAC.
@@ -394,11 +396,36 @@ fn arp_shield_rules(policy: &Policy, target: &Target, sets: &mut Vec<Set>) -> Ve
         else {
             continue;
         };
+        let spa = Match::ArpAddr {
+            dir: Dir::Src,
+            set: set.clone(),
+        };
+        let tpa = Match::ArpAddr {
+            dir: Dir::Dst,
+            set: set.clone(),
+        };
+        // gratuitous ARP for a VIP (sender = target = VIP), request or reply
         drops.push(Rule {
-            matches: vec![Match::ArpAddr {
-                dir: Dir::Src,
-                set: set.clone(),
-            }],
+            matches: vec![spa.clone(), tpa.clone()],
+            stmts: vec![Stmt::Counter, Stmt::Drop],
+            comment: comment.clone(),
+        });
+        // a realserver resolving someone for a packet sourced from the VIP (its default
+        // arp_announce = 0): as is, the request would teach the target VIP -> realserver MAC;
+        // as a probe (sender 0.0.0.0) it is still answered (to the sender's MAC) and teaches
+        // nothing
+        drops.push(Rule {
+            matches: vec![Match::ArpRequest, spa.clone()],
+            stmts: vec![
+                Stmt::Counter,
+                Stmt::ArpSaddrSet(std::net::Ipv4Addr::UNSPECIFIED),
+                Stmt::Accept,
+            ],
+            comment: comment.clone(),
+        });
+        // any other ARP claiming a VIP: replies
+        drops.push(Rule {
+            matches: vec![spa],
             stmts: vec![Stmt::Counter, Stmt::Drop],
             comment: comment.clone(),
         });
@@ -406,7 +433,7 @@ fn arp_shield_rules(policy: &Policy, target: &Target, sets: &mut Vec<Set>) -> Ve
         stmts.extend(divert_move(target));
         stmts.push(Stmt::Accept);
         requests.push(Rule {
-            matches: vec![Match::ArpRequest, Match::ArpAddr { dir: Dir::Dst, set }],
+            matches: vec![Match::ArpRequest, tpa],
             stmts,
             comment,
         });

@@ -12,7 +12,7 @@ pub mod ext;
 pub mod netlink;
 pub mod render;
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
@@ -279,6 +279,9 @@ pub enum Stmt {
     PkttypeSetHost,
     /// `ether daddr set MAC` — the frame diverter's move, part 2 (the bridge's own MAC)
     EtherDaddrSet([u8; 6]),
+    /// `arp saddr ip set ADDR` — rewrite an ARP packet's sender protocol address (after an
+    /// `arp` match). `0.0.0.0` turns a request into an RFC 5227 probe.
+    ArpSaddrSet(Ipv4Addr),
     /// `meta broute set 1` — where the kernel has it, replaces the two above
     BrouteSet,
     /// `redirect to :PORT`

@@ -830,6 +830,10 @@ fn lower_stmt(s: &Stmt, v: &mut Vec<RawExpr>) {
             v.push(ext::immediate(ext::NFT_REG_1, mac));
             v.push(ext::payload_write(ext::NFT_PAYLOAD_LL_HEADER, 0, 6));
         }
+        Stmt::ArpSaddrSet(a) => {
+            v.push(ext::immediate(ext::NFT_REG_1, &a.octets()));
+            v.push(ext::payload_write(ext::NFT_PAYLOAD_NETWORK_HEADER, 14, 4));
+        }
         Stmt::BrouteSet => {
             v.push(ext::immediate(ext::NFT_REG_1, &[1]));
             v.push(ext::meta_set(ext::NFT_META_BRI_BROUTE));

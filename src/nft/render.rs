@@ -436,6 +436,7 @@ pub fn stmt_text(s: &Stmt, after_vlan: bool) -> String {
             format!("@ll,0,48 set 0x{v:x}")
         }
         Stmt::EtherDaddrSet(mac) => format!("ether daddr set {}", mac_text(mac)),
+        Stmt::ArpSaddrSet(a) => format!("arp saddr ip set {a}"),
         Stmt::BrouteSet => "meta broute set 1".to_string(),
         Stmt::Redirect { port } => format!("redirect to :{port}"),
         Stmt::Tproxy { family, addr, port } => {
