@@ -338,7 +338,16 @@ arp_shield = true
     }
     // a realserver answering / announcing the VIP: dropped
     let mut f = arp(vip, router, false);
+    let op = f.len() - 21;
+    f[op] = 2;
     assert_eq!(run(&p, &mut flows, &mut f, "p2"), Verdict::Skip);
+    let mut f = arp(vip, vip, false);
+    assert_eq!(run(&p, &mut flows, &mut f, "p2"), Verdict::Skip);
+    // a realserver resolving the router from the VIP: bridged as a probe (sender 0.0.0.0)
+    let mut f = arp(vip, router, false);
+    assert_eq!(run(&p, &mut flows, &mut f, "p2"), Verdict::Forward);
+    let spa = f.len() - 14;
+    assert_eq!(f[spa..spa + 4], [0, 0, 0, 0]);
     // other ARP is bridged
     let mut f = arp(router, [10, 77, 0, 2], false);
     assert_eq!(run(&p, &mut flows, &mut f, "p1"), Verdict::Forward);
