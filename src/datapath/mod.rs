@@ -412,6 +412,9 @@ pub fn arp_shield(policy: &Policy, eth: &mut [u8]) -> Option<Verdict> {
     if eth.get(12..14)? == [0x81, 0x00] {
         et_at = 16;
     }
+    if eth.get(et_at..et_at + 2)? == [0x86, 0xdd] {
+        return nd_shield(policy, eth.get(et_at + 2..)?);
+    }
     if eth.get(et_at..et_at + 2)? != [0x08, 0x06] {
         return None;
     }
@@ -455,6 +458,37 @@ pub fn arp_shield(policy: &Policy, eth: &mut [u8]) -> Option<Verdict> {
     } else {
         None
     }
+}
+
+/// The IPv6 half of [`arp_shield`], as the kernel datapath's ND rules: a neighbour
+/// solicitation for an IPv6 VIP goes to the local port only, a neighbour advert about one
+/// from a port is dropped. `ip6` starts at the IPv6 header; ND messages carry no extension
+/// headers.
+fn nd_shield(policy: &Policy, ip6: &[u8]) -> Option<Verdict> {
+    if *ip6.get(6)? != 58 {
+        return None;
+    }
+    let icmp = ip6.get(40..)?;
+    let solicit = match *icmp.first()? {
+        135 => true,
+        136 => false,
+        _ => return None,
+    };
+    let t: [u8; 16] = icmp.get(8..24)?.try_into().ok()?;
+    let shielded = policy.rules.iter().any(|r| {
+        r.arp_shield
+            && matches!(r.action, Action::Local { .. })
+            && matches!(&r.dst, crate::policy::AddrMatch::Only(v)
+                if v.v6.iter().any(|n| n.prefix_len() == 128 && n.addr() == std::net::Ipv6Addr::from(t)))
+    });
+    if !shielded {
+        return None;
+    }
+    Some(if solicit {
+        Verdict::Local
+    } else {
+        Verdict::Skip
+    })
 }
 
 /// The policy's decision for a packet that arrived on `iif`, including the TPROXY return
