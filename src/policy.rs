@@ -477,6 +477,33 @@ impl Validator<'_> {
                 "remove arp_shield, or use it on the VIP's local rule",
             );
         }
+        if let (Some(a), Some(Action::Local { .. })) = (&r.arp_shield, action)
+            && *a.get_ref()
+        {
+            // VIPs: IPv4 addresses or prefixes (ARP), IPv6 single addresses (ND targets)
+            let vips = match &dst {
+                AddrMatch::Only(p) if !p.is_all(Family::V4) && !p.is_all(Family::V6) => {
+                    Some(p.v6.iter().all(|n| n.prefix_len() == 128))
+                        .filter(|_| !p.v4.is_empty() || !p.v6.is_empty())
+                }
+                _ => None,
+            };
+            match vips {
+                None => self.err(
+                    file,
+                    a.span().start,
+                    "arp_shield needs the VIPs as dst addresses".into(),
+                    "add dst = [\"<VIP>\"], or remove arp_shield",
+                ),
+                Some(false) => self.err(
+                    file,
+                    a.span().start,
+                    "arp_shield: IPv6 VIPs must be single addresses (/128)".into(),
+                    "list the IPv6 VIPs one by one",
+                ),
+                Some(true) => {}
+            }
+        }
         let health = r.health.as_ref().and_then(|h| self.health(file, h));
         let on_unhealthy = match &r.on_unhealthy {
             None => OnUnhealthy::Bypass,

@@ -777,3 +777,308 @@ macro_rules! datapath_suite {
 
 datapath_suite!(kernel);
 datapath_suite!(userspace);
+
+const RULES_VIP_SHIELD: &str = r#"[[divert]]
+name       = "vip"
+dst        = ["10.77.0.100"]
+action     = "local"
+arp_shield = true
+"#;
+
+/// The router resolves the VIP once (fresh neighbour entry) and returns the MAC it got, if any.
+fn router_resolves_vip(lab: &Lab) -> Option<String> {
+    lab.exec_ok(Ns::Up, &["ip", "neigh", "flush", "to", VIP])
+        .expect("flush");
+    lab.ping(Ns::Up, VIP).ok()?;
+    let neigh = lab
+        .exec_ok(Ns::Up, &["ip", "neigh", "show", VIP])
+        .unwrap_or_default();
+    let mut w = neigh.split_whitespace();
+    w.by_ref().find(|t| *t == "lladdr")?;
+    w.next().map(str::to_string)
+}
+
+/// c2 (the realserver) announces the VIP with a gratuitous ARP reply, as a realserver
+/// bringing the VIP up on an interface would (arping -U -A).
+fn send_garp_from_c2(lab: &Lab) {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\n\
+         s.bind(('eth0', 0))\n\
+         mac = bytes.fromhex('{}')\n\
+         vip = socket.inet_aton('{VIP}')\n\
+         f = b'\\xff' * 6 + mac + b'\\x08\\x06' + bytes([0, 1, 8, 0, 6, 4, 0, 2]) \
+         + mac + vip + mac + vip\n\
+         for _ in range(3):\n    s.send(f)\n",
+        C2_MAC.replace(':', "")
+    );
+    lab.exec_ok(Ns::C2, &["python3", "-c", &script])
+        .expect("gratuitous ARP from c2");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+}
+
+/// LVS "ARP problem" solved at the bridge: c2 plays a realserver holding the VIP on `lo` with
+/// the default arp_ignore=0 (it answers ARP for the VIP on eth0), the bridge host (director)
+/// holds it too. With `arp_shield`, the router's ARP for the VIP is answered by the director
+/// only, every time, and the realserver never even hears the request.
+///
+/// A gratuitous ARP reply for the VIP from the realserver's port is dropped too.
+///
+/// Control (run first, printed, not asserted): with the same VIP rule but no shield, the
+/// realserver hears every request and answers it (here the director's reply happened to
+/// arrive first each time, so the router kept the bridge MAC — a race), and one gratuitous
+/// ARP from the realserver moves the router's entry to the realserver's MAC
+/// (02:77:00:00:00:03): VIP traffic would then bypass the director.
+#[test]
+fn kernel_arp_shield_router_resolves_vip_to_director() {
+    let Some(lab) = lab("kernel", Proxy::None) else {
+        return;
+    };
+    for (ns, dev) in [(Ns::Br, "lo"), (Ns::C2, "lo")] {
+        lab.exec_ok(ns, &["ip", "addr", "add", &format!("{VIP}/32"), "dev", dev])
+            .expect("VIP on lo");
+    }
+    lab.exec_ok(Ns::C2, &["sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=0"])
+        .expect("arp_ignore");
+    lab.exec_ok(
+        Ns::C2,
+        &["sysctl", "-qw", "net.ipv4.conf.eth0.arp_ignore=0"],
+    )
+    .expect("arp_ignore");
+    // control: the same VIP rule without the shield
+    lab.write_rules("vip", RULES_VIP).expect("rules");
+    let _control = apply(&lab);
+    let br_mac = lab.mac(Ns::Br, BRIDGE).expect("bridge MAC");
+    let control: Vec<(Option<String>, bool)> = (0..5)
+        .map(|_| {
+            lab.exec_ok(Ns::C2, &["ip", "neigh", "flush", "to", UP_V4])
+                .expect("flush");
+            let got = router_resolves_vip(&lab);
+            let heard = lab
+                .exec_ok(Ns::C2, &["ip", "neigh", "show", UP_V4])
+                .unwrap_or_default();
+            (got, !heard.trim().is_empty())
+        })
+        .collect();
+    send_garp_from_c2(&lab);
+    let hijacked = lab
+        .exec_ok(Ns::Up, &["ip", "neigh", "show", VIP])
+        .unwrap_or_default();
+    eprintln!("control (no shield): after c2's gratuitous ARP the router has {hijacked:?}");
+    eprintln!(
+        "control (no shield): (router's MAC for the VIP, realserver heard and answered) = \
+         {control:?} (bridge {br_mac}, realserver {C2_MAC})"
+    );
+
+    lab.write_rules("vip", RULES_VIP_SHIELD).expect("rules");
+    let _dp = apply(&lab);
+    for i in 0..10 {
+        lab.exec_ok(Ns::C2, &["ip", "neigh", "flush", "to", UP_V4])
+            .expect("flush");
+        let got = router_resolves_vip(&lab);
+        assert_eq!(
+            got.as_deref(),
+            Some(br_mac.as_str()),
+            "round {i}: the router's neighbour entry for the VIP\nruleset:\n{}",
+            nft_ruleset(&lab)
+        );
+        // the realserver never heard the request (it would have learnt the router from it)
+        let heard = lab
+            .exec_ok(Ns::C2, &["ip", "neigh", "show", UP_V4])
+            .unwrap_or_default();
+        assert!(
+            heard.trim().is_empty(),
+            "round {i}: c2 saw ARP for the VIP: {heard}"
+        );
+    }
+    // a gratuitous ARP reply for the VIP from the realserver's port (which would override
+    // the router's entry) is dropped: the router's entry stays the director's
+    send_garp_from_c2(&lab);
+    let neigh = lab
+        .exec_ok(Ns::Up, &["ip", "neigh", "show", VIP])
+        .unwrap_or_default();
+    assert!(
+        neigh.contains(&br_mac),
+        "after c2's gratuitous ARP: {neigh}"
+    );
+    // c2 with the default arp_announce = 0 resolves the router for a packet sourced from
+    // the VIP: its request carries the VIP as sender. Turned into a probe by the shield, it
+    // is answered (c2 learns the router) and the router does not learn the VIP from it.
+    // (Without the rewrite — a plain drop — c2's entry stayed INCOMPLETE.)
+    lab.exec_ok(Ns::C2, &["ip", "neigh", "flush", "to", UP_V4])
+        .expect("flush");
+    lab.exec(Ns::C2, &["ping", "-c", "1", "-W", "1", "-I", VIP, UP_V4])
+        .ok();
+    let c2_router = lab
+        .exec_ok(Ns::C2, &["ip", "neigh", "show", UP_V4])
+        .unwrap_or_default();
+    assert!(
+        c2_router.contains(UP_MAC),
+        "c2 resolved the router from the VIP: {c2_router}"
+    );
+    let neigh = lab
+        .exec_ok(Ns::Up, &["ip", "neigh", "show", VIP])
+        .unwrap_or_default();
+    assert!(
+        !neigh.contains(C2_MAC),
+        "the router learnt the VIP from c2's request: {neigh}"
+    );
+    // ordinary ARP still crosses the bridge
+    assert!(
+        lab.ping(Ns::Up, C2_V4).unwrap_or(false),
+        "router reaches c2"
+    );
+    // and the shield rule is what answered: its counter saw every request
+    let chain = lab
+        .exec_ok(
+            Ns::Br,
+            &["nft", "list", "chain", "bridge", "brdivert", "prerouting"],
+        )
+        .expect("nft list chain");
+    let packets = |what: &str| {
+        chain
+            .lines()
+            .find(|l| l.contains(what))
+            .and_then(|l| l.split("packets ").nth(1))
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(packets("arp operation request arp daddr") >= 10, "{chain}");
+    assert!(packets("arp saddr ip set 0.0.0.0") >= 1, "{chain}");
+    assert!(packets("arp daddr ip @vip_dst4 counter") >= 3, "{chain}");
+}
+
+const VIP6: &str = "fd77::100";
+
+const RULES_VIP6_SHIELD: &str = r#"[[divert]]
+name       = "vip"
+dst        = ["10.77.0.100", "fd77::100"]
+action     = "local"
+arp_shield = true
+"#;
+
+/// The router resolves the IPv6 VIP once (fresh neighbour entry) and returns the MAC it got.
+fn router_resolves_vip6(lab: &Lab) -> Option<String> {
+    lab.exec_ok(Ns::Up, &["ip", "-6", "neigh", "flush", "to", VIP6])
+        .expect("flush");
+    lab.ping(Ns::Up, VIP6).ok()?;
+    let neigh = lab
+        .exec_ok(Ns::Up, &["ip", "-6", "neigh", "show", VIP6])
+        .unwrap_or_default();
+    let mut w = neigh.split_whitespace();
+    w.by_ref().find(|t| *t == "lladdr")?;
+    w.next().map(str::to_string)
+}
+
+/// c2 (the realserver) announces the IPv6 VIP: an unsolicited neighbour advert with the
+/// override flag and its MAC, to all nodes.
+fn send_na_from_c2(lab: &Lab) {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)\n\
+         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)\n\
+         mac = bytes.fromhex('{}')\n\
+         na = bytes([136, 0, 0, 0, 0x20, 0, 0, 0]) + socket.inet_pton(socket.AF_INET6, '{VIP6}') \
+         + bytes([2, 1]) + mac\n\
+         for _ in range(3):\n    s.sendto(na, ('ff02::1', 0, 0, socket.if_nametoindex('eth0')))\n",
+        C2_MAC.replace(':', "")
+    );
+    lab.exec_ok(Ns::C2, &["python3", "-c", &script])
+        .expect("neighbour advert from c2");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+}
+
+/// The IPv6 side of the shield: the director holds the VIP on the bridge device (Linux
+/// answers NS only for addresses of the receiving interface), the realserver on `lo`. The
+/// router's NS for the VIP reaches the director only and is answered with the bridge MAC;
+/// the realserver's unsolicited override NA for the VIP is dropped.
+///
+/// Control (printed, not asserted): without the shield the realserver's NA moves the router's
+/// entry to the realserver's MAC.
+#[test]
+fn kernel_nd_shield_router_resolves_vip6_to_director() {
+    let Some(lab) = lab("kernel", Proxy::None) else {
+        return;
+    };
+    lab.write_rules("vip", RULES_VIP).expect("rules");
+    let _control = apply(&lab);
+    lab.exec_ok(
+        Ns::Br,
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{VIP6}/128"),
+            "dev",
+            BRIDGE,
+            "nodad",
+        ],
+    )
+    .expect("VIP6 on the bridge");
+    lab.exec_ok(
+        Ns::C2,
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{VIP6}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ],
+    )
+    .expect("VIP6 on lo");
+    let br_mac = lab.mac(Ns::Br, BRIDGE).expect("bridge MAC");
+    let first = router_resolves_vip6(&lab);
+    send_na_from_c2(&lab);
+    let hijacked = lab
+        .exec_ok(Ns::Up, &["ip", "-6", "neigh", "show", VIP6])
+        .unwrap_or_default();
+    eprintln!(
+        "control (no shield): router resolved {VIP6} to {first:?}, after c2's NA: {hijacked:?} \
+         (bridge {br_mac}, realserver {C2_MAC})"
+    );
+
+    lab.write_rules("vip", RULES_VIP6_SHIELD).expect("rules");
+    let _dp = apply(&lab);
+    for i in 0..5 {
+        let got = router_resolves_vip6(&lab);
+        assert_eq!(
+            got.as_deref(),
+            Some(br_mac.as_str()),
+            "round {i}: the router's neighbour entry for {VIP6}\nruleset:\n{}",
+            nft_ruleset(&lab)
+        );
+    }
+    send_na_from_c2(&lab);
+    let neigh = lab
+        .exec_ok(Ns::Up, &["ip", "-6", "neigh", "show", VIP6])
+        .unwrap_or_default();
+    assert!(
+        neigh.contains(&br_mac),
+        "after c2's neighbour advert: {neigh}"
+    );
+    // ordinary ND still crosses the bridge
+    assert!(
+        lab.ping(Ns::Up, C2_V6).unwrap_or(false),
+        "router reaches c2"
+    );
+    let chain = lab
+        .exec_ok(
+            Ns::Br,
+            &["nft", "list", "chain", "bridge", "brdivert", "prerouting"],
+        )
+        .expect("nft list chain");
+    let packets = |what: &str| {
+        chain
+            .lines()
+            .find(|l| l.contains(what))
+            .and_then(|l| l.split("packets ").nth(1))
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(packets("nd-neighbor-solicit") >= 5, "{chain}");
+    assert!(packets("nd-neighbor-advert") >= 3, "{chain}");
+}

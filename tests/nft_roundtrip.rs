@@ -140,6 +140,66 @@ fn bridge_table() -> Table {
                 base: base(ChainType::Filter, Hook::Prerouting, -200),
                 rules: vec![
                     rule(
+                        vec![Match::ArpAddr {
+                            dir: Dir::Src,
+                            set: "dst4".into(),
+                        }],
+                        vec![Stmt::Counter, Stmt::Drop],
+                        Some("vip: arp shield"),
+                    ),
+                    rule(
+                        vec![
+                            Match::ArpRequest,
+                            Match::ArpAddr {
+                                dir: Dir::Src,
+                                set: "dst4".into(),
+                            },
+                        ],
+                        vec![
+                            Stmt::Counter,
+                            Stmt::ArpSaddrSet(Ipv4Addr::UNSPECIFIED),
+                            Stmt::Accept,
+                        ],
+                        None,
+                    ),
+                    rule(
+                        vec![
+                            Match::ArpRequest,
+                            Match::ArpAddr {
+                                dir: Dir::Dst,
+                                set: "dst4".into(),
+                            },
+                        ],
+                        vec![
+                            Stmt::Counter,
+                            Stmt::PkttypeSetHost,
+                            Stmt::EtherDaddrSet(MAC),
+                            Stmt::Accept,
+                        ],
+                        Some("vip: arp shield"),
+                    ),
+                    rule(
+                        vec![Match::NdTarget {
+                            advert: true,
+                            target: "2001:db8::100".parse().unwrap(),
+                        }],
+                        vec![Stmt::Counter, Stmt::Drop],
+                        Some("vip: arp shield"),
+                    ),
+                    rule(
+                        vec![Match::NdTarget {
+                            advert: false,
+                            target: "fd77::100".parse().unwrap(),
+                        }],
+                        vec![
+                            Stmt::Counter,
+                            Stmt::PkttypeSetHost,
+                            Stmt::EtherDaddrSet(MAC),
+                            Stmt::Accept,
+                        ],
+                        None,
+                    ),
+                    rule(
                         vec![Match::IifName {
                             negate: true,
                             set: "from".into(),

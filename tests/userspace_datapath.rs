@@ -582,3 +582,41 @@ arp_shield = true
     let heard = bed.ok("h2", &["ip", "neigh", "show", H1]);
     assert!(heard.trim().is_empty(), "h2 saw ARP for the VIP: {heard}");
 }
+
+/// The userspace ARP shield decides as the kernel datapath's shield rules do (no root needed).
+#[test]
+fn arp_shield_verdicts_match_the_kernel_rules() {
+    use brdivert::datapath::{Verdict, arp_shield};
+    let p = policy(
+        "[[divert]]\nname = \"vip\"\ndst = [\"10.77.0.100\"]\naction = \"local\"\narp_shield = true\n",
+    );
+    let frame = |op: u8, spa: [u8; 4], tpa: [u8; 4]| {
+        let mut f = vec![0xff; 6];
+        f.extend([2, 0, 0, 0, 0, 3, 0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, op]);
+        f.extend([2, 0, 0, 0, 0, 3]);
+        f.extend(spa);
+        f.extend([0; 6]);
+        f.extend(tpa);
+        f
+    };
+    let (vip, router, rs) = ([10, 77, 0, 100], [10, 77, 0, 2], [10, 77, 0, 3]);
+    // gratuitous ARP for the VIP (request or reply): dropped
+    assert_eq!(arp_shield(&p, &mut frame(1, vip, vip)), Some(Verdict::Skip));
+    assert_eq!(arp_shield(&p, &mut frame(2, vip, vip)), Some(Verdict::Skip));
+    // a reply claiming the VIP: dropped
+    assert_eq!(
+        arp_shield(&p, &mut frame(2, vip, router)),
+        Some(Verdict::Skip)
+    );
+    // a request sourced from the VIP: turned into a probe, bridged
+    let mut f = frame(1, vip, router);
+    assert_eq!(arp_shield(&p, &mut f), Some(Verdict::Forward));
+    assert_eq!(f[28..32], [0, 0, 0, 0], "sender address zeroed");
+    // a request for the VIP: the bridge host only
+    assert_eq!(
+        arp_shield(&p, &mut frame(1, router, vip)),
+        Some(Verdict::Local)
+    );
+    // other ARP: not the shield's business
+    assert_eq!(arp_shield(&p, &mut frame(1, router, rs)), None);
+}

@@ -397,22 +397,33 @@ pub enum Verdict {
 }
 
 /// `arp_shield`: ARP about a VIP of a `local` rule with `arp_shield = true` does not cross
-/// the bridge. Requests and replies whose target is the VIP go to the local port only (the
-/// bridge host, which holds the VIP, answers); ARP from a port whose sender is the VIP (a
-/// realserver that also holds it) is dropped. `None`: not shielded ARP.
-pub fn arp_shield(policy: &Policy, eth: &[u8]) -> Option<Verdict> {
+/// the bridge, as in the kernel datapath's bridge table. From a port:
+/// - sender and target both a VIP (gratuitous ARP for it): dropped;
+/// - a request whose sender is a VIP (a realserver resolving its gateway for a reply sourced
+///   from the VIP, default `arp_announce = 0`): its sender address is zeroed (an RFC 5227
+///   probe: answered, but nobody learns the VIP from it) and it is bridged;
+/// - anything else whose sender is a VIP (a realserver's reply for it): dropped;
+/// - requests and replies whose target is a VIP go to the local port only (the bridge host,
+///   which holds the VIP, answers).
+///
+/// `None`: not shielded ARP.
+pub fn arp_shield(policy: &Policy, eth: &mut [u8]) -> Option<Verdict> {
     let mut et_at = 12;
     if eth.get(12..14)? == [0x81, 0x00] {
         et_at = 16;
     }
+    if eth.get(et_at..et_at + 2)? == [0x86, 0xdd] {
+        return nd_shield(policy, eth.get(et_at + 2..)?);
+    }
     if eth.get(et_at..et_at + 2)? != [0x08, 0x06] {
         return None;
     }
-    let arp = eth.get(et_at + 2..et_at + 2 + 28)?;
+    let arp = eth.get_mut(et_at + 2..et_at + 2 + 28)?;
     // Ethernet/IPv4 ARP only: htype 1, ptype 0x0800, hlen 6, plen 4
     if arp[..6] != [0, 1, 0x08, 0x00, 6, 4] {
         return None;
     }
+    let request = arp[6..8] == [0, 1];
     let ip = |at: usize| {
         std::net::IpAddr::V4(std::net::Ipv4Addr::new(
             arp[at],
@@ -422,7 +433,7 @@ pub fn arp_shield(policy: &Policy, eth: &[u8]) -> Option<Verdict> {
         ))
     };
     let (spa, tpa) = (ip(14), ip(24));
-    let mut verdict = None;
+    let (mut garp, mut spa_vip, mut tpa_vip) = (false, false, false);
     for r in &policy.rules {
         if !r.arp_shield || !matches!(r.action, Action::Local { .. }) {
             continue;
@@ -430,14 +441,54 @@ pub fn arp_shield(policy: &Policy, eth: &[u8]) -> Option<Verdict> {
         let crate::policy::AddrMatch::Only(vips) = &r.dst else {
             continue;
         };
-        if vips.contains(spa) {
-            return Some(Verdict::Skip);
-        }
-        if vips.contains(tpa) {
-            verdict = Some(Verdict::Local);
-        }
+        // per rule, as the kernel's rules are
+        garp |= vips.contains(spa) && vips.contains(tpa);
+        spa_vip |= vips.contains(spa);
+        tpa_vip |= vips.contains(tpa);
     }
-    verdict
+    if garp {
+        Some(Verdict::Skip)
+    } else if spa_vip && request {
+        arp[14..18].fill(0);
+        Some(Verdict::Forward)
+    } else if spa_vip {
+        Some(Verdict::Skip)
+    } else if tpa_vip {
+        Some(Verdict::Local)
+    } else {
+        None
+    }
+}
+
+/// The IPv6 half of [`arp_shield`], as the kernel datapath's ND rules: a neighbour
+/// solicitation for an IPv6 VIP goes to the local port only, a neighbour advert about one
+/// from a port is dropped. `ip6` starts at the IPv6 header; ND messages carry no extension
+/// headers.
+fn nd_shield(policy: &Policy, ip6: &[u8]) -> Option<Verdict> {
+    if *ip6.get(6)? != 58 {
+        return None;
+    }
+    let icmp = ip6.get(40..)?;
+    let solicit = match *icmp.first()? {
+        135 => true,
+        136 => false,
+        _ => return None,
+    };
+    let t: [u8; 16] = icmp.get(8..24)?.try_into().ok()?;
+    let shielded = policy.rules.iter().any(|r| {
+        r.arp_shield
+            && matches!(r.action, Action::Local { .. })
+            && matches!(&r.dst, crate::policy::AddrMatch::Only(v)
+                if v.v6.iter().any(|n| n.prefix_len() == 128 && n.addr() == std::net::Ipv6Addr::from(t)))
+    });
+    if !shielded {
+        return None;
+    }
+    Some(if solicit {
+        Verdict::Local
+    } else {
+        Verdict::Skip
+    })
 }
 
 /// The policy's decision for a packet that arrived on `iif`, including the TPROXY return

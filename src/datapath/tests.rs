@@ -338,7 +338,16 @@ arp_shield = true
     }
     // a realserver answering / announcing the VIP: dropped
     let mut f = arp(vip, router, false);
+    let op = f.len() - 21;
+    f[op] = 2;
     assert_eq!(run(&p, &mut flows, &mut f, "p2"), Verdict::Skip);
+    let mut f = arp(vip, vip, false);
+    assert_eq!(run(&p, &mut flows, &mut f, "p2"), Verdict::Skip);
+    // a realserver resolving the router from the VIP: bridged as a probe (sender 0.0.0.0)
+    let mut f = arp(vip, router, false);
+    assert_eq!(run(&p, &mut flows, &mut f, "p2"), Verdict::Forward);
+    let spa = f.len() - 14;
+    assert_eq!(f[spa..spa + 4], [0, 0, 0, 0]);
     // other ARP is bridged
     let mut f = arp(router, [10, 77, 0, 2], false);
     assert_eq!(run(&p, &mut flows, &mut f, "p1"), Verdict::Forward);
@@ -353,4 +362,41 @@ action = "local"
     );
     let mut f = arp(router, vip, false);
     assert_eq!(run(&plain, &mut flows, &mut f, "p1"), Verdict::Forward);
+}
+
+fn nd(icmp_type: u8, target: &str) -> Vec<u8> {
+    let mut f = vec![0u8; VNET_HDR_LEN];
+    f.extend_from_slice(&[0x33, 0x33, 0xff, 0, 1, 0]);
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 9, 0x86, 0xdd]);
+    f.extend_from_slice(&[0x60, 0, 0, 0, 0, 24, 58, 255]);
+    f.extend_from_slice(&[0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    f.extend_from_slice(&[0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 1, 0]);
+    f.extend_from_slice(&[icmp_type, 0, 0, 0, 0, 0, 0, 0]);
+    let t: std::net::Ipv6Addr = target.parse().expect("address");
+    f.extend_from_slice(&t.octets());
+    f
+}
+
+#[test]
+fn nd_shield_keeps_vip_nd_off_the_bridge() {
+    let p = policy(
+        r#"
+[[divert]]
+name = "vip"
+dst = ["fd77::100"]
+action = "local"
+arp_shield = true
+"#,
+    );
+    let mut flows = FlowTable::new(Duration::from_secs(60), 100);
+    // NS for the VIP: the bridge host only; NA about it from a port: dropped
+    let mut f = nd(135, "fd77::100");
+    assert_eq!(run(&p, &mut flows, &mut f, "p1"), Verdict::Local);
+    let mut f = nd(136, "fd77::100");
+    assert_eq!(run(&p, &mut flows, &mut f, "p2"), Verdict::Skip);
+    // ND about other addresses: not the shield's business
+    let mut f = nd(135, "fd77::2");
+    assert_ne!(run(&p, &mut flows, &mut f, "p1"), Verdict::Local);
+    let mut f = nd(136, "fd77::2");
+    assert_ne!(run(&p, &mut flows, &mut f, "p1"), Verdict::Skip);
 }

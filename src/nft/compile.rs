@@ -199,7 +199,8 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
         sets: state_sets(),
         chains: Vec::new(),
     };
-    let mut prerouting = Vec::new();
+    // ARP shield first: ARP frames meet nothing else in this table.
+    let mut prerouting = arp_shield_rules(policy, target, &mut t.sets);
     // Pinned flows keep the path (mark) they were diverted with, whatever the rules say now;
     // every packet refreshes its pin.
     for f in [IpFamily::V4, IpFamily::V6] {
@@ -332,6 +333,113 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
     });
     t.chains.extend(rule_chains);
     t
+}
+
+/// `arp_shield` on a `local` VIP rule: only the bridge host (the director, which holds the
+/// VIPs) answers ARP for them. Every rule's drops come first (as the userspace datapath checks
+/// the sender before the target):
+/// - ARP from a port whose *sender* address is a VIP (a realserver's reply or gratuitous ARP
+///   for the VIP) is dropped — except a request for another address (a realserver resolving
+///   its gateway for a reply sourced from the VIP, default `arp_announce = 0`), which is
+///   turned into a probe (sender 0.0.0.0): answered, but nobody learns the VIP from it;
+/// - ARP *requests* for a VIP are not flooded: the frame diverter's move hands them to the
+///   bridge host only (the broadcast is re-addressed to the bridge MAC, so the bridge delivers
+///   it locally and nowhere else), whose ARP stack answers with the bridge MAC.
+///
+/// IPv6 VIPs get the same for Neighbour Discovery, one rule pair per VIP (the ND target is a
+/// raw 128-bit compare in nft 1.0.6): neighbour adverts about a VIP from a port are dropped,
+/// neighbour solicitations for a VIP go to the bridge host only (which must hold the VIP on
+/// the bridge device: Linux answers NS only for addresses of the receiving interface).
+///
+/// Frames the bridge host sends itself (its own replies and announcements) never pass bridge
+/// prerouting, so they are untouched. Replies *to* the VIP (the director's own resolution)
+/// are unicast to the bridge MAC already and are left alone.
+fn arp_shield_rules(policy: &Policy, target: &Target, sets: &mut Vec<Set>) -> Vec<Rule> {
+    let mut drops = Vec::new();
+    let mut requests = Vec::new();
+    for r in &policy.rules {
+        if !r.arp_shield || !matches!(r.action, Action::Local { .. }) {
+            continue;
+        }
+        let comment = Some(format!("{}: arp shield", r.name));
+        // IPv6: Neighbour Discovery about each VIP address, the same two moves
+        if let Some(p) = r.dst.restricts(policy::Family::V6) {
+            for vip in p.v6.iter().filter(|n| n.prefix_len() == 128) {
+                for advert in [true, false] {
+                    let m = Match::NdTarget {
+                        advert,
+                        target: vip.addr(),
+                    };
+                    if advert {
+                        drops.push(Rule {
+                            matches: vec![m],
+                            stmts: vec![Stmt::Counter, Stmt::Drop],
+                            comment: comment.clone(),
+                        });
+                    } else {
+                        let mut stmts = vec![Stmt::Counter];
+                        stmts.extend(divert_move(target));
+                        stmts.push(Stmt::Accept);
+                        requests.push(Rule {
+                            matches: vec![m],
+                            stmts,
+                            comment: comment.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        let Some(set) = r
+            .dst
+            .restricts(policy::Family::V4)
+            .and_then(|p| prefix_set(sets, r, "dst", p, policy::Family::V4))
+        else {
+            continue;
+        };
+        let spa = Match::ArpAddr {
+            dir: Dir::Src,
+            set: set.clone(),
+        };
+        let tpa = Match::ArpAddr {
+            dir: Dir::Dst,
+            set: set.clone(),
+        };
+        // gratuitous ARP for a VIP (sender = target = VIP), request or reply
+        drops.push(Rule {
+            matches: vec![spa.clone(), tpa.clone()],
+            stmts: vec![Stmt::Counter, Stmt::Drop],
+            comment: comment.clone(),
+        });
+        // a realserver resolving someone for a packet sourced from the VIP (its default
+        // arp_announce = 0): as is, the request would teach the target VIP -> realserver MAC;
+        // as a probe (sender 0.0.0.0) it is still answered (to the sender's MAC) and teaches
+        // nothing
+        drops.push(Rule {
+            matches: vec![Match::ArpRequest, spa.clone()],
+            stmts: vec![
+                Stmt::Counter,
+                Stmt::ArpSaddrSet(std::net::Ipv4Addr::UNSPECIFIED),
+                Stmt::Accept,
+            ],
+            comment: comment.clone(),
+        });
+        // any other ARP claiming a VIP: replies
+        drops.push(Rule {
+            matches: vec![spa],
+            stmts: vec![Stmt::Counter, Stmt::Drop],
+            comment: comment.clone(),
+        });
+        let mut stmts = vec![Stmt::Counter];
+        stmts.extend(divert_move(target));
+        stmts.push(Stmt::Accept);
+        requests.push(Rule {
+            matches: vec![Match::ArpRequest, tpa],
+            stmts,
+            comment,
+        });
+    }
+    drops.extend(requests);
+    drops
 }
 
 /// A health-checked rule, before its divert: tag what it would divert, and while the tag is in

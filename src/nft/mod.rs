@@ -12,7 +12,7 @@ pub mod ext;
 pub mod netlink;
 pub mod render;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
@@ -252,6 +252,15 @@ pub enum Match {
     MarkNonZero { mask: u32 },
     /// `meta mark & MASK == @set` (the masked mark is an element of the set)
     MarkIn { mask: u32, set: String },
+    /// `arp operation request` (bridge family; implies `ether type arp`)
+    ArpRequest,
+    /// `arp saddr ip @set` / `arp daddr ip @set`: the sender / target protocol address of an
+    /// Ethernet/IPv4 ARP packet (bridge family; implies `ether type arp`)
+    ArpAddr { dir: Dir, set: String },
+    /// `icmpv6 type nd-neighbor-solicit @th,64,128 0x…` (`advert`: `nd-neighbor-advert`): a
+    /// Neighbour Discovery message about `target` (the ND target address, 8 bytes into the
+    /// ICMPv6 header; nft 1.0.6 has no name for it). Bridge family; implies `ether type ip6`.
+    NdTarget { advert: bool, target: Ipv6Addr },
 }
 
 /// One statement (action). Verdicts come last.
@@ -270,6 +279,9 @@ pub enum Stmt {
     PkttypeSetHost,
     /// `ether daddr set MAC` — the frame diverter's move, part 2 (the bridge's own MAC)
     EtherDaddrSet([u8; 6]),
+    /// `arp saddr ip set ADDR` — rewrite an ARP packet's sender protocol address (after an
+    /// `arp` match). `0.0.0.0` turns a request into an RFC 5227 probe.
+    ArpSaddrSet(Ipv4Addr),
     /// `meta broute set 1` — where the kernel has it, replaces the two above
     BrouteSet,
     /// `redirect to :PORT`

@@ -573,6 +573,7 @@ pub fn lower_rule(family: Family, r: &Rule) -> Result<Vec<RawExpr>, ApplyError> 
     let mut l3: Option<IpFamily> = None;
     let mut l4: Option<L4> = None;
     let mut vlan = false;
+    let mut arp = false;
     for m in &r.matches {
         match m {
             Match::IifName { negate, set } => {
@@ -685,6 +686,51 @@ pub fn lower_rule(family: Family, r: &Rule) -> Result<Vec<RawExpr>, ApplyError> 
                 }
                 v.push(ext::lookup(set, false));
             }
+            Match::ArpRequest | Match::ArpAddr { .. } => {
+                if family != Family::Bridge {
+                    return Err(ApplyError::Invalid(
+                        "arp matches need the bridge family".into(),
+                    ));
+                }
+                // nft's dependency: `ether type arp` (the link header's type field)
+                if !arp {
+                    v.push(ext::payload_load(ext::NFT_PAYLOAD_LL_HEADER, 12, 2));
+                    v.push(ext::cmp_eq(&0x0806u16.to_be_bytes()));
+                    arp = true;
+                }
+                match m {
+                    Match::ArpAddr { dir, set } => {
+                        // Ethernet/IPv4 ARP: sender IP at 14, target IP at 24
+                        let off = match dir {
+                            Dir::Src => 14,
+                            Dir::Dst => 24,
+                        };
+                        v.push(ext::payload_load(ext::NFT_PAYLOAD_NETWORK_HEADER, off, 4));
+                        v.push(ext::lookup(set, false));
+                    }
+                    _ => {
+                        v.push(ext::payload_load(ext::NFT_PAYLOAD_NETWORK_HEADER, 6, 2));
+                        v.push(ext::cmp_eq(&1u16.to_be_bytes()));
+                    }
+                }
+            }
+            Match::NdTarget { advert, target } => {
+                if family != Family::Bridge {
+                    return Err(ApplyError::Invalid(
+                        "nd matches need the bridge family".into(),
+                    ));
+                }
+                // nft's dependencies, as it lowers `icmpv6 type`: ether type ip6, then
+                // l4proto ipv6-icmp; then the type byte and the target at offset 8
+                v.push(ext::payload_load(ext::NFT_PAYLOAD_LL_HEADER, 12, 2));
+                v.push(ext::cmp_eq(&ethertype(IpFamily::V6)));
+                v.push(ext::meta_load(ext::NFT_META_L4PROTO));
+                v.push(ext::cmp_eq(&[58]));
+                v.push(ext::payload_load(ext::NFT_PAYLOAD_TRANSPORT_HEADER, 0, 1));
+                v.push(ext::cmp_eq(&[if *advert { 136 } else { 135 }]));
+                v.push(ext::payload_load(ext::NFT_PAYLOAD_TRANSPORT_HEADER, 8, 16));
+                v.push(ext::cmp_eq(&target.octets()));
+            }
         }
     }
     for s in &r.stmts {
@@ -783,6 +829,10 @@ fn lower_stmt(s: &Stmt, v: &mut Vec<RawExpr>) {
         Stmt::EtherDaddrSet(mac) => {
             v.push(ext::immediate(ext::NFT_REG_1, mac));
             v.push(ext::payload_write(ext::NFT_PAYLOAD_LL_HEADER, 0, 6));
+        }
+        Stmt::ArpSaddrSet(a) => {
+            v.push(ext::immediate(ext::NFT_REG_1, &a.octets()));
+            v.push(ext::payload_write(ext::NFT_PAYLOAD_NETWORK_HEADER, 14, 4));
         }
         Stmt::BrouteSet => {
             v.push(ext::immediate(ext::NFT_REG_1, &[1]));

@@ -394,6 +394,13 @@ pub fn match_text(m: &Match) -> String {
         Match::MarkNonZero { mask } => format!("meta mark & 0x{mask:08x} != 0x00000000"),
         Match::MarkIn { mask, set } if *mask == u32::MAX => format!("meta mark @{set}"),
         Match::MarkIn { mask, set } => format!("meta mark & 0x{mask:08x} == @{set}"),
+        Match::ArpRequest => "arp operation request".to_string(),
+        Match::ArpAddr { dir, set } => format!("arp {} ip @{set}", dir_text(*dir)),
+        Match::NdTarget { advert, target } => format!(
+            "icmpv6 type nd-neighbor-{} @th,64,128 0x{:032x}",
+            if *advert { "advert" } else { "solicit" },
+            u128::from(*target)
+        ),
     }
 }
 
@@ -429,6 +436,7 @@ pub fn stmt_text(s: &Stmt, after_vlan: bool) -> String {
             format!("@ll,0,48 set 0x{v:x}")
         }
         Stmt::EtherDaddrSet(mac) => format!("ether daddr set {}", mac_text(mac)),
+        Stmt::ArpSaddrSet(a) => format!("arp saddr ip set {a}"),
         Stmt::BrouteSet => "meta broute set 1".to_string(),
         Stmt::Redirect { port } => format!("redirect to :{port}"),
         Stmt::Tproxy { family, addr, port } => {

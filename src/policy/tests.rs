@@ -477,3 +477,29 @@ fn durations() {
     assert_eq!(parse_duration("2"), None);
     assert_eq!(parse_duration("s"), None);
 }
+
+#[test]
+fn arp_shield_needs_vips() {
+    let vip = |dst: &str| {
+        format!("[[divert]]\nname = \"vip\"\n{dst}action = \"local\"\narp_shield = true\n")
+    };
+    for ok in [
+        "dst = [\"10.0.0.100\", \"2001:db8::100\"]\n",
+        "dst = \"10.0.0.96/28\"\n",
+        "dst = \"2001:db8::100\"\n",
+    ] {
+        let p = build(&vip(ok)).unwrap();
+        assert!(p.rules[0].arp_shield, "{ok}");
+    }
+    // no dst, every address, or an IPv6 prefix: refused at arp_shield
+    for (dst, what) in [
+        ("", "dst addresses"),
+        ("dst = \"0.0.0.0/0\"\n", "dst addresses"),
+        ("dst = [\"10.0.0.1\", \"2001:db8::/64\"]\n", "/128"),
+    ] {
+        let e = error(&vip(dst));
+        let line = 4 + usize::from(!dst.is_empty());
+        assert!(e.starts_with(&format!("r.toml:{line}:14:")), "{dst}: {e}");
+        assert!(e.contains(what), "{e}");
+    }
+}
