@@ -185,6 +185,29 @@ fn state_sets() -> Vec<Set> {
     v
 }
 
+/// A packet whose `key` is in `map` is diverted with the mark recorded there (and refreshes
+/// its entry): what keeps a flow on the path it was first given, across reloads.
+fn pin_rule(f: IpFamily, key: FlowKey, map: &str, comment: &str, target: &Target) -> Rule {
+    let mut stmts = vec![
+        Stmt::MarkSetMap {
+            key: key.clone(),
+            set: map.into(),
+        },
+        Stmt::UpdateMark {
+            key,
+            set: map.into(),
+        },
+        Stmt::Counter,
+    ];
+    stmts.extend(divert_move(target));
+    stmts.push(Stmt::Accept);
+    Rule {
+        matches: vec![Match::Family(f)],
+        stmts,
+        comment: Some(comment.into()),
+    }
+}
+
 /// The frame diverter's move, after the mark is set.
 fn divert_move(target: &Target) -> [Stmt; 2] {
     [Stmt::PkttypeSetHost, Stmt::EtherDaddrSet(target.bridge_mac)]
@@ -204,48 +227,20 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
     // Pinned flows keep the path (mark) they were diverted with, whatever the rules say now;
     // every packet refreshes its pin.
     for f in [IpFamily::V4, IpFamily::V6] {
-        let mut stmts = vec![
-            Stmt::MarkSetMap {
-                key: five_tuple(f),
-                set: flows_map(f).into(),
-            },
-            Stmt::UpdateMark {
-                key: five_tuple(f),
-                set: flows_map(f).into(),
-            },
-            Stmt::Counter,
-        ];
-        stmts.extend(divert_move(target));
-        stmts.push(Stmt::Accept);
-        prerouting.push(Rule {
-            matches: vec![Match::Family(f)],
-            stmts,
-            comment: Some("pinned".into()),
-        });
+        prerouting.push(pin_rule(f, five_tuple(f), flows_map(f), "pinned", target));
     }
     // TPROXY return path: the origin answers the proxy's spoofed connection (client address,
     // the proxy's own source port), so the bridge would deliver the reply to the client.
     // Replies from a server to a client whose flows to that server port a tproxy rule
     // diverted go to the local stack, where the proxy's transparent socket takes them.
     for f in [IpFamily::V4, IpFamily::V6] {
-        let mut stmts = vec![
-            Stmt::MarkSetMap {
-                key: peer_rev(f),
-                set: replies_map(f).into(),
-            },
-            Stmt::UpdateMark {
-                key: peer_rev(f),
-                set: replies_map(f).into(),
-            },
-            Stmt::Counter,
-        ];
-        stmts.extend(divert_move(target));
-        stmts.push(Stmt::Accept);
-        prerouting.push(Rule {
-            matches: vec![Match::Family(f)],
-            stmts,
-            comment: Some("tproxy reply".into()),
-        });
+        prerouting.push(pin_rule(
+            f,
+            peer_rev(f),
+            replies_map(f),
+            "tproxy reply",
+            target,
+        ));
     }
     let mut rule_chains = Vec::new();
     for r in &policy.rules {
