@@ -244,6 +244,7 @@ pub fn dump_rules(family: u8, table: &str) -> io::Result<Vec<KernelRule>> {
     let total = msg.len() as u32;
     msg[..4].copy_from_slice(&total.to_ne_bytes());
 
+    // SAFETY: sockaddr_nl is plain data; all-zero is a valid value.
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     addr.nl_family = libc::AF_NETLINK as u16;
     // SAFETY: sendto with a buffer and address we own, of the stated lengths.
