@@ -151,6 +151,10 @@ pub fn check(settings_path: &std::path::Path) -> Result<String, Failure> {
             }
             Action::Local { fwmark: Some(m) } => format!("deliver locally with fwmark {m:#x}"),
             Action::Local { fwmark: None } => "deliver locally".into(),
+            Action::Dr => format!(
+                "direct routing to {} realserver(s) by destination MAC",
+                r.realservers.len()
+            ),
             Action::Pass => "bridge untouched".into(),
             Action::Drop => "drop".into(),
         };
