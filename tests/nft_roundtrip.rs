@@ -992,3 +992,28 @@ fn base_chains_stay_hooked_across_apply() {
     assert_eq!(handles(&ns), before, "base chains were re-created");
     assert_roundtrip(&ns, &rs2);
 }
+
+/// `action = "dr"`: the per-realserver `jhash ip saddr . th sport mod N seed S V` rules with
+/// `ether daddr set` list back as rendered (IPv4 and IPv6), and the render loads with `nft -f`.
+#[test]
+fn dr_forms_roundtrip() {
+    let Some(ns) = netns_or_skip("dr_forms_roundtrip") else {
+        return;
+    };
+    let rs = compiled(
+        "[[divert]]\nname = \"dr\"\nproto = \"tcp\"\ndport = [80, 443]\n\
+         dst = [\"10.0.0.80\", \"2001:db8::80\"]\naction = \"dr\"\n\
+         realservers = [{ mac = \"02:00:00:00:00:31\" }, { mac = \"02:00:00:00:00:32\" }, \
+         { mac = \"02:00:00:00:00:33\" }]\n",
+    );
+    let text = render(&rs);
+    assert!(
+        text.lines().any(|l| l
+            .contains("ip daddr @dr_dst4 jhash ip saddr . th sport mod 3 seed 0x62726476 2 counter")
+            && l.contains("ether daddr set 02:00:00:00:00:33 accept")),
+        "{text}"
+    );
+    assert!(text.contains("jhash ip6 saddr . th sport mod 3"), "{text}");
+    apply_in(&ns, &rs).expect("apply");
+    assert_roundtrip(&ns, &rs);
+}
