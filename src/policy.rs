@@ -855,7 +855,12 @@ impl Validator<'_> {
                 "{} realservers; a dr rule takes at most {MAX_REALSERVERS}",
                 list.get_ref().len()
             );
-            self.err(file, list.span().start, what, "split the VIPs over several rules");
+            self.err(
+                file,
+                list.span().start,
+                what,
+                "split the VIPs over several rules",
+            );
         }
         let mut out: Vec<[u8; 6]> = Vec::new();
         for rs in list.get_ref() {

@@ -1008,9 +1008,9 @@ fn dr_forms_roundtrip() {
     );
     let text = render(&rs);
     assert!(
-        text.lines().any(|l| l
-            .contains("ip daddr @dr_dst4 jhash ip saddr . th sport mod 3 seed 0x62726476 2 counter")
-            && l.contains("ether daddr set 02:00:00:00:00:33 accept")),
+        text.lines().any(|l| l.contains(
+            "ip daddr @dr_dst4 jhash ip saddr . th sport mod 3 seed 0x62726476 2 counter"
+        ) && l.contains("ether daddr set 02:00:00:00:00:33 accept")),
         "{text}"
     );
     assert!(text.contains("jhash ip6 saddr . th sport mod 3"), "{text}");

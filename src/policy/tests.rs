@@ -581,7 +581,13 @@ fn dr_realserver_unknown_key() {
 #[test]
 fn dr_too_many_realservers() {
     let list: Vec<String> = (0..=MAX_REALSERVERS)
-        .map(|i| format!("{{ mac = \"02:00:00:00:{:02x}:{:02x}\" }}", i / 256, i % 256))
+        .map(|i| {
+            format!(
+                "{{ mac = \"02:00:00:00:{:02x}:{:02x}\" }}",
+                i / 256,
+                i % 256
+            )
+        })
         .collect();
     let e = error(&dr(&format!("realservers = [{}]\n", list.join(", "))));
     assert!(e.starts_with("r.toml:7:15: error:"), "{e}");
