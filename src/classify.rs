@@ -139,6 +139,10 @@ pub enum Decision {
 }
 
 /// Evaluate `policy` for a packet that arrived on port `iif`.
+///
+/// `action = "dr"` is kernel datapath only for now: the userspace datapath refuses to start
+/// with such a rule, and here a dr rule's match reads as `Divert` (the classifier has no
+/// realserver selection).
 pub fn classify(policy: &Policy, iif: &str, p: &PacketInfo) -> Decision {
     for (i, r) in policy.rules.iter().enumerate() {
         if rule_matches(r, iif, p) {

@@ -59,6 +59,7 @@ impl From<anyhow::Error> for Failure {
 pub fn load(settings_path: &std::path::Path) -> Result<(Settings, Policy), Failure> {
     let settings = Settings::load(settings_path)?;
     let policy = Policy::load(&settings)?;
+    kernel_only(&settings, &policy)?;
     for w in policy
         .warnings
         .iter()
@@ -67,6 +68,38 @@ pub fn load(settings_path: &std::path::Path) -> Result<(Settings, Policy), Failu
         eprintln!("{w}");
     }
     Ok((settings, policy))
+}
+
+/// `action = "dr"` is kernel datapath only for now: refuse it with `bridge.datapath =
+/// "userspace"` at load (check, render, run and every reload), at the rule.
+fn kernel_only(settings: &Settings, policy: &Policy) -> Result<(), Refused> {
+    if settings.bridge.datapath != Datapath::Userspace {
+        return Ok(());
+    }
+    let errors: Vec<_> = policy
+        .rules
+        .iter()
+        .filter(|r| r.action == Action::Dr)
+        .map(|r| {
+            crate::diag::Diagnostic::error(
+                &r.origin.file,
+                crate::diag::Pos {
+                    line: r.origin.line,
+                    column: 1,
+                },
+                format!(
+                    "rule {:?}: action = \"dr\" is kernel datapath only; the userspace datapath cannot run it yet",
+                    r.name
+                ),
+                "set bridge.datapath = \"kernel\" in the settings, or remove the rule",
+            )
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(Refused(errors))
+    }
 }
 
 /// REDIRECT answers from the bridge's own address of the packet's family: warn where a
@@ -151,6 +184,10 @@ pub fn check(settings_path: &std::path::Path) -> Result<String, Failure> {
             }
             Action::Local { fwmark: Some(m) } => format!("deliver locally with fwmark {m:#x}"),
             Action::Local { fwmark: None } => "deliver locally".into(),
+            Action::Dr => format!(
+                "direct routing to {} realserver(s) by destination MAC",
+                r.realservers.len()
+            ),
             Action::Pass => "bridge untouched".into(),
             Action::Drop => "drop".into(),
         };

@@ -145,6 +145,9 @@ impl AddrMatch {
     }
 }
 
+/// The most realservers one `dr` rule may list (one kernel rule per realserver and family).
+pub const MAX_REALSERVERS: usize = 64;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     /// NAT REDIRECT to a local port (Squid `intercept`).
@@ -162,6 +165,10 @@ pub enum Action {
     Local {
         fwmark: Option<u32>,
     },
+    /// Direct routing on the bridge: rewrite only the destination MAC to one of the rule's
+    /// realservers (chosen by a hash of source address and port) and bridge it there. Kernel
+    /// datapath only; no local-stack hop, no mark.
+    Dr,
     /// Bridge it untouched (stop looking at later rules).
     Pass,
     Drop,
@@ -181,6 +188,7 @@ impl Action {
             Action::Redirect { .. } => "redirect",
             Action::Tproxy { .. } => "tproxy",
             Action::Local { .. } => "local",
+            Action::Dr => "dr",
             Action::Pass => "pass",
             Action::Drop => "drop",
         }
@@ -247,6 +255,9 @@ pub struct DivertRule {
     pub arp_shield: bool,
     pub health: Option<Health>,
     pub on_unhealthy: OnUnhealthy,
+    /// `action = "dr"`: the realservers' MACs, in file order (bucket i of the flow hash goes
+    /// to realserver i). Empty for every other action.
+    pub realservers: Vec<[u8; 6]>,
 }
 
 impl DivertRule {
@@ -504,6 +515,7 @@ impl Validator<'_> {
                 Some(true) => {}
             }
         }
+        let realservers = self.realservers(file, r, action, proto, &dst);
         let health = r.health.as_ref().and_then(|h| self.health(file, h));
         let on_unhealthy = match &r.on_unhealthy {
             None => OnUnhealthy::Bypass,
@@ -562,6 +574,7 @@ impl Validator<'_> {
             arp_shield,
             health,
             on_unhealthy,
+            realservers,
         };
         if self.errors.len() != before {
             return None;
@@ -776,6 +789,7 @@ impl Validator<'_> {
                 port: port?,
             }),
             "local" => Some(Action::Local { fwmark }),
+            "dr" => Some(Action::Dr),
             "pass" => Some(Action::Pass),
             "drop" => Some(Action::Drop),
             other => {
@@ -784,11 +798,112 @@ impl Validator<'_> {
                     file,
                     at,
                     what,
-                    "use one of redirect, tproxy, local, pass, drop",
+                    "use one of redirect, tproxy, local, dr, pass, drop",
                 );
                 None
             }
         }
+    }
+
+    /// `realservers` of a `dr` rule (and its other needs: proto for the hash's source port,
+    /// the VIPs as dst). Refused on any other action.
+    fn realservers(
+        &mut self,
+        file: &RuleFile,
+        r: &RawDivert,
+        action: Option<Action>,
+        proto: Option<Proto>,
+        dst: &AddrMatch,
+    ) -> Vec<[u8; 6]> {
+        let is_dr = matches!(action, Some(Action::Dr));
+        let Some(list) = &r.realservers else {
+            if is_dr {
+                self.err(
+                    file,
+                    r.action.span().start,
+                    "action = \"dr\" needs realservers".into(),
+                    "add realservers = [{ mac = \"02:00:00:00:00:31\" }, ...]",
+                );
+            }
+            return Vec::new();
+        };
+        if !is_dr {
+            if action.is_some() {
+                let what = format!(
+                    "realservers only apply to action = \"dr\", not {:?}",
+                    r.action.get_ref()
+                );
+                self.err(
+                    file,
+                    list.span().start,
+                    what,
+                    "remove realservers, or use action = \"dr\"",
+                );
+            }
+            return Vec::new();
+        }
+        if list.get_ref().is_empty() {
+            self.err(
+                file,
+                list.span().start,
+                "realservers is an empty list".into(),
+                "list at least one realserver: [{ mac = \"02:00:00:00:00:31\" }]",
+            );
+        }
+        if list.get_ref().len() > MAX_REALSERVERS {
+            let what = format!(
+                "{} realservers; a dr rule takes at most {MAX_REALSERVERS}",
+                list.get_ref().len()
+            );
+            self.err(
+                file,
+                list.span().start,
+                what,
+                "split the VIPs over several rules",
+            );
+        }
+        let mut out: Vec<[u8; 6]> = Vec::new();
+        for rs in list.get_ref() {
+            let mac = &rs.get_ref().mac;
+            match parse_mac(mac.get_ref()) {
+                Some(m) if m[0] & 1 == 1 || m == [0; 6] => self.err(
+                    file,
+                    mac.span().start,
+                    format!("{:?} is not a unicast MAC address", mac.get_ref()),
+                    "give the realserver's own (unicast) interface MAC",
+                ),
+                Some(m) if out.contains(&m) => self.err(
+                    file,
+                    mac.span().start,
+                    format!("realserver {:?} is listed twice", mac.get_ref()),
+                    "list every realserver once",
+                ),
+                Some(m) => out.push(m),
+                None => self.err(
+                    file,
+                    mac.span().start,
+                    format!("{:?} is not a MAC address", mac.get_ref()),
+                    "write it as 02:00:00:00:00:31",
+                ),
+            }
+        }
+        if proto.is_none() {
+            self.err(
+                file,
+                r.action.span().start,
+                "action = \"dr\" needs proto (the flow hash uses the source port)".into(),
+                "add proto = \"tcp\" or proto = \"udp\"",
+            );
+        }
+        if !matches!(dst, AddrMatch::Only(p) if !p.is_all(Family::V4) && !p.is_all(Family::V6)) {
+            self.err(
+                file,
+                r.action.span().start,
+                "action = \"dr\" needs the VIPs as dst addresses".into(),
+                "add dst = [\"<VIP>\"]",
+            );
+        }
+        out
     }
 
     fn health(&mut self, file: &RuleFile, h: &Spanned<rules::RawHealth>) -> Option<Health> {

@@ -111,6 +111,15 @@ pub struct RawDivert {
     pub arp_shield: Option<Spanned<bool>>,
     pub health: Option<Spanned<RawHealth>>,
     pub on_unhealthy: Option<Spanned<String>>,
+    /// `action = "dr"`: the realservers to forward to
+    pub realservers: Option<Spanned<Vec<Spanned<RawRealserver>>>>,
+}
+
+/// One realserver of a `dr` rule: `{ mac = "02:00:00:00:00:31" }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRealserver {
+    pub mac: Spanned<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -88,3 +88,31 @@ fn redirect_without_bridge_address_of_its_family_warns() {
     );
     assert!(!err.contains("redirects IPv4"), "{err}");
 }
+
+/// `action = "dr"` is kernel datapath only: `check` refuses it with the userspace datapath,
+/// naming the rule's position.
+#[test]
+fn dr_refused_with_userspace_datapath() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/lvs-dr-on-bridge.toml");
+    let settings = dir.path().join("brdivert.toml");
+    std::fs::write(
+        &settings,
+        format!(
+            "rules = [{:?}]\n[bridge]\nname = \"brx0\"\nports = [\"eth0\", \"eth1\"]\ndatapath = \"userspace\"\n",
+            rules.display().to_string()
+        ),
+    )
+    .expect("write settings");
+    let out = Command::new(env!("CARGO_BIN_EXE_brdivert"))
+        .args(["check", "-c"])
+        .arg(&settings)
+        .output()
+        .expect("run brdivert");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("lvs-dr-on-bridge.toml:11:1: error:") && err.contains("kernel datapath only"),
+        "{err}"
+    );
+}

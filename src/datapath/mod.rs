@@ -52,6 +52,10 @@ use tap::Tap;
 pub enum DatapathError {
     #[error("bridge.datapath is not \"userspace\"; the kernel datapath is set up by `apply`")]
     NotUserspace,
+    #[error(
+        "rule {rule:?}: action = \"dr\" is kernel datapath only for now (set bridge.datapath = \"kernel\")"
+    )]
+    KernelOnly { rule: String },
     #[error("port {port:?}: {source}")]
     Port { port: String, source: io::Error },
     #[error("local port (TAP) {name:?}: {source}")]
@@ -207,6 +211,12 @@ impl Datapath {
     ) -> Result<Datapath, DatapathError> {
         if settings.bridge.datapath != DatapathKind::Userspace {
             return Err(DatapathError::NotUserspace);
+        }
+        // the Rust classifier has no dr forwarding yet: refuse rather than divert those flows
+        if let Some(r) = policy.rules.iter().find(|r| r.action == Action::Dr) {
+            return Err(DatapathError::KernelOnly {
+                rule: r.name.clone(),
+            });
         }
         let mut ports = Vec::new();
         let mut names = Vec::new();

@@ -400,3 +400,35 @@ arp_shield = true
     let mut f = nd(136, "fd77::2");
     assert_ne!(run(&p, &mut flows, &mut f, "p1"), Verdict::Skip);
 }
+
+/// `action = "dr"` is kernel datapath only: the userspace datapath refuses to start with it
+/// (before opening any port) instead of diverting those flows to the local stack.
+#[test]
+fn userspace_refuses_dr() {
+    use crate::settings::{BridgeSettings, Datapath as Kind, Settings};
+    let p = policy(
+        "[[divert]]\nname = \"vip\"\nproto = \"tcp\"\ndst = \"10.0.0.80\"\naction = \"dr\"\n\
+         realservers = [{ mac = \"02:00:00:00:00:31\" }]\n",
+    );
+    let settings = Settings {
+        rules: Vec::new(),
+        bridge: BridgeSettings {
+            name: "no-such-tap".into(),
+            ports: vec!["no-such-port".into()],
+            datapath: Kind::Userspace,
+            address: Vec::new(),
+        },
+        queue: Default::default(),
+        control: Default::default(),
+        metrics: Default::default(),
+        daemon: Default::default(),
+        kernel: Default::default(),
+        base_dir: std::path::PathBuf::new(),
+        path: std::path::PathBuf::new(),
+    };
+    match Datapath::start(&settings, std::sync::Arc::new(p)) {
+        Err(DatapathError::KernelOnly { rule }) => assert_eq!(rule, "vip"),
+        Err(e) => panic!("wrong refusal: {e}"),
+        Ok(_) => panic!("the userspace datapath started with a dr rule"),
+    }
+}

@@ -305,6 +305,10 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
             if r.health.is_some() && r.action.diverts() {
                 chain.extend(health_rules(r, target, &matches));
             }
+            if r.action == Action::Dr {
+                chain.extend(dr_rules(r, fam, &matches));
+                continue;
+            }
             chain.push(Rule {
                 matches,
                 stmts: action_stmts(r, target, fam),
@@ -552,7 +556,7 @@ pub fn local_stack_table(policy: &Policy, target: &Target) -> Table {
                     });
                 }
             }
-            Action::Local { .. } | Action::Pass | Action::Drop => {}
+            Action::Local { .. } | Action::Dr | Action::Pass | Action::Drop => {}
         }
     }
     t.chains.push(Chain {
@@ -576,6 +580,40 @@ pub fn local_stack_table(policy: &Policy, target: &Target) -> Table {
     t
 }
 
+/// Seed of the `dr` flow hash. Fixed, so a reload (or a restart) sends every connection to
+/// the same realserver as before as long as the realserver list is unchanged.
+pub const DR_HASH_SEED: u32 = 0x6272_6476; // "brdv"
+
+/// `action = "dr"`: one rule per realserver, `<vip match> jhash ip saddr . th sport mod N
+/// seed S == i` → `ether daddr set <realserver i> accept`. Only the destination MAC changes;
+/// the bridge then forwards the frame to that realserver's port (no pkttype change, no
+/// local-stack hop). Every packet of a connection has the same source address and port, so
+/// the hash keeps it on one realserver without a pin map while the list is unchanged.
+fn dr_rules(r: &DivertRule, family: IpFamily, matches: &[Match]) -> Vec<Rule> {
+    let n = r.realservers.len() as u32;
+    r.realservers
+        .iter()
+        .enumerate()
+        .map(|(i, mac)| {
+            let mut m = matches.to_vec();
+            m.push(Match::Jhash {
+                key: FlowKey {
+                    family,
+                    fields: vec![KeyField::Saddr, KeyField::Sport],
+                },
+                modulus: n,
+                seed: DR_HASH_SEED,
+                value: i as u32,
+            });
+            Rule {
+                matches: m,
+                stmts: vec![Stmt::Counter, Stmt::EtherDaddrSet(*mac), Stmt::Accept],
+                comment: Some(r.name.clone()),
+            }
+        })
+        .collect()
+}
+
 /// What the bridge does with a frame the rule's main match takes. A divert also pins the flow
 /// (and, for tproxy, the way back from the server).
 fn action_stmts(r: &DivertRule, target: &Target, family: IpFamily) -> Vec<Stmt> {
@@ -583,6 +621,8 @@ fn action_stmts(r: &DivertRule, target: &Target, family: IpFamily) -> Vec<Stmt> 
     match r.action {
         Action::Pass => s.push(Stmt::Accept),
         Action::Drop => s.push(Stmt::Drop),
+        // built by `dr_rules` instead; bridging untouched is the safe reading
+        Action::Dr => s.push(Stmt::Accept),
         Action::Redirect { .. } | Action::Tproxy { .. } | Action::Local { .. } => {
             match r.action {
                 Action::Local { fwmark: Some(m) } => s.push(Stmt::MarkSet(m)),

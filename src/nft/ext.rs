@@ -217,6 +217,19 @@ pub fn dynset_update(set: &str, sreg_key: u32, sreg_data: u32) -> RawExpr {
         .str(sys::NFTNL_EXPR_DYNSET_SET_NAME, set)
 }
 
+/// `[ hash reg 1 = jhash(reg 1, LEN, SEED) % mod MODULUS ]`: hash the LEN bytes loaded from
+/// reg 1 on (a padded concatenation) and put the result in reg 1.
+pub fn jhash_reg1(len: u32, modulus: u32, seed: u32) -> RawExpr {
+    RawExpr::new(c"hash")
+        .u32(sys::NFTNL_EXPR_HASH_SREG, NFT_REG_1)
+        .u32(sys::NFTNL_EXPR_HASH_DREG, NFT_REG_1)
+        .u32(sys::NFTNL_EXPR_HASH_LEN, len)
+        .u32(sys::NFTNL_EXPR_HASH_MODULUS, modulus)
+        .u32(sys::NFTNL_EXPR_HASH_SEED, seed)
+        .u32(sys::NFTNL_EXPR_HASH_OFFSET, 0)
+        .u32(sys::NFTNL_EXPR_HASH_TYPE, 0) // NFT_HASH_JENKINS
+}
+
 /// `[ cmp eq reg 1 DATA ]`
 pub fn cmp_eq(data: &[u8]) -> RawExpr {
     RawExpr::new(c"cmp")

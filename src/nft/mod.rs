@@ -261,6 +261,15 @@ pub enum Match {
     /// Neighbour Discovery message about `target` (the ND target address, 8 bytes into the
     /// ICMPv6 header; nft 1.0.6 has no name for it). Bridge family; implies `ether type ip6`.
     NdTarget { advert: bool, target: Ipv6Addr },
+    /// `jhash ip saddr . th sport mod N seed 0xS V`: the Jenkins hash of the key fields, modulo
+    /// `modulus`, equals `value`. Needs an address match of the key's family before it in the
+    /// rule (that match carries nft's `ether type` dependency).
+    Jhash {
+        key: FlowKey,
+        modulus: u32,
+        seed: u32,
+        value: u32,
+    },
 }
 
 /// One statement (action). Verdicts come last.

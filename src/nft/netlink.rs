@@ -731,6 +731,27 @@ pub fn lower_rule(family: Family, r: &Rule) -> Result<Vec<RawExpr>, ApplyError> 
                 v.push(ext::payload_load(ext::NFT_PAYLOAD_TRANSPORT_HEADER, 8, 16));
                 v.push(ext::cmp_eq(&target.octets()));
             }
+            Match::Jhash {
+                key,
+                modulus,
+                seed,
+                value,
+            } => {
+                if l3 != Some(key.family) {
+                    return Err(ApplyError::Invalid(
+                        "jhash needs an address match of its family before it".into(),
+                    ));
+                }
+                if *modulus == 0 || value >= modulus {
+                    return Err(ApplyError::Invalid(format!(
+                        "jhash value {value} outside mod {modulus}"
+                    )));
+                }
+                // the key's padded concatenation from reg 1 on; the hash overwrites reg 1
+                let words = load_key(key, &mut v);
+                v.push(ext::jhash_reg1(words * 4, *modulus, *seed));
+                v.push(ext::cmp_eq(&value.to_ne_bytes()));
+            }
         }
     }
     for s in &r.stmts {

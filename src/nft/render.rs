@@ -401,6 +401,15 @@ pub fn match_text(m: &Match) -> String {
             if *advert { "advert" } else { "solicit" },
             u128::from(*target)
         ),
+        Match::Jhash {
+            key,
+            modulus,
+            seed,
+            value,
+        } => format!(
+            "jhash {} mod {modulus} seed 0x{seed:x} {value}",
+            flow_key_text(key)
+        ),
     }
 }
 

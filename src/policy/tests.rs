@@ -503,3 +503,128 @@ fn arp_shield_needs_vips() {
         assert!(e.contains(what), "{e}");
     }
 }
+
+fn dr(extra: &str) -> String {
+    format!(
+        "[[divert]]\nname = \"vip\"\nproto = \"tcp\"\ndport = 80\ndst = \"10.0.0.80\"\naction = \"dr\"\n{extra}"
+    )
+}
+
+#[test]
+fn dr_with_realservers() {
+    let p = build(&dr(
+        "realservers = [{ mac = \"02:00:00:00:00:31\" }, { mac = \"02-00-00-00-00-32\" }]\n",
+    ))
+    .unwrap();
+    let r = &p.rules[0];
+    assert_eq!(r.action, Action::Dr);
+    assert_eq!(
+        r.realservers,
+        vec![[2, 0, 0, 0, 0, 0x31], [2, 0, 0, 0, 0, 0x32]]
+    );
+    // not a divert: no tag, no mark bits
+    assert_eq!(r.tag, 0);
+    assert!(!r.action.diverts());
+    assert_eq!(r.families(), vec![Family::V4]);
+}
+
+#[test]
+fn dr_needs_realservers() {
+    let e = error(&dr(""));
+    assert!(e.starts_with("r.toml:6:10: error:"), "{e}");
+    assert!(e.contains("needs realservers"), "{e}");
+}
+
+#[test]
+fn dr_realservers_empty() {
+    let e = error(&dr("realservers = []\n"));
+    assert!(e.starts_with("r.toml:7:15: error:"), "{e}");
+    assert!(e.contains("empty list"), "{e}");
+}
+
+#[test]
+fn dr_realserver_bad_mac() {
+    let e = error(&dr(
+        "realservers = [{ mac = \"02:00:00:00:00:31\" }, { mac = \"nope\" }]\n",
+    ));
+    assert!(e.starts_with("r.toml:7:55: error:"), "{e}");
+    assert!(e.contains("\"nope\" is not a MAC address"), "{e}");
+}
+
+#[test]
+fn dr_realserver_multicast_mac() {
+    let e = error(&dr("realservers = [{ mac = \"01:00:5e:00:00:01\" }]\n"));
+    assert!(e.starts_with("r.toml:7:24: error:"), "{e}");
+    assert!(e.contains("not a unicast MAC"), "{e}");
+}
+
+#[test]
+fn dr_realserver_twice() {
+    let e = error(&dr(
+        "realservers = [{ mac = \"02:00:00:00:00:31\" }, { mac = \"02:00:00:00:00:31\" }]\n",
+    ));
+    assert!(e.starts_with("r.toml:7:55: error:"), "{e}");
+    assert!(e.contains("listed twice"), "{e}");
+}
+
+#[test]
+fn dr_realserver_unknown_key() {
+    let f = rules::parse(
+        Path::new("r.toml"),
+        dr("realservers = [{ mac = \"02:00:00:00:00:31\", ip = \"10.0.0.31\" }]\n"),
+    );
+    let e = f.expect_err("unknown key").to_string();
+    assert!(e.contains("r.toml:7:"), "{e}");
+    assert!(e.contains("ip"), "{e}");
+}
+
+#[test]
+fn dr_too_many_realservers() {
+    let list: Vec<String> = (0..=MAX_REALSERVERS)
+        .map(|i| {
+            format!(
+                "{{ mac = \"02:00:00:00:{:02x}:{:02x}\" }}",
+                i / 256,
+                i % 256
+            )
+        })
+        .collect();
+    let e = error(&dr(&format!("realservers = [{}]\n", list.join(", "))));
+    assert!(e.starts_with("r.toml:7:15: error:"), "{e}");
+    assert!(e.contains("at most"), "{e}");
+}
+
+#[test]
+fn dr_needs_proto_and_vips() {
+    let e = error(
+        "[[divert]]\nname = \"vip\"\ndst = \"10.0.0.80\"\naction = \"dr\"\n\
+         realservers = [{ mac = \"02:00:00:00:00:31\" }]\n",
+    );
+    assert!(e.starts_with("r.toml:4:10: error:"), "{e}");
+    assert!(e.contains("needs proto"), "{e}");
+    let e = error(
+        "[[divert]]\nname = \"vip\"\nproto = \"tcp\"\naction = \"dr\"\n\
+         realservers = [{ mac = \"02:00:00:00:00:31\" }]\n",
+    );
+    assert!(e.starts_with("r.toml:4:10: error:"), "{e}");
+    assert!(e.contains("VIPs as dst"), "{e}");
+}
+
+#[test]
+fn realservers_only_on_dr() {
+    let e = error(&rule("realservers = [{ mac = \"02:00:00:00:00:31\" }]\n"));
+    assert!(e.starts_with("r.toml:7:15: error:"), "{e}");
+    assert!(e.contains("only apply to action = \"dr\""), "{e}");
+}
+
+#[test]
+fn dr_refuses_health_and_queue() {
+    let e = error(&dr(
+        "realservers = [{ mac = \"02:00:00:00:00:31\" }]\nhealth = { connect = \"10.0.0.31:80\" }\n",
+    ));
+    assert!(e.contains("health checks need a diverting action"), "{e}");
+    let e = error(&dr(
+        "realservers = [{ mac = \"02:00:00:00:00:31\" }]\ndecide = \"queue\"\n",
+    ));
+    assert!(e.contains("needs a diverting action"), "{e}");
+}
