@@ -22,15 +22,8 @@ use brdivert::lab::{
 const BIN: &str = env!("CARGO_BIN_EXE_brdivert");
 const METRICS_PORT: u16 = 9477;
 
-const RULES_WEB: &str = r#"[[divert]]
-name   = "web"
-from   = ["port-c1", "port-c2"]
-proto  = "tcp"
-dport  = [80]
-except_src = ["10.77.0.3", "fd77::3"]
-action = "redirect"
-port   = 3129
-"#;
+/// tcp/80 from the clients to Squid intercept, c2 exempt (shared with the other lab suites).
+const RULES_WEB: &str = brdivert::lab::RULES_WEB_EXEMPT_C2;
 
 /// Two valid rule sets that both divert tcp/80 and tcp/8000 (the long transfer) and differ
 /// elsewhere.

@@ -340,15 +340,8 @@ fn check_l2_bridged(lab: &Lab) {
 // ---------------------------------------------------------------------------------------
 // rule files for the brdivert suite (design.md `## Rule files`)
 
-const RULES_WEB: &str = r#"[[divert]]
-name   = "web"
-from   = ["port-c1", "port-c2"]
-proto  = "tcp"
-dport  = [80]
-except_src = ["10.77.0.3", "fd77::3"]
-action = "redirect"
-port   = 3129
-"#;
+/// tcp/80 from the clients to Squid intercept, c2 exempt (shared with the other lab suites).
+const RULES_WEB: &str = brdivert::lab::RULES_WEB_EXEMPT_C2;
 
 const RULES_TPROXY: &str = r#"[[divert]]
 name    = "tp"
@@ -929,21 +922,8 @@ fn kernel_arp_shield_router_resolves_vip_to_director() {
         "router reaches c2"
     );
     // and the shield rule is what answered: its counter saw every request
-    let chain = lab
-        .exec_ok(
-            Ns::Br,
-            &["nft", "list", "chain", "bridge", "brdivert", "prerouting"],
-        )
-        .expect("nft list chain");
-    let packets = |what: &str| {
-        chain
-            .lines()
-            .find(|l| l.contains(what))
-            .and_then(|l| l.split("packets ").nth(1))
-            .and_then(|t| t.split_whitespace().next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let chain = prerouting_listing(&lab);
+    let packets = |what: &str| rule_packets(&chain, what);
     assert!(packets("arp operation request arp daddr") >= 10, "{chain}");
     assert!(packets("arp saddr ip set 0.0.0.0") >= 1, "{chain}");
     assert!(packets("arp daddr ip @vip_dst4 counter") >= 3, "{chain}");
@@ -1064,21 +1044,28 @@ fn kernel_nd_shield_router_resolves_vip6_to_director() {
         lab.ping(Ns::Up, C2_V6).unwrap_or(false),
         "router reaches c2"
     );
-    let chain = lab
-        .exec_ok(
-            Ns::Br,
-            &["nft", "list", "chain", "bridge", "brdivert", "prerouting"],
-        )
-        .expect("nft list chain");
-    let packets = |what: &str| {
-        chain
-            .lines()
-            .find(|l| l.contains(what))
-            .and_then(|l| l.split("packets ").nth(1))
-            .and_then(|t| t.split_whitespace().next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let chain = prerouting_listing(&lab);
+    let packets = |what: &str| rule_packets(&chain, what);
     assert!(packets("nd-neighbor-solicit") >= 5, "{chain}");
     assert!(packets("nd-neighbor-advert") >= 3, "{chain}");
+}
+
+/// `nft list chain bridge brdivert prerouting` in the lab's bridge namespace.
+fn prerouting_listing(lab: &Lab) -> String {
+    lab.exec_ok(
+        Ns::Br,
+        &["nft", "list", "chain", "bridge", "brdivert", "prerouting"],
+    )
+    .expect("nft list chain")
+}
+
+/// The packet counter of the first rule of `listing` whose text contains `what` (0 if none).
+fn rule_packets(listing: &str, what: &str) -> u64 {
+    listing
+        .lines()
+        .find(|l| l.contains(what))
+        .and_then(|l| l.split("packets ").nth(1))
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0)
 }

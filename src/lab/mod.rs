@@ -909,6 +909,18 @@ action = "redirect"
 port   = 3129
 "#;
 
+/// Rules the test suites share: tcp/80 from the clients to Squid intercept, with the second
+/// client (c2) exempt over IPv4 and IPv6.
+pub const RULES_WEB_EXEMPT_C2: &str = r#"[[divert]]
+name   = "web"
+from   = ["port-c1", "port-c2"]
+proto  = "tcp"
+dport  = [80]
+except_src = ["10.77.0.3", "fd77::3"]
+action = "redirect"
+port   = 3129
+"#;
+
 fn show_output(out: &Output) {
     for s in [&out.stdout, &out.stderr] {
         let t = String::from_utf8_lossy(s);
