@@ -103,7 +103,7 @@ pub fn ruleset(settings: &Settings, policy: &Policy, tap_mac: [u8; 6]) -> Rulese
 }
 
 /// Install (or replace, on reload) the local-stack side of userspace mode: TPROXY policy
-/// routing when the policy uses TPROXY (removed when it does not), then the inet table in one
+/// routing when the policy uses TPROXY (kept on later reloads), then the inet table in one
 /// transaction. Blocking (not from inside tokio); `state_dir` as `link` uses it.
 pub fn install_at_blocking(
     settings: &Settings,
@@ -112,6 +112,9 @@ pub fn install_at_blocking(
     state_dir: &Path,
 ) -> anyhow::Result<()> {
     let t = target(settings, tap_mac);
+    // As in the kernel datapath (`ops::install`): a policy without TPROXY keeps the routing,
+    // since flows the datapath's flow table holds on an earlier TPROXY rule still need it;
+    // `remove_at_blocking` takes it away.
     if policy.uses_tproxy() {
         link::setup_tproxy_routing_at_blocking(
             &settings.kernel,
@@ -119,8 +122,6 @@ pub fn install_at_blocking(
             t.mark_mask,
             state_dir,
         )?;
-    } else {
-        link::teardown_tproxy_routing_at_blocking(&settings.kernel, state_dir)?;
     }
     netlink::apply(&ruleset(settings, policy, tap_mac))?;
     Ok(())
