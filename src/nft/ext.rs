@@ -451,6 +451,17 @@ impl NamedSet {
         }
     }
 
+    /// Tells the kernel how many elements the set will hold (`NFTA_SET_DESC_SIZE`), so a
+    /// hash set is created at its final size instead of growing (and rehashing) while a
+    /// large batch fills it. The kernel also takes it as the set's element limit: only for
+    /// sets that are created whole in one transaction and never grow afterwards.
+    pub fn set_size(&mut self, size: u32) {
+        // SAFETY: `self.set` is live and owned by us.
+        unsafe {
+            sys::nftnl_set_set_u32(self.set.as_ptr(), sys::NFTNL_SET_DESC_SIZE as u16, size);
+        }
+    }
+
     /// Adds only the elements (no NEWSET) to `batch`: NEWSETELEM (create, no error when
     /// present) or DELSETELEM. Returns how many messages were added.
     pub fn elems_to(&self, batch: &mut nftnl::Batch, delete: bool) -> usize {

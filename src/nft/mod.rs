@@ -148,6 +148,24 @@ pub struct Set {
     pub keep: bool,
 }
 
+impl Set {
+    /// The size the set is created with (`size N` in `nft list`): a dynamic set's limit, or
+    /// for a plain hash set, its element count, so the kernel builds the hash at its final
+    /// size instead of growing (and rehashing) it while one batch fills it (a quarter of the
+    /// apply time of 10k VIPs otherwise). The kernel also takes it as the element limit,
+    /// which is right only for sets every apply recreates whole (not `keep`) and nothing
+    /// adds to afterwards. Interval sets are left alone.
+    pub fn size(&self) -> Option<u32> {
+        match &self.dynamic {
+            Some(d) => Some(d.size),
+            None if !self.interval && !self.keep && !self.elements.is_empty() => {
+                Some(u32::try_from(self.elements.len()).unwrap_or(u32::MAX))
+            }
+            None => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
     Prerouting,

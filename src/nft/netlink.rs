@@ -448,6 +448,8 @@ fn build_set(t: &Table, s: &Set, id: u32) -> Result<ext::NamedSet, ApplyError> {
         // data: `mark` (type 19), 4 bytes
         let data = d.map.then_some((19, 4));
         ns.set_dynamic(data, d.size, d.timeout_s.saturating_mul(1000));
+    } else if let Some(size) = s.size() {
+        ns.set_size(size);
     }
     for e in set_elements(s)? {
         ns.add(&e);

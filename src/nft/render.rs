@@ -14,8 +14,9 @@
 //! - `meta l4proto tcp` is folded into a later `tcp …` port match (nft takes it as that
 //!   match's dependency and does not print it); likewise `meta protocol ip` right before a
 //!   flow-key map lookup/update that starts with `ip …` (the `pinned` rules);
-//! - dynamic maps list as `map NAME { type A . B : mark; size N; flags dynamic,timeout;
-//!   timeout 3h }` (one per line, in that order);
+//! - sets list `size N` when created with one (see [`Set::size`]); dynamic maps as
+//!   `map NAME { type A . B : mark; size N; flags dynamic,timeout; timeout 3h }` (one per
+//!   line, in that order);
 //! - set elements: sorted as nft sorts them, wrapped 2 per line for ipv4_addr, 5 for
 //!   inet_service, 1 otherwise.
 use std::fmt::Write as _;
@@ -67,8 +68,10 @@ fn render_set(s: &Set, out: &mut String) {
     let _ = writeln!(out, "\t{} {} {{", if map { "map" } else { "set" }, s.name);
     let data = if map { " : mark" } else { "" };
     let _ = writeln!(out, "\t\ttype {}{data}", set_type_name(s.kind));
+    if let Some(size) = s.size() {
+        let _ = writeln!(out, "\t\tsize {size}");
+    }
     if let Some(d) = &s.dynamic {
-        let _ = writeln!(out, "\t\tsize {}", d.size);
         out.push_str("\t\tflags dynamic,timeout\n");
         let _ = writeln!(out, "\t\ttimeout {}", duration_text(d.timeout_s));
     }
@@ -814,7 +817,7 @@ mod tests {
         render_set(&s, &mut out);
         assert_eq!(
             out,
-            "\tset i {\n\t\ttype ifname\n\t\telements = { \"b1\",\n\t\t\t     \"a2\",\n\t\t\t     \"zz\",\n\t\t\t     \"eth1\",\n\t\t\t     \"eth2\",\n\t\t\t     \"eth10\",\n\t\t\t     \"veth0\" }\n\t}\n"
+            "\tset i {\n\t\ttype ifname\n\t\tsize 7\n\t\telements = { \"b1\",\n\t\t\t     \"a2\",\n\t\t\t     \"zz\",\n\t\t\t     \"eth1\",\n\t\t\t     \"eth2\",\n\t\t\t     \"eth10\",\n\t\t\t     \"veth0\" }\n\t}\n"
         );
         let s = Set {
             name: "q".into(),
