@@ -138,6 +138,7 @@ fn target(settings: &Settings, mac: Option<[u8; 6]>) -> Target {
     Target {
         bridge_mac: mac.unwrap_or([0; 6]),
         mark_mask: settings.kernel.mark_mask,
+        ..Default::default()
     }
 }
 
