@@ -3,7 +3,10 @@
 //! Order matters for safety: settings and every rule file are validated before anything in
 //! the kernel changes, so a refused file leaves the running rules in place.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::time::Duration;
 
 use crate::diag::Refused;
 use crate::link;
@@ -138,6 +141,7 @@ fn target(settings: &Settings, mac: Option<[u8; 6]>) -> Target {
     Target {
         bridge_mac: mac.unwrap_or([0; 6]),
         mark_mask: settings.kernel.mark_mask,
+        ..Default::default()
     }
 }
 
@@ -230,14 +234,31 @@ pub fn render_text(settings_path: &std::path::Path) -> Result<String, Failure> {
             settings.bridge.name
         );
     }
-    out.push_str(&render::render(&ruleset_for(&settings, &policy, mac)));
+    // dr realservers given by address: what the neighbour table knows now (no probing)
+    let mut t = target(&settings, mac);
+    let wanted = dr_addresses(&policy);
+    if !wanted.is_empty() {
+        t.neighbours = block_on(async {
+            link::neigh::resolve(&settings.bridge.name, &wanted, Duration::ZERO)
+                .await
+                .map_err(|e| Failure::Runtime(e.into()))
+        })
+        .unwrap_or_default();
+        for a in wanted.iter().filter(|a| !t.neighbours.contains_key(a)) {
+            let _ = writeln!(
+                out,
+                "# dr realserver {a}: no neighbour entry yet, so no buckets here; apply probes it first"
+            );
+        }
+    }
+    out.push_str(&render::render(&ruleset_with(&settings, &policy, &t)));
     Ok(out)
 }
 
-fn ruleset_for(settings: &Settings, policy: &Policy, mac: Option<[u8; 6]>) -> Ruleset {
-    let t = target(settings, mac);
+fn ruleset_with(settings: &Settings, policy: &Policy, t: &Target) -> Ruleset {
+    let mac = Some(t.bridge_mac).filter(|m| *m != [0; 6]);
     match settings.bridge.datapath {
-        Datapath::Kernel => compile::compile(policy, &t),
+        Datapath::Kernel => compile::compile(policy, t),
         // What the daemon installs for its TAP local port (tag MACs -> marks); the TAP's
         // MAC is only known once it exists.
         Datapath::Userspace => {
@@ -253,6 +274,25 @@ pub struct Installed {
     /// The bridge was created (not found).
     pub created: bool,
     pub mac: [u8; 6],
+    /// MACs learned for `dr` realservers given by address.
+    pub neighbours: BTreeMap<IpAddr, [u8; 6]>,
+}
+
+/// How long `install` waits for the neighbour table to learn `dr` realservers it probed.
+pub const NEIGHBOUR_WAIT: Duration = Duration::from_secs(2);
+
+/// The addresses of `dr` realservers whose MAC is not in the rule file.
+pub fn dr_addresses(policy: &Policy) -> Vec<IpAddr> {
+    let mut v: Vec<IpAddr> = policy
+        .rules
+        .iter()
+        .flat_map(|r| &r.realservers)
+        .filter(|rs| rs.mac.is_none())
+        .filter_map(|rs| rs.address)
+        .collect();
+    v.sort();
+    v.dedup();
+    v
 }
 
 /// Refuse what the kernel-datapath install cannot do (before anything changes).
@@ -273,9 +313,32 @@ pub fn check_installable(settings: &Settings) -> Result<(), Refused> {
 /// then every brdivert table replaced in one netlink transaction. Idempotent. The netlink
 /// transaction is blocking and runs on tokio's blocking pool.
 pub async fn install(settings: &Settings, policy: &Policy) -> Result<Installed, Failure> {
+    install_with(settings, policy, &BTreeSet::new()).await
+}
+
+/// [`install`], with the `dr` realservers whose health checks say down (their keys, see
+/// [`compile::dr_check_key`]) kept out of the bucket maps from the first packet.
+pub async fn install_with(
+    settings: &Settings,
+    policy: &Policy,
+    dr_down: &BTreeSet<String>,
+) -> Result<Installed, Failure> {
     check_installable(settings)?;
     let info = link::setup(settings).await.map_err(anyhow::Error::from)?;
-    let t = target(settings, Some(info.mac));
+    let mut t = target(settings, Some(info.mac));
+    let wanted = dr_addresses(policy);
+    t.neighbours = link::neigh::resolve(&settings.bridge.name, &wanted, NEIGHBOUR_WAIT)
+        .await
+        .map_err(anyhow::Error::from)?;
+    for a in wanted.iter().filter(|a| !t.neighbours.contains_key(a)) {
+        tracing::warn!(
+            realserver = %a,
+            "dr: no neighbour entry for realserver {a} on {} after probing; it gets no new flows until it resolves (check it is up on the segment and bridge.address covers its subnet, or give its mac)",
+            settings.bridge.name
+        );
+    }
+    t.dr_down = dr_down.clone();
+    let neighbours = t.neighbours.clone();
     // Routing before rules, so the first TPROXY'd packet already has its local route. A
     // policy without TPROXY keeps it: flows pinned to an earlier TPROXY rule still need it
     // (the tproxy mark is the whole mask, the same for every policy); `flush` removes it.
@@ -284,7 +347,7 @@ pub async fn install(settings: &Settings, policy: &Policy) -> Result<Installed, 
             .await
             .map_err(anyhow::Error::from)?;
     }
-    let rs = ruleset_for(settings, policy, Some(info.mac));
+    let rs = ruleset_with(settings, policy, &t);
     tokio::task::spawn_blocking(move || netlink::apply(&rs))
         .await
         .map_err(anyhow::Error::from)?
@@ -293,6 +356,7 @@ pub async fn install(settings: &Settings, policy: &Policy) -> Result<Installed, 
         rules: policy.rules.len(),
         created: info.created,
         mac: info.mac,
+        neighbours,
     })
 }
 
@@ -342,6 +406,28 @@ pub fn flush(settings_path: &std::path::Path) -> Result<String, Failure> {
         "flushed brdivert's tables and links for bridge {}",
         settings.bridge.name
     ))
+}
+
+/// A `dr` realserver's health changed (or its MAC was learned again): rewrite the rule's
+/// bucket map for the realservers now usable, in one transaction
+/// ([`netlink::replace_map_elements`]). Pinned flows keep their realserver.
+pub fn dr_flip(
+    settings: &Settings,
+    policy: &Policy,
+    rule: &str,
+    neighbours: &BTreeMap<IpAddr, [u8; 6]>,
+    dr_down: &BTreeSet<String>,
+) -> Result<(), Failure> {
+    let r = policy
+        .rules
+        .iter()
+        .find(|r| r.name == rule && r.action == Action::Dr)
+        .ok_or_else(|| Failure::Runtime(anyhow::anyhow!("no dr rule {rule:?} in the policy")))?;
+    let mut t = target(settings, None);
+    t.neighbours = neighbours.clone();
+    t.dr_down = dr_down.clone();
+    netlink::replace_map_elements(&compile::dr_buckets(r, &t)).map_err(anyhow::Error::from)?;
+    Ok(())
 }
 
 /// The `down`-set element of the health-checked rule `name` (its tag as a mark value), for

@@ -145,8 +145,36 @@ impl AddrMatch {
     }
 }
 
-/// The most realservers one `dr` rule may list (one kernel rule per realserver and family).
+/// The most realservers one `dr` rule may list.
 pub const MAX_REALSERVERS: usize = 64;
+
+/// One realserver of a `dr` rule: its MAC on the bridge segment, given in the file or learned
+/// from the bridge host's neighbour table for `address`; optionally health-checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Realserver {
+    pub mac: Option<[u8; 6]>,
+    pub address: Option<IpAddr>,
+    pub health: Option<Health>,
+}
+
+impl Realserver {
+    /// How messages name it: its address when it has one, else its MAC.
+    pub fn describe(&self) -> String {
+        match (self.address, self.mac) {
+            (Some(a), _) => a.to_string(),
+            (None, Some(m)) => mac_text(&m),
+            (None, None) => "?".into(),
+        }
+    }
+}
+
+/// `02:00:00:00:00:31`
+pub fn mac_text(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -255,9 +283,9 @@ pub struct DivertRule {
     pub arp_shield: bool,
     pub health: Option<Health>,
     pub on_unhealthy: OnUnhealthy,
-    /// `action = "dr"`: the realservers' MACs, in file order (bucket i of the flow hash goes
-    /// to realserver i). Empty for every other action.
-    pub realservers: Vec<[u8; 6]>,
+    /// `action = "dr"`: the realservers, in file order (the flow-hash buckets are dealt out
+    /// in this order, see `nft::compile::dr_buckets`). Empty for every other action.
+    pub realservers: Vec<Realserver>,
 }
 
 impl DivertRule {
@@ -515,8 +543,8 @@ impl Validator<'_> {
                 Some(true) => {}
             }
         }
-        let realservers = self.realservers(file, r, action, proto, &dst);
-        let health = r.health.as_ref().and_then(|h| self.health(file, h));
+        let realservers = self.realservers(file, r, action, proto, &dst, &dport);
+        let health = r.health.as_ref().and_then(|h| self.health(file, h, None));
         let on_unhealthy = match &r.on_unhealthy {
             None => OnUnhealthy::Bypass,
             Some(o) => match o.get_ref().as_str() {
@@ -537,7 +565,14 @@ impl Validator<'_> {
                 "add health = { connect = \"ADDR:PORT\" } or remove on_unhealthy",
             );
         }
-        if let (Some(h), Some(act)) = (&r.health, action)
+        if let (Some(h), Some(Action::Dr)) = (&r.health, action) {
+            self.err(
+                file,
+                h.span().start,
+                "a dr rule checks each realserver, not the rule".into(),
+                "move health into the realservers: { address = \"10.0.0.31\", health = { connect = \"10.0.0.31:80\" } }",
+            );
+        } else if let (Some(h), Some(act)) = (&r.health, action)
             && !act.diverts()
         {
             let what = format!(
@@ -814,7 +849,8 @@ impl Validator<'_> {
         action: Option<Action>,
         proto: Option<Proto>,
         dst: &AddrMatch,
-    ) -> Vec<[u8; 6]> {
+        dport: &[PortRange],
+    ) -> Vec<Realserver> {
         let is_dr = matches!(action, Some(Action::Dr));
         let Some(list) = &r.realservers else {
             if is_dr {
@@ -862,29 +898,98 @@ impl Validator<'_> {
                 "split the VIPs over several rules",
             );
         }
-        let mut out: Vec<[u8; 6]> = Vec::new();
+        let mut out: Vec<Realserver> = Vec::new();
         for rs in list.get_ref() {
-            let mac = &rs.get_ref().mac;
-            match parse_mac(mac.get_ref()) {
-                Some(m) if m[0] & 1 == 1 || m == [0; 6] => self.err(
+            let raw = rs.get_ref();
+            let before = self.errors.len();
+            let mac = raw
+                .mac
+                .as_ref()
+                .and_then(|mac| match parse_mac(mac.get_ref()) {
+                    Some(m) if m[0] & 1 == 1 || m == [0; 6] => {
+                        self.err(
+                            file,
+                            mac.span().start,
+                            format!("{:?} is not a unicast MAC address", mac.get_ref()),
+                            "give the realserver's own (unicast) interface MAC",
+                        );
+                        None
+                    }
+                    Some(m) if out.iter().any(|o| o.mac == Some(m)) => {
+                        self.err(
+                            file,
+                            mac.span().start,
+                            format!("realserver {:?} is listed twice", mac.get_ref()),
+                            "list every realserver once",
+                        );
+                        None
+                    }
+                    Some(m) => Some(m),
+                    None => {
+                        self.err(
+                            file,
+                            mac.span().start,
+                            format!("{:?} is not a MAC address", mac.get_ref()),
+                            "write it as 02:00:00:00:00:31",
+                        );
+                        None
+                    }
+                });
+            let address = raw
+                .address
+                .as_ref()
+                .and_then(|a| match a.get_ref().parse::<IpAddr>() {
+                    Ok(ip) if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() => {
+                        self.err(
+                            file,
+                            a.span().start,
+                            format!("realserver address {ip} is not a unicast host address"),
+                            "give the realserver's own address on the bridge segment",
+                        );
+                        None
+                    }
+                    Ok(ip) if out.iter().any(|o| o.address == Some(ip)) => {
+                        self.err(
+                            file,
+                            a.span().start,
+                            format!("realserver {ip} is listed twice"),
+                            "list every realserver once",
+                        );
+                        None
+                    }
+                    Ok(ip) => Some(ip),
+                    Err(_) => {
+                        self.err(
+                            file,
+                            a.span().start,
+                            format!("realserver address {:?} is not an IP address", a.get_ref()),
+                            "write e.g. \"10.0.0.31\" or \"2001:db8::31\"",
+                        );
+                        None
+                    }
+                });
+            if raw.mac.is_none() && raw.address.is_none() {
+                self.err(
                     file,
-                    mac.span().start,
-                    format!("{:?} is not a unicast MAC address", mac.get_ref()),
-                    "give the realserver's own (unicast) interface MAC",
-                ),
-                Some(m) if out.contains(&m) => self.err(
-                    file,
-                    mac.span().start,
-                    format!("realserver {:?} is listed twice", mac.get_ref()),
-                    "list every realserver once",
-                ),
-                Some(m) => out.push(m),
-                None => self.err(
-                    file,
-                    mac.span().start,
-                    format!("{:?} is not a MAC address", mac.get_ref()),
-                    "write it as 02:00:00:00:00:31",
-                ),
+                    rs.span().start,
+                    "a realserver needs a mac or an address".into(),
+                    "add mac = \"02:00:00:00:00:31\", or address = \"10.0.0.31\" to learn its MAC from the neighbour table",
+                );
+            }
+            // default health target: the realserver's address, at the rule's first port
+            let default_connect = address
+                .zip(dport.first())
+                .map(|(a, p)| SocketAddr::new(a, p.lo));
+            let health = raw
+                .health
+                .as_ref()
+                .and_then(|h| self.health(file, h, default_connect));
+            if self.errors.len() == before {
+                out.push(Realserver {
+                    mac,
+                    address,
+                    health,
+                });
             }
         }
         if proto.is_none() {
@@ -906,20 +1011,39 @@ impl Validator<'_> {
         out
     }
 
-    fn health(&mut self, file: &RuleFile, h: &Spanned<rules::RawHealth>) -> Option<Health> {
+    /// A `health` table; `default_connect` is the target when `connect` is left out (a
+    /// realserver given by address).
+    fn health(
+        &mut self,
+        file: &RuleFile,
+        h: &Spanned<rules::RawHealth>,
+        default_connect: Option<SocketAddr>,
+    ) -> Option<Health> {
         let r = h.get_ref();
-        let connect = match r.connect.get_ref().parse::<SocketAddr>() {
-            Ok(a) => Some(a),
-            Err(_) => {
-                let what = format!("health.connect {:?} is not ADDR:PORT", r.connect.get_ref());
+        let connect = match (&r.connect, default_connect) {
+            (None, Some(d)) => Some(d),
+            (None, None) => {
                 self.err(
                     file,
-                    r.connect.span().start,
-                    what,
-                    "write e.g. \"127.0.0.1:3129\" or \"[::1]:3129\"",
+                    h.span().start,
+                    "health needs connect, the ADDR:PORT to check".into(),
+                    "add connect = \"127.0.0.1:3129\" (on a realserver: give it an address, the check then connects to address:first dport)",
                 );
                 None
             }
+            (Some(c), _) => match c.get_ref().parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    let what = format!("health.connect {:?} is not ADDR:PORT", c.get_ref());
+                    self.err(
+                        file,
+                        c.span().start,
+                        what,
+                        "write e.g. \"127.0.0.1:3129\" or \"[::1]:3129\"",
+                    );
+                    None
+                }
+            },
         };
         let mut dur = |v: &Option<Spanned<String>>, key: &str, default: Duration| match v {
             None => Some(default),

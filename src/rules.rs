@@ -115,17 +115,22 @@ pub struct RawDivert {
     pub realservers: Option<Spanned<Vec<Spanned<RawRealserver>>>>,
 }
 
-/// One realserver of a `dr` rule: `{ mac = "02:00:00:00:00:31" }`.
+/// One realserver of a `dr` rule: `{ mac = "02:00:00:00:00:31" }` and/or
+/// `{ address = "10.0.0.31" }` (MAC learned from the neighbour table), with an optional
+/// `health` check.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRealserver {
-    pub mac: Spanned<String>,
+    pub mac: Option<Spanned<String>>,
+    pub address: Option<Spanned<String>>,
+    pub health: Option<Spanned<RawHealth>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHealth {
-    pub connect: Spanned<String>,
+    /// required, except on a realserver given by `address` (then `address:<first dport>`)
+    pub connect: Option<Spanned<String>>,
     pub interval: Option<Spanned<String>>,
     pub timeout: Option<Spanned<String>>,
     pub fall: Option<Spanned<i64>>,

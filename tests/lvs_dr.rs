@@ -10,7 +10,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use brdivert::lab::{C1_MAC, C2_MAC, Lab, LabOptions, Ns, Proxy, find_program, is_root};
+use brdivert::lab::{
+    C1_MAC, C1_V4, C2_MAC, C2_V4, Lab, LabOptions, Ns, Proxy, find_program, is_root,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_brdivert");
 const VIP: &str = "10.77.0.100";
@@ -31,7 +33,7 @@ class H(socketserver.StreamRequestHandler):
 class S(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
-S((vip, 80), H).serve_forever()
+S(("0.0.0.0", 80), H).serve_forever()
 "#;
 
 /// The client: N connections, two request/response rounds on each; prints one line per
@@ -53,10 +55,11 @@ for i in range(n):
         print("ERR", repr(e), flush=True)
 "#;
 
+/// rs1 by its MAC, rs2 by its address (its MAC learned from the bridge's neighbour table).
 fn rules() -> String {
     format!(
         "[[divert]]\nname = \"lvs-dr\"\nproto = \"tcp\"\ndport = 80\ndst = \"{VIP}\"\n\
-         action = \"dr\"\nrealservers = [{{ mac = \"{C1_MAC}\" }}, {{ mac = \"{C2_MAC}\" }}]\n"
+         action = \"dr\"\nrealservers = [{{ mac = \"{C1_MAC}\" }}, {{ address = \"{C2_V4}\" }}]\n"
     )
 }
 
@@ -167,15 +170,281 @@ fn dr_spreads_connections_and_keeps_each_on_one_realserver() {
         "VIP flows in the director's conntrack:\n{conntrack}"
     );
     eprintln!("connections per realserver: {per_rs:?}");
-    // both realserver rules counted packets
+    // the bucket map holds both MACs (rs2's learned from the neighbour table), and the
+    // connections were pinned
     for mac in [C1_MAC, C2_MAC] {
-        let line = ruleset
-            .lines()
-            .find(|l| l.contains(&format!("ether daddr set {mac}")))
-            .unwrap_or_else(|| panic!("no dr rule for {mac}:\n{ruleset}"));
         assert!(
-            !line.contains("counter packets 0 "),
-            "dr rule for {mac} never matched: {line}"
+            ruleset.contains(&format!(": {mac}")),
+            "{mac} not in the buckets:\n{ruleset}"
         );
     }
+    let dr_rule = ruleset
+        .lines()
+        .find(|l| l.contains("map @lvs-dr_buckets"))
+        .unwrap_or_else(|| panic!("no dr rule:\n{ruleset}"));
+    assert!(
+        !dr_rule.contains("counter packets 0 "),
+        "dr rule never matched: {dr_rule}"
+    );
+}
+
+/// The interactive client for the health test: one command per stdin line, one answer line.
+/// `open` opens a connection and keeps it (answers `<index> <realserver>`); `send I` sends a
+/// line on kept connection I (answers the realserver's name, or `ERR`); `burst N` makes N
+/// short connections (answers their realservers, space separated).
+const SESSION_PY: &str = r#"
+import socket, sys
+vip = sys.argv[1]
+kept = []
+def one(s):
+    f = s.makefile("rwb")
+    f.write(b"hello\n"); f.flush()
+    return f.readline().decode().strip() or "EOF"
+for line in sys.stdin:
+    cmd = line.split()
+    try:
+        if cmd[0] == "open":
+            s = socket.create_connection((vip, 80), timeout=2)
+            kept.append(s)
+            print(len(kept) - 1, one(s), flush=True)
+        elif cmd[0] == "send":
+            print(one(kept[int(cmd[1])]), flush=True)
+        elif cmd[0] == "burst":
+            names = []
+            for _ in range(int(cmd[1])):
+                try:
+                    s = socket.create_connection((vip, 80), timeout=2)
+                    names.append(one(s)); s.close()
+                except Exception:
+                    names.append("ERR")
+            print(" ".join(names), flush=True)
+    except Exception as e:
+        print("ERR", repr(e).replace(" ", "_"), flush=True)
+"#;
+
+struct Session {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Session {
+    fn ask(&mut self, cmd: &str) -> String {
+        use std::io::{BufRead, Write};
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{cmd}").expect("write to client");
+        stdin.flush().expect("flush");
+        let mut line = String::new();
+        self.out.read_line(&mut line).expect("client answer");
+        line.trim().to_string()
+    }
+}
+
+/// Kills what it holds on drop (also when an assertion fails), before the lab goes.
+struct KillOnDrop(Vec<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Health: under `brdivert run`, killing rs2's service moves new connections to rs1 within
+/// interval × fall + 1 s; a connection established on rs1 keeps working; restarting rs2's
+/// service brings it back after `rise` checks, while connections made during the outage stay
+/// where they are (pinned). Both realservers are given by address (MACs learned).
+#[test]
+fn dr_health_moves_new_flows_only() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    if !is_root() {
+        eprintln!("SKIP: lvs_dr needs root (network namespaces)");
+        return;
+    }
+    for prog in ["ip", "nft", "python3"] {
+        if find_program(prog).is_none() {
+            eprintln!("SKIP: lvs_dr needs `{prog}`");
+            return;
+        }
+    }
+    let lab = Lab::with_options(LabOptions {
+        proxy: Proxy::None,
+        datapath: "kernel".into(),
+        prefix: Some("bddrh".into()),
+    })
+    .expect("building the lab");
+    let mut procs = KillOnDrop(Vec::new());
+    let service = |lab: &Lab, ns: Ns, name: &str| {
+        lab.command(ns, &["python3", "-c", SERVICE_PY, name, VIP])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("realserver service")
+    };
+    for (ns, name) in [(Ns::C1, "rs1"), (Ns::C2, "rs2")] {
+        lab.exec_ok(
+            ns,
+            &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
+        )
+        .expect("VIP on lo");
+        procs.0.push(service(&lab, ns, name));
+    }
+    lab.exec_ok(
+        Ns::Up,
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            VIP,
+            "lladdr",
+            VIP_MAC,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    )
+    .expect("router's neighbour entry for the VIP");
+    // interval 500ms, fall 2, rise 2
+    let health = "health = { interval = \"500ms\", timeout = \"300ms\", fall = 2, rise = 2 }";
+    lab.write_rules(
+        "lvs-dr",
+        &format!(
+            "[[divert]]\nname = \"lvs-dr\"\nproto = \"tcp\"\ndport = 80\ndst = \"{VIP}\"\n\
+             action = \"dr\"\nrealservers = [\n  {{ address = \"{C1_V4}\", {health} }},\n  \
+             {{ address = \"{C2_V4}\", {health} }},\n]\n"
+        ),
+    )
+    .expect("rules");
+    let settings = lab.settings_path();
+    let mut text = std::fs::read_to_string(&settings).expect("settings");
+    text.push_str(&format!(
+        "\n[control]\nsocket = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:19479\"\n",
+        lab.dir().join("control.sock").display()
+    ));
+    std::fs::write(&settings, text).expect("settings");
+    let log = lab.dir().join("daemon.log");
+    let out = std::fs::File::create(&log).expect("log");
+    let err = out.try_clone().expect("log");
+    procs.0.push(
+        lab.command(Ns::Br, &[BIN, "run", "-c", &settings.to_string_lossy()])
+            .env(brdivert::link::STATE_DIR_ENV, lab.dir().join("state"))
+            .env("BRDIVERT_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("brdivert run"),
+    );
+    let daemon_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let buckets = |lab: &Lab| {
+        lab.exec(
+            Ns::Br,
+            &["nft", "list", "map", "bridge", "brdivert", "lvs-dr_buckets"],
+        )
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(buckets(&lab).contains(C1_MAC) && buckets(&lab).contains(C2_MAC)) {
+        assert!(
+            Instant::now() < deadline,
+            "daemon did not install both realservers:\n{}\n{}",
+            buckets(&lab),
+            daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let mut child = lab
+        .command(Ns::Up, &["python3", "-u", "-c", SESSION_PY, VIP])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("client");
+    let out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut s = Session { child, out };
+    let burst = |s: &mut Session, n: usize| -> Vec<String> {
+        s.ask(&format!("burst {n}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let first = burst(&mut s, 20);
+    assert!(
+        first.iter().any(|n| n == "rs1") && first.iter().any(|n| n == "rs2"),
+        "both realservers answer at first: {first:?}"
+    );
+    // one kept connection on each realserver
+    let mut on: BTreeMap<String, String> = BTreeMap::new();
+    for _ in 0..40 {
+        if on.len() == 2 {
+            break;
+        }
+        let a = s.ask("open");
+        let mut it = a.split_whitespace();
+        if let (Some(i), Some(name)) = (it.next(), it.next())
+            && name.starts_with("rs")
+        {
+            on.entry(name.to_string()).or_insert(i.to_string());
+        }
+    }
+    assert_eq!(on.len(), 2, "kept connections on both: {on:?}");
+
+    // rs2's service dies; within interval x fall + 1 s new flows only reach rs1
+    let mut rs2 = procs.0.remove(1);
+    let _ = rs2.kill();
+    let _ = rs2.wait();
+    std::thread::sleep(Duration::from_millis(500 * 2 + 1000));
+    let during = burst(&mut s, 20);
+    assert!(
+        during.iter().all(|n| n == "rs1"),
+        "new connections after rs2 died: {during:?}\nbuckets:\n{}\nlog:\n{}",
+        buckets(&lab),
+        daemon_log()
+    );
+    assert!(!buckets(&lab).contains(C2_MAC), "{}", buckets(&lab));
+    // the established connection on rs1 is untouched
+    assert_eq!(s.ask(&format!("send {}", on["rs1"])), "rs1");
+    // connections opened during the outage (on rs1, some from rs2's buckets)
+    let mut outage = Vec::new();
+    for _ in 0..10 {
+        let a = s.ask("open");
+        let mut it = a.split_whitespace();
+        let (i, name) = (it.next().unwrap_or("").to_string(), it.next().unwrap_or(""));
+        assert_eq!(name, "rs1", "{a}");
+        outage.push(i);
+    }
+
+    // rs2 comes back: after rise checks it takes new flows again
+    procs.0.insert(1, service(&lab, Ns::C2, "rs2"));
+    std::thread::sleep(Duration::from_millis(500 * 2 + 1500));
+    let after = burst(&mut s, 30);
+    assert!(
+        after.iter().any(|n| n == "rs2") && after.iter().all(|n| n == "rs1" || n == "rs2"),
+        "rs2 back after rise: {after:?}\nbuckets:\n{}\nlog:\n{}",
+        buckets(&lab),
+        daemon_log()
+    );
+    // and nothing established moved: the rs1 connection and those of the outage (pinned)
+    assert_eq!(s.ask(&format!("send {}", on["rs1"])), "rs1");
+    for i in &outage {
+        assert_eq!(
+            s.ask(&format!("send {i}")),
+            "rs1",
+            "outage connection {i} moved"
+        );
+    }
+    eprintln!("first {first:?}\nduring {during:?}\nafter {after:?}");
 }

@@ -21,8 +21,8 @@ pub mod notify;
 pub mod userspace;
 pub mod watch;
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinHandle;
 
+use crate::nft::compile::{dr_check_key, parse_check_key};
 use crate::ops::{self, Failure};
 use crate::policy::{Family, Health, Policy};
 use crate::settings::Settings;
@@ -88,6 +89,19 @@ pub struct HealthInfo {
 pub trait HealthFlip: Send + Sync + 'static {
     fn set(&self, settings: &Settings, policy: &Policy, rule: &str, up: bool)
     -> anyhow::Result<()>;
+
+    /// A `dr` rule's realservers changed health (or MAC): rewrite its buckets. Kernel
+    /// datapath only (dr is refused on the userspace datapath at load).
+    fn set_dr(
+        &self,
+        _settings: &Settings,
+        _policy: &Policy,
+        rule: &str,
+        _neighbours: &BTreeMap<IpAddr, [u8; 6]>,
+        _down: &BTreeSet<String>,
+    ) -> anyhow::Result<()> {
+        anyhow::bail!("dr rule {rule:?}: this datapath has no dr buckets")
+    }
 }
 
 /// The kernel datapath's flip: one element of the bridge table's `down` set (the rule's
@@ -107,6 +121,26 @@ impl HealthFlip for NftFlip {
         crate::nft::netlink::set_rule_health(key, up)?;
         Ok(())
     }
+
+    fn set_dr(
+        &self,
+        settings: &Settings,
+        policy: &Policy,
+        rule: &str,
+        neighbours: &BTreeMap<IpAddr, [u8; 6]>,
+        down: &BTreeSet<String>,
+    ) -> anyhow::Result<()> {
+        ops::dr_flip(settings, policy, rule, neighbours, down).map_err(|f| anyhow::anyhow!("{f}"))
+    }
+}
+
+/// Health-check keys of the `dr` realservers that are down now.
+fn dr_down(st: &State) -> BTreeSet<String> {
+    st.health
+        .iter()
+        .filter(|(k, h)| !h.up && parse_check_key(k).1.is_some())
+        .map(|(k, _)| k.clone())
+        .collect()
 }
 
 /// Mutable daemon state (behind a std mutex, held only briefly, never across an await).
@@ -120,7 +154,11 @@ pub struct State {
     pub reloads_refused: u64,
     pub reloads_failed: u64,
     pub last_success: Option<f64>,
+    /// Health by check key: a rule's name, or `rule/N` for realserver N of a dr rule.
     pub health: BTreeMap<String, HealthInfo>,
+    /// MACs learned for dr realservers given by address (at each install, and again when one
+    /// comes back up).
+    pub neighbours: BTreeMap<IpAddr, [u8; 6]>,
     health_tasks: HashMap<String, (Health, JoinHandle<()>)>,
     /// The files as they were at the last (re)load, for the watcher.
     pub fingerprint: watch::Fingerprint,
@@ -147,9 +185,10 @@ async fn install(
     userspace: Option<Arc<userspace::Userspace>>,
     settings: &Settings,
     policy: &Policy,
+    dr_down: &BTreeSet<String>,
 ) -> Result<ops::Installed, Failure> {
     match userspace {
-        None => ops::install(settings, policy).await,
+        None => ops::install_with(settings, policy, dr_down).await,
         Some(u) => {
             let (s, p) = (settings.clone(), policy.clone());
             tokio::task::spawn_blocking(move || u.reload(&s, &p))
@@ -189,7 +228,7 @@ impl HealthSink for Sink {
         let Some(sh) = self.0.upgrade() else { return };
         let mut st = sh.state();
         let e = st.health.entry(rule.to_string()).or_insert(HealthInfo {
-            rule: rule.to_string(),
+            rule: parse_check_key(rule).0.to_string(),
             target: target.to_string(),
             up,
             to_down: 0,
@@ -222,6 +261,43 @@ impl HealthSink for Sink {
             (st.settings.clone(), st.policy.clone())
         };
         let flip = sh.flip.clone();
+        if let (rule, Some(i)) = parse_check_key(rule) {
+            let rule = rule.to_string();
+            let sh = sh.clone();
+            tokio::spawn(async move {
+                // a realserver back up may have a new MAC (replaced box): learn it again
+                let addr = policy
+                    .rules
+                    .iter()
+                    .find(|r| r.name == rule)
+                    .and_then(|r| r.realservers.get(i))
+                    .filter(|rs| rs.mac.is_none())
+                    .and_then(|rs| rs.address);
+                if let (true, Some(a)) = (up, addr) {
+                    match crate::link::neigh::resolve(
+                        &settings.bridge.name,
+                        &[a],
+                        ops::NEIGHBOUR_WAIT,
+                    )
+                    .await
+                    {
+                        Ok(found) => sh.state().neighbours.extend(found),
+                        Err(e) => tracing::warn!(rule, "dr: re-learning {a}: {e}"),
+                    }
+                }
+                let (neighbours, down) = {
+                    let st = sh.state();
+                    (st.neighbours.clone(), dr_down(&st))
+                };
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Err(e) = flip.set_dr(&settings, &policy, &rule, &neighbours, &down) {
+                        tracing::error!(rule, "dr health flip failed: {e:#}");
+                    }
+                })
+                .await;
+            });
+            return;
+        }
         let rule = rule.to_string();
         tokio::task::spawn_blocking(move || {
             if let Err(e) = flip.set(&settings, &policy, &rule, up) {
@@ -240,6 +316,12 @@ fn sync_health(shared: &Arc<Shared>, st: &mut State) {
         .iter()
         .filter(|r| r.action.diverts())
         .filter_map(|r| r.health.clone().map(|h| (r.name.clone(), h)))
+        .chain(st.policy.rules.iter().flat_map(|r| {
+            r.realservers
+                .iter()
+                .enumerate()
+                .filter_map(|(i, rs)| rs.health.clone().map(|h| (dr_check_key(&r.name, i), h)))
+        }))
         .collect();
     st.health_tasks.retain(|name, (h, task)| {
         let keep = wanted.get(name) == Some(h);
@@ -327,7 +409,9 @@ pub async fn reload(shared: &Arc<Shared>, trigger: &str) -> ReloadResult {
                     BTreeMap::new()
                 }
             };
-            match install(shared.userspace.clone(), &settings, &policy).await {
+            // dr realservers down now stay out of the new bucket maps (same rule and index)
+            let down = dr_down(&shared.state());
+            match install(shared.userspace.clone(), &settings, &policy, &down).await {
                 Err(Failure::Input(r)) => {
                     let mut st = shared.state();
                     st.reloads_refused += 1;
@@ -356,6 +440,7 @@ pub async fn reload(shared: &Arc<Shared>, trigger: &str) -> ReloadResult {
                         warn_unreloadable(&st.settings, &settings);
                         st.settings = settings.clone();
                         st.policy = policy;
+                        st.neighbours = info.neighbours.clone();
                         st.reloads_ok += 1;
                         st.last_success = Some(unix_now());
                         st.fingerprint = fp;
@@ -591,6 +676,7 @@ async fn serve(config: &Path, settings: Settings, policy: Policy) -> Result<Stri
             reloads_failed: 0,
             last_success: Some(now),
             health: BTreeMap::new(),
+            neighbours: installed.neighbours.clone(),
             health_tasks: HashMap::new(),
             fingerprint: fp,
         }),

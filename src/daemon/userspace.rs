@@ -48,6 +48,7 @@ impl Userspace {
                 rules: policy.rules.len(),
                 created: true,
                 mac,
+                neighbours: Default::default(),
             },
         ))
     }
@@ -66,6 +67,7 @@ impl Userspace {
             rules: policy.rules.len(),
             created: false,
             mac,
+            neighbours: Default::default(),
         })
     }
 

@@ -14,6 +14,7 @@
 //! port left up without a master harms nothing.
 
 mod error;
+pub mod neigh;
 mod nl;
 mod routing;
 pub mod state;

@@ -22,21 +22,26 @@
 //! bridge table (matched by source port, honouring the same exemptions) and found by
 //! `socket transparent 1`.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use super::{
     BaseChain, Chain, ChainType, Dir, Dynamic, Family, FlowKey, Hook, IpFamily, KeyField, L4,
-    Match, Rule, Ruleset, Set, SetElem, SetKind, Stmt, TABLE_NAME, Table,
+    MapData, Match, Rule, Ruleset, Set, SetElem, SetKind, Stmt, TABLE_NAME, Table,
 };
 use crate::policy::{self, Action, DivertRule, OnUnhealthy, Policy, Prefixes, Proto};
 
 /// What compiling needs beyond the policy: facts about this bridge and kernel.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Target {
     /// The bridge's own MAC: diverted frames are re-addressed to it.
     pub bridge_mac: [u8; 6],
     /// Bits of the packet mark brdivert owns.
     pub mark_mask: u32,
+    /// MACs learned from the neighbour table for `dr` realservers given by address.
+    pub neighbours: BTreeMap<IpAddr, [u8; 6]>,
+    /// Health-check keys ([`dr_check_key`]) of `dr` realservers that are down.
+    pub dr_down: BTreeSet<String>,
 }
 
 impl Target {
@@ -166,7 +171,7 @@ fn state_sets() -> Vec<Set> {
                 interval: false,
                 elements: Vec::new(),
                 dynamic: Some(Dynamic {
-                    map: true,
+                    map: Some(MapData::Mark),
                     size: PIN_MAP_SIZE,
                     timeout_s: PIN_TIMEOUT_S,
                 }),
@@ -242,6 +247,33 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
             target,
         ));
     }
+    // dr: flows pinned to a realserver stay there (only with dr rules: every bridged frame
+    // pays for these lookups)
+    let dr_rules: Vec<&DivertRule> = policy
+        .rules
+        .iter()
+        .filter(|r| r.action == Action::Dr)
+        .collect();
+    if !dr_rules.is_empty() {
+        for f in [IpFamily::V4, IpFamily::V6] {
+            t.sets.push(Set {
+                name: dr_flows_map(f).into(),
+                kind: five_tuple(f).kind(),
+                interval: false,
+                elements: Vec::new(),
+                dynamic: Some(Dynamic {
+                    map: Some(MapData::Ether),
+                    size: PIN_MAP_SIZE,
+                    timeout_s: PIN_TIMEOUT_S,
+                }),
+                keep: true,
+            });
+            prerouting.push(dr_pin_rule(f));
+        }
+        for r in dr_rules {
+            t.sets.push(dr_buckets(r, target));
+        }
+    }
     let mut rule_chains = Vec::new();
     for r in &policy.rules {
         let l4 = r.proto.map(l4_of);
@@ -306,7 +338,7 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
                 chain.extend(health_rules(r, target, &matches));
             }
             if r.action == Action::Dr {
-                chain.extend(dr_rules(r, fam, &matches));
+                chain.push(dr_rule(r, fam, &matches));
                 continue;
             }
             chain.push(Rule {
@@ -580,38 +612,153 @@ pub fn local_stack_table(policy: &Policy, target: &Target) -> Table {
     t
 }
 
+/// How many hash buckets a `dr` rule deals out to its realservers. Far more than realservers,
+/// so that a dead realserver's share can be spread over all the others.
+pub const DR_BUCKETS: u32 = 256;
+
+/// The pin maps of `dr` flows (5-tuple → realserver MAC), per family.
+pub fn dr_flows_map(f: IpFamily) -> &'static str {
+    match f {
+        IpFamily::V4 => "dr_flows4",
+        IpFamily::V6 => "dr_flows6",
+    }
+}
+
+/// The bucket map of a `dr` rule (bucket → realserver MAC).
+pub fn dr_buckets_map(r: &DivertRule) -> String {
+    set_name(r, "buckets")
+}
+
+/// The health-check key of realserver `i` (0-based) of `dr` rule `rule`: `rule/i+1`. Rule names
+/// cannot hold '/', so [`parse_check_key`] splits it back.
+pub fn dr_check_key(rule: &str, i: usize) -> String {
+    format!("{rule}/{}", i + 1)
+}
+
+/// (rule name, realserver index) of a health-check key; no index for a rule's own check.
+pub fn parse_check_key(key: &str) -> (&str, Option<usize>) {
+    match key.split_once('/') {
+        Some((rule, n)) => (rule, n.parse::<usize>().ok().and_then(|n| n.checked_sub(1))),
+        None => (key, None),
+    }
+}
+
+/// Which realserver each bucket goes to (index into `usable`'s list), given which
+/// realservers can take new flows. Bucket `b` belongs to realserver `b mod N`; while its
+/// owner is unusable, the k-th such orphaned bucket goes to the k-th usable realserver
+/// (round robin). So the buckets of usable realservers never move, and a realserver that
+/// becomes usable again gets exactly its own buckets back. With none usable: `None` for
+/// every bucket.
+pub fn dr_assignment(usable: &[bool]) -> Vec<Option<usize>> {
+    let n = usable.len();
+    let ok: Vec<usize> = (0..n).filter(|&i| usable[i]).collect();
+    let mut k = 0;
+    (0..DR_BUCKETS as usize)
+        .map(|b| {
+            if n == 0 || ok.is_empty() {
+                return None;
+            }
+            let owner = b % n;
+            if usable[owner] {
+                Some(owner)
+            } else {
+                k += 1;
+                Some(ok[(k - 1) % ok.len()])
+            }
+        })
+        .collect()
+}
+
+/// The bucket map of a `dr` rule, as `target` says: realservers with a known MAC (given, or
+/// learned) that are not down take new flows. When every realserver with a MAC is down, they
+/// all keep their buckets (a check failing everywhere is more likely the checker's own
+/// problem than every realserver's); realservers without a MAC never get a bucket, and with
+/// no MAC known at all the map is empty, so the rule's frames are bridged untouched.
+pub fn dr_buckets(r: &DivertRule, target: &Target) -> Set {
+    let macs: Vec<Option<[u8; 6]>> = r
+        .realservers
+        .iter()
+        .map(|rs| {
+            rs.mac
+                .or_else(|| rs.address.and_then(|a| target.neighbours.get(&a).copied()))
+        })
+        .collect();
+    let up: Vec<bool> = (0..macs.len())
+        .map(|i| macs[i].is_some() && !target.dr_down.contains(&dr_check_key(&r.name, i)))
+        .collect();
+    let usable = if up.iter().any(|u| *u) {
+        up
+    } else {
+        macs.iter().map(Option::is_some).collect()
+    };
+    let elements = dr_assignment(&usable)
+        .into_iter()
+        .enumerate()
+        .filter_map(|(b, i)| Some(SetElem::Bucket(b as u32, macs[i?]?)))
+        .collect();
+    Set {
+        name: dr_buckets_map(r),
+        kind: SetKind::Buckets,
+        interval: false,
+        elements,
+        dynamic: None,
+        keep: false,
+    }
+}
+
 /// Seed of the `dr` flow hash. Fixed, so a reload (or a restart) sends every connection to
 /// the same realserver as before as long as the realserver list is unchanged.
 pub const DR_HASH_SEED: u32 = 0x6272_6476; // "brdv"
 
-/// `action = "dr"`: one rule per realserver, `<vip match> jhash ip saddr . th sport mod N
-/// seed S == i` → `ether daddr set <realserver i> accept`. Only the destination MAC changes;
-/// the bridge then forwards the frame to that realserver's port (no pkttype change, no
-/// local-stack hop). Every packet of a connection has the same source address and port, so
-/// the hash keeps it on one realserver without a pin map while the list is unchanged.
-fn dr_rules(r: &DivertRule, family: IpFamily, matches: &[Match]) -> Vec<Rule> {
-    let n = r.realservers.len() as u32;
-    r.realservers
-        .iter()
-        .enumerate()
-        .map(|(i, mac)| {
-            let mut m = matches.to_vec();
-            m.push(Match::Jhash {
+/// `action = "dr"`, per family: `<vip match> counter ether daddr set jhash ip saddr . th sport
+/// mod 256 seed S map @<rule>_buckets update @dr_flows4 { <5-tuple> : ether daddr } accept`.
+/// Only the destination MAC changes; the bridge then forwards the frame to that realserver's
+/// port (no pkttype change, no local-stack hop). The flow is pinned to that MAC (the `dr
+/// pinned` rules at the head of prerouting), so a later change of the buckets (health) moves
+/// new flows only.
+fn dr_rule(r: &DivertRule, family: IpFamily, matches: &[Match]) -> Rule {
+    Rule {
+        matches: matches.to_vec(),
+        stmts: vec![
+            Stmt::Counter,
+            Stmt::EtherDaddrSetHash {
                 key: FlowKey {
                     family,
                     fields: vec![KeyField::Saddr, KeyField::Sport],
                 },
-                modulus: n,
+                modulus: DR_BUCKETS,
                 seed: DR_HASH_SEED,
-                value: i as u32,
-            });
-            Rule {
-                matches: m,
-                stmts: vec![Stmt::Counter, Stmt::EtherDaddrSet(*mac), Stmt::Accept],
-                comment: Some(r.name.clone()),
-            }
-        })
-        .collect()
+                set: dr_buckets_map(r),
+            },
+            Stmt::UpdateEther {
+                key: five_tuple(family),
+                set: dr_flows_map(family).into(),
+            },
+            Stmt::Accept,
+        ],
+        comment: Some(r.name.clone()),
+    }
+}
+
+/// A `dr` flow already pinned keeps its realserver: `ether daddr set <5-tuple> map
+/// @dr_flows4`, refreshing the pin.
+fn dr_pin_rule(f: IpFamily) -> Rule {
+    Rule {
+        matches: vec![Match::Family(f)],
+        stmts: vec![
+            Stmt::EtherDaddrSetMap {
+                key: five_tuple(f),
+                set: dr_flows_map(f).into(),
+            },
+            Stmt::UpdateEther {
+                key: five_tuple(f),
+                set: dr_flows_map(f).into(),
+            },
+            Stmt::Counter,
+            Stmt::Accept,
+        ],
+        comment: Some("dr pinned".into()),
+    }
 }
 
 /// What the bridge does with a frame the rule's main match takes. A divert also pins the flow
@@ -812,6 +959,7 @@ mod tests {
         Target {
             bridge_mac: [2, 0, 0, 0, 0, 0xfe],
             mark_mask: 0x00ff_0000,
+            ..Default::default()
         }
     }
 
@@ -1074,5 +1222,104 @@ mod tests {
                 vec![("web".to_string(), 0x0001_0000)]
             );
         }
+    }
+
+    #[test]
+    fn dr_assignment_moves_only_the_dead_realservers_buckets() {
+        let all = dr_assignment(&[true, true, true]);
+        assert_eq!(all.len(), DR_BUCKETS as usize);
+        assert!(all.iter().enumerate().all(|(b, i)| *i == Some(b % 3)));
+        let one_down = dr_assignment(&[true, false, true]);
+        for (b, (was, now)) in all.iter().zip(&one_down).enumerate() {
+            if *was == Some(1) {
+                assert_ne!(*now, Some(1), "bucket {b} still on the dead realserver");
+            } else {
+                assert_eq!(was, now, "bucket {b} of a healthy realserver moved");
+            }
+        }
+        // the orphans are shared out evenly
+        let to0 = (0..DR_BUCKETS as usize)
+            .filter(|&b| b % 3 == 1 && one_down[b] == Some(0))
+            .count();
+        let to2 = (0..DR_BUCKETS as usize)
+            .filter(|&b| b % 3 == 1 && one_down[b] == Some(2))
+            .count();
+        assert!(to0.abs_diff(to2) <= 1, "{to0} vs {to2}");
+        assert!(dr_assignment(&[false, false]).iter().all(Option::is_none));
+        assert!(dr_assignment(&[]).iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn dr_rule_hashes_into_the_bucket_map_and_pins() {
+        let p = policy(
+            "[[divert]]\nname = \"vip\"\nproto = \"tcp\"\ndport = 80\ndst = \"10.0.0.80\"\n\
+             action = \"dr\"\nrealservers = [{ mac = \"02:00:00:00:00:31\" }, \
+             { address = \"10.0.0.32\", health = { connect = \"10.0.0.32:80\" } }]\n",
+        );
+        let mut t = target();
+        let b = bridge_table(&p, &t);
+        let c = chain(&b, "rule_vip");
+        assert_eq!(c.rules.len(), 1, "v4 only");
+        assert_eq!(
+            c.rules[0].stmts[1],
+            Stmt::EtherDaddrSetHash {
+                key: FlowKey {
+                    family: IpFamily::V4,
+                    fields: vec![KeyField::Saddr, KeyField::Sport]
+                },
+                modulus: DR_BUCKETS,
+                seed: DR_HASH_SEED,
+                set: "vip_buckets".into()
+            }
+        );
+        assert_eq!(
+            c.rules[0].stmts[2],
+            Stmt::UpdateEther {
+                key: five_tuple(IpFamily::V4),
+                set: "dr_flows4".into()
+            }
+        );
+        let pre = chain(&b, "prerouting");
+        assert!(
+            pre.rules
+                .iter()
+                .any(|r| r.comment.as_deref() == Some("dr pinned"))
+        );
+        assert!(set(&b, "dr_flows6").keep);
+        // the second realserver's MAC is unknown: every bucket goes to the first
+        let mac1 = [2, 0, 0, 0, 0, 0x31];
+        let mac2 = [2, 0, 0, 0, 0, 0x32];
+        let all_first = |s: &Set| {
+            s.elements
+                .iter()
+                .all(|e| matches!(e, SetElem::Bucket(_, m) if *m == mac1))
+        };
+        assert!(all_first(set(&b, "vip_buckets")));
+        assert_eq!(set(&b, "vip_buckets").elements.len(), DR_BUCKETS as usize);
+        // learned: half each; down: the first again
+        t.neighbours.insert("10.0.0.32".parse().unwrap(), mac2);
+        let s = dr_buckets(&p.rules[0], &t);
+        let n2 = s
+            .elements
+            .iter()
+            .filter(|e| matches!(e, SetElem::Bucket(_, m) if *m == mac2))
+            .count();
+        assert_eq!(n2, DR_BUCKETS as usize / 2);
+        t.dr_down.insert(dr_check_key("vip", 1));
+        assert!(all_first(&dr_buckets(&p.rules[0], &t)));
+        // every realserver down: all keep their buckets
+        t.dr_down.insert(dr_check_key("vip", 0));
+        assert_eq!(dr_buckets(&p.rules[0], &t), s);
+        // policies without dr pay nothing
+        let plain =
+            policy("[[divert]]\nname = \"x\"\nproto = \"tcp\"\ndport = 80\naction = \"pass\"\n");
+        assert!(
+            bridge_table(&plain, &target())
+                .sets
+                .iter()
+                .all(|s| !s.name.starts_with("dr_"))
+        );
+        assert_eq!(parse_check_key("vip/2"), ("vip", Some(1)));
+        assert_eq!(parse_check_key("web"), ("web", None));
     }
 }

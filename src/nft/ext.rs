@@ -373,6 +373,8 @@ pub struct RawElem {
     /// nft's "open interval" marker (runs to the end of the key space), as user data so that
     /// nft prints `0.0.0.0/0` / `65535` rather than a range
     pub open: bool,
+    /// a map element's data (`: 02:00:00:00:00:31`)
+    pub data: Option<Vec<u8>>,
 }
 
 /// A named set with its elements; `msgs()` yields the NEWSET message followed by as many
@@ -462,6 +464,16 @@ impl NamedSet {
         }
     }
 
+    /// A map (not dynamic) to `data_type` of `data_len` bytes.
+    pub fn set_map_data(&mut self, (data_type, data_len): (u32, u32)) {
+        // SAFETY: `self.set` is live and owned by us.
+        unsafe {
+            let s = self.set.as_ptr();
+            sys::nftnl_set_set_u32(s, sys::NFTNL_SET_DATA_TYPE as u16, data_type);
+            sys::nftnl_set_set_u32(s, sys::NFTNL_SET_DATA_LEN as u16, data_len);
+        }
+    }
+
     /// Adds only the elements (no NEWSET) to `batch`: NEWSETELEM (create, no error when
     /// present) or DELSETELEM. Returns how many messages were added.
     pub fn elems_to(&self, batch: &mut nftnl::Batch, delete: bool) -> usize {
@@ -484,6 +496,14 @@ impl NamedSet {
                 e.key.as_ptr() as *const c_void,
                 e.key.len() as u32,
             );
+            if let Some(d) = &e.data {
+                sys::nftnl_set_elem_set(
+                    el.as_ptr(),
+                    sys::NFTNL_SET_ELEM_DATA as u16,
+                    d.as_ptr() as *const c_void,
+                    d.len() as u32,
+                );
+            }
             if e.flags != 0 {
                 sys::nftnl_set_elem_set_u32(el.as_ptr(), sys::NFTNL_SET_ELEM_FLAGS as u16, e.flags);
             }
@@ -658,5 +678,64 @@ unsafe impl NlMsg for ByName {
                 }
             }
         }
+    }
+}
+
+/// Adds a DELSETELEM message without elements to `batch`: the kernel flushes every element
+/// of the set (`nft flush set`).
+pub fn flush_set_to(batch: &mut nftnl::Batch, family: u16, table: &str, set: &str) {
+    let msg = FlushSet {
+        family,
+        table: CString::new(table).unwrap_or_default(),
+        set: CString::new(set).unwrap_or_default(),
+    };
+    batch.add(&msg, MsgType::Del);
+}
+
+struct FlushSet {
+    family: u16,
+    table: CString,
+    set: CString,
+}
+
+// SAFETY: a header plus two short string attributes.
+unsafe impl NlMsg for FlushSet {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, _msg_type: MsgType) {
+        // SAFETY: the caller (nftnl::Batch) provides a buffer of nft_nlmsg_maxsize bytes; the
+        // attributes are short NUL-terminated strings we own.
+        unsafe {
+            let hdr = sys::nftnl_nlmsg_build_hdr(
+                buf as *mut c_char,
+                libc::NFT_MSG_DELSETELEM as u16,
+                self.family,
+                libc::NLM_F_ACK as u16,
+                seq,
+            );
+            // NFTA_SET_ELEM_LIST_TABLE = 1, NFTA_SET_ELEM_LIST_SET = 2; no ELEMENTS = flush
+            mnl_attr_put_strz(hdr, 1, &self.table);
+            mnl_attr_put_strz(hdr, 2, &self.set);
+        }
+    }
+}
+
+/// `mnl_attr_put_strz` without linking libmnl here: append a NUL-terminated string attribute
+/// to the message `nlh` points to.
+///
+/// # Safety
+/// `nlh` must point to a netlink message in a buffer with room for the attribute.
+unsafe fn mnl_attr_put_strz(nlh: *mut libc::nlmsghdr, ty: u16, s: &CStr) {
+    let bytes = s.to_bytes_with_nul();
+    let nla_len = 4 + bytes.len();
+    let aligned = (nla_len + 3) & !3;
+    // SAFETY: the caller guarantees room; nlmsg_len is the message's current length, where
+    // the next attribute starts (netlink messages and attributes are 4-byte aligned).
+    unsafe {
+        let len = (*nlh).nlmsg_len as usize;
+        let at = (nlh as *mut u8).add(len);
+        std::ptr::write_bytes(at, 0, aligned);
+        std::ptr::copy_nonoverlapping((nla_len as u16).to_ne_bytes().as_ptr(), at, 2);
+        std::ptr::copy_nonoverlapping(ty.to_ne_bytes().as_ptr(), at.add(2), 2);
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), at.add(4), bytes.len());
+        (*nlh).nlmsg_len = (len + aligned) as u32;
     }
 }

@@ -61,6 +61,18 @@ pub enum SetKind {
     Mark,
     /// a concatenation of flow fields (`ipv4_addr . ipv4_addr . inet_proto . …`)
     Concat(IpFamily, FlowKeyShape),
+    /// a `dr` rule's hash buckets: a 32-bit integer (the `jhash … mod N` result) mapped to a
+    /// realserver MAC (`type integer : ether_addr`); elements are [`SetElem::Bucket`]
+    Buckets,
+}
+
+/// What a map's elements map to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapData {
+    /// the packet mark a flow was diverted with
+    Mark,
+    /// the MAC a `dr` flow was sent to
+    Ether,
 }
 
 /// Which flow fields a concatenated key holds, in this order (the address family comes
@@ -113,8 +125,8 @@ impl FlowKey {
 /// A set filled by the packet path (`flags dynamic,timeout`), mapping to a mark when `map`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dynamic {
-    /// `: mark` — a map from the key to the mark the flow was diverted with
-    pub map: bool,
+    /// `: mark` / `: ether_addr` — a map from the key to what the flow was given
+    pub map: Option<MapData>,
     /// `size N` — the most elements the kernel keeps; updates beyond it fail
     pub size: u32,
     /// default element timeout, seconds (refreshed by `update`)
@@ -131,6 +143,8 @@ pub enum SetElem {
     Ether([u8; 6]),
     /// a `mark` value
     Mark(u32),
+    /// `dr` hash bucket → realserver MAC (in a [`SetKind::Buckets`] map)
+    Bucket(u32, [u8; 6]),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -338,6 +352,27 @@ pub enum Stmt {
     /// `update @set { KEY : meta mark }`: add the flow with the packet's mark, or refresh its
     /// timeout (an existing element keeps its mark). A full set ends the rule.
     UpdateMark {
+        key: FlowKey,
+        set: String,
+    },
+    /// `ether daddr set jhash ip saddr . th sport mod N seed 0xS map @set`: the realserver
+    /// MAC of the flow's hash bucket (`dr`). A bucket not in the map ends the rule. Needs an
+    /// address match of the key's family before it in the rule.
+    EtherDaddrSetHash {
+        key: FlowKey,
+        modulus: u32,
+        seed: u32,
+        set: String,
+    },
+    /// `ether daddr set KEY map @set`: the MAC a pinned `dr` flow was sent to. A key not in
+    /// the map ends the rule.
+    EtherDaddrSetMap {
+        key: FlowKey,
+        set: String,
+    },
+    /// `update @set { KEY : ether daddr }`: pin the flow to the (rewritten) destination MAC,
+    /// or refresh its timeout (an existing element keeps its MAC). A full set ends the rule.
+    UpdateEther {
         key: FlowKey,
         set: String,
     },

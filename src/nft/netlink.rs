@@ -26,8 +26,8 @@ use thiserror::Error;
 
 use super::ext::{self, RawElem, RawExpr};
 use super::{
-    Chain, ChainType, Dir, Family, FlowKey, FlowKeyShape, Hook, IpFamily, KeyField, L4, Match,
-    QueueForm, Rule, Ruleset, Set, SetElem, SetKind, Stmt, TABLE_NAME, Table,
+    Chain, ChainType, Dir, Family, FlowKey, FlowKeyShape, Hook, IpFamily, KeyField, L4, MapData,
+    Match, QueueForm, Rule, Ruleset, Set, SetElem, SetKind, Stmt, TABLE_NAME, Table,
 };
 
 /// Why a transaction was not applied. In every case the kernel's ruleset is unchanged.
@@ -102,6 +102,7 @@ pub fn set_rule_health(tag_mark: u32, up: bool) -> Result<(), ApplyError> {
         key: tag_mark.to_ne_bytes().to_vec(),
         flags: 0,
         open: false,
+        data: None,
     });
     let mut tx = Transaction::new();
     let what = format!("element 0x{tag_mark:08x} of set bridge {TABLE_NAME} {HEALTH_DOWN_SET}");
@@ -110,6 +111,34 @@ pub fn set_rule_health(tag_mark: u32, up: bool) -> Result<(), ApplyError> {
     tx.what.push(what.clone());
     if up {
         ns.elems_to(&mut tx.batch, true);
+        tx.what.push(what);
+    }
+    tx.commit()
+}
+
+/// Replaces every element of the map `set` of `bridge brdivert` with `elements` in ONE
+/// transaction (flush + add): what a `dr` health change does to the rule's bucket map. New
+/// flows see the old map or the new one, never a half-written one; pinned flows are not
+/// affected (they never look at the buckets).
+pub fn replace_map_elements(set: &Set) -> Result<(), ApplyError> {
+    let family = Family::Bridge;
+    let mut ns = ext::NamedSet::new(
+        nfproto(family),
+        TABLE_NAME,
+        &set.name,
+        1,
+        key_type(set.kind),
+        0,
+    );
+    for e in set_elements(set)? {
+        ns.add(&e);
+    }
+    let mut tx = Transaction::new();
+    let what = format!("elements of map bridge {TABLE_NAME} {}", set.name);
+    ext::flush_set_to(&mut tx.batch, nfproto(family), TABLE_NAME, &set.name);
+    tx.what.push(format!("flush of {what}"));
+    if !set.elements.is_empty() {
+        ns.elems_to(&mut tx.batch, false);
         tx.what.push(what);
     }
     tx.commit()
@@ -402,6 +431,8 @@ fn key_type(kind: SetKind) -> (u32, u32, bool) {
         SetKind::IfName => (41, 16, true),
         SetKind::EtherAddr => (9, 6, false),
         SetKind::Mark => (19, 4, true),
+        // nft's `integer` (TYPE_INTEGER), host order: what `jhash … mod N` yields
+        SetKind::Buckets => (4, 4, true),
         SetKind::Concat(f, shape) => {
             // nft's concatenated type: the member type ids, 6 bits each; every member takes
             // whole 4-byte registers
@@ -432,9 +463,12 @@ fn build_set(t: &Table, s: &Set, id: u32) -> Result<ext::NamedSet, ApplyError> {
     let mut flags = if s.interval { ext::NFT_SET_INTERVAL } else { 0 };
     if let Some(d) = &s.dynamic {
         flags |= ext::NFT_SET_TIMEOUT | ext::NFT_SET_EVAL;
-        if d.map {
+        if d.map.is_some() {
             flags |= ext::NFT_SET_MAP;
         }
+    }
+    if s.kind == SetKind::Buckets {
+        flags |= ext::NFT_SET_MAP;
     }
     let mut ns = ext::NamedSet::new(
         nfproto(t.family),
@@ -445,16 +479,29 @@ fn build_set(t: &Table, s: &Set, id: u32) -> Result<ext::NamedSet, ApplyError> {
         flags,
     );
     if let Some(d) = &s.dynamic {
-        // data: `mark` (type 19), 4 bytes
-        let data = d.map.then_some((19, 4));
-        ns.set_dynamic(data, d.size, d.timeout_s.saturating_mul(1000));
+        ns.set_dynamic(
+            d.map.map(map_data_type),
+            d.size,
+            d.timeout_s.saturating_mul(1000),
+        );
     } else if let Some(size) = s.size() {
         ns.set_size(size);
+    }
+    if s.kind == SetKind::Buckets {
+        ns.set_map_data(map_data_type(MapData::Ether));
     }
     for e in set_elements(s)? {
         ns.add(&e);
     }
     Ok(ns)
+}
+
+/// nft datatype number and length of a map's data.
+fn map_data_type(d: MapData) -> (u32, u32) {
+    match d {
+        MapData::Mark => (19, 4),
+        MapData::Ether => (9, 6),
+    }
 }
 
 /// The elements as the kernel stores them. Interval sets use nft's encoding: each range is
@@ -485,12 +532,18 @@ pub fn set_elements(s: &Set) -> Result<Vec<RawElem>, ApplyError> {
                 }
                 (SetKind::EtherAddr, SetElem::Ether(m)) => m.to_vec(),
                 (SetKind::Mark, SetElem::Mark(m)) => m.to_ne_bytes().to_vec(),
+                (SetKind::Buckets, SetElem::Bucket(b, _)) => b.to_ne_bytes().to_vec(),
                 _ => return Err(bad(e)),
+            };
+            let data = match e {
+                SetElem::Bucket(_, mac) => Some(mac.to_vec()),
+                _ => None,
             };
             out.push(RawElem {
                 key,
                 flags: 0,
                 open: false,
+                data,
             });
         }
         return Ok(out);
@@ -537,6 +590,7 @@ pub fn set_elements(s: &Set) -> Result<Vec<RawElem>, ApplyError> {
             key: key(0),
             flags: ext::NFT_SET_ELEM_INTERVAL_END,
             open: false,
+            data: None,
         });
     }
     for (lo, end) in ranges {
@@ -544,12 +598,14 @@ pub fn set_elements(s: &Set) -> Result<Vec<RawElem>, ApplyError> {
             key: key(lo),
             flags: 0,
             open: end.is_none(),
+            data: None,
         });
         if let Some(end) = end {
             out.push(RawElem {
                 key: key(end),
                 flags: ext::NFT_SET_ELEM_INTERVAL_END,
                 open: false,
+                data: None,
             });
         }
     }
@@ -829,6 +885,28 @@ fn lower_stmt(s: &Stmt, v: &mut Vec<RawExpr>) {
             let words = load_key(key, v);
             let data = concat_reg(words);
             v.push(ext::meta_load_to(ext::NFT_META_MARK, data));
+            v.push(ext::dynset_update(set, ext::NFT_REG_1, data));
+        }
+        Stmt::EtherDaddrSetHash {
+            key,
+            modulus,
+            seed,
+            set,
+        } => {
+            let words = load_key(key, v);
+            v.push(ext::jhash_reg1(words * 4, *modulus, *seed));
+            v.push(ext::lookup_map(set, ext::NFT_REG_1, ext::NFT_REG_1));
+            v.push(ext::payload_write(ext::NFT_PAYLOAD_LL_HEADER, 0, 6));
+        }
+        Stmt::EtherDaddrSetMap { key, set } => {
+            load_key(key, v);
+            v.push(ext::lookup_map(set, ext::NFT_REG_1, ext::NFT_REG_1));
+            v.push(ext::payload_write(ext::NFT_PAYLOAD_LL_HEADER, 0, 6));
+        }
+        Stmt::UpdateEther { key, set } => {
+            let words = load_key(key, v);
+            let data = concat_reg(words);
+            v.push(ext::payload_load_to(data, ext::NFT_PAYLOAD_LL_HEADER, 0, 6));
             v.push(ext::dynset_update(set, ext::NFT_REG_1, data));
         }
         Stmt::Counter => v.push(ext::counter()),

@@ -23,7 +23,7 @@ use std::fmt::Write as _;
 
 use super::{
     BaseChain, Chain, ChainType, Dir, Family, FlowKey, FlowKeyShape, Hook, IpFamily, KeyField, L4,
-    Match, QueueForm, Rule, Ruleset, Set, SetElem, SetKind, Stmt, Table,
+    MapData, Match, QueueForm, Rule, Ruleset, Set, SetElem, SetKind, Stmt, Table,
 };
 
 /// The ruleset as nft text, as `nft list table` prints each table.
@@ -64,9 +64,22 @@ fn render_table(t: &Table, out: &mut String) {
 }
 
 fn render_set(s: &Set, out: &mut String) {
-    let map = s.dynamic.as_ref().is_some_and(|d| d.map);
-    let _ = writeln!(out, "\t{} {} {{", if map { "map" } else { "set" }, s.name);
-    let data = if map { " : mark" } else { "" };
+    let map = match (s.kind, &s.dynamic) {
+        (SetKind::Buckets, _) => Some(MapData::Ether),
+        (_, Some(d)) => d.map,
+        _ => None,
+    };
+    let _ = writeln!(
+        out,
+        "\t{} {} {{",
+        if map.is_some() { "map" } else { "set" },
+        s.name
+    );
+    let data = match map {
+        Some(MapData::Mark) => " : mark",
+        Some(MapData::Ether) => " : ether_addr",
+        None => "",
+    };
     let _ = writeln!(out, "\t\ttype {}{data}", set_type_name(s.kind));
     if let Some(size) = s.size() {
         let _ = writeln!(out, "\t\tsize {size}");
@@ -94,6 +107,9 @@ pub fn set_type_name(kind: SetKind) -> String {
         SetKind::IfName => "ifname".into(),
         SetKind::EtherAddr => "ether_addr".into(),
         SetKind::Mark => "mark".into(),
+        // nft 1.0.6 lists a map keyed by a plain integer (`jhash … mod N`) with the type's
+        // number: there is no `type` name for it (and `typeof jhash …` crashes its listing)
+        SetKind::Buckets => "0".into(),
         SetKind::Concat(f, shape) => {
             let a = match f {
                 IpFamily::V4 => "ipv4_addr",
@@ -182,6 +198,7 @@ fn listing_sort_key(e: &SetElem) -> Vec<u8> {
         SetElem::Ports(lo, _) => lo.to_be_bytes().to_vec(),
         SetElem::Ether(m) => m.to_vec(),
         SetElem::Mark(m) => m.to_be_bytes().to_vec(),
+        SetElem::Bucket(b, _) => b.to_be_bytes().to_vec(),
         SetElem::IfName(name) => {
             let mut k = ifname_key(name).to_vec();
             if cfg!(target_endian = "little") {
@@ -213,6 +230,7 @@ pub fn elem_text(e: &SetElem) -> String {
         SetElem::IfName(n) => format!("\"{n}\""),
         SetElem::Ether(m) => mac_text(m),
         SetElem::Mark(m) => format!("0x{m:08x}"),
+        SetElem::Bucket(b, m) => format!("{b} : {}", mac_text(m)),
     }
 }
 
@@ -325,7 +343,10 @@ pub fn rule_text(r: &Rule) -> String {
             let last = i + 1 == r.matches.len();
             let folded = last
                 && matches!(r.stmts.first(),
-                    Some(Stmt::MarkSetMap { key, .. } | Stmt::UpdateMark { key, .. })
+                    Some(Stmt::MarkSetMap { key, .. }
+                        | Stmt::UpdateMark { key, .. }
+                        | Stmt::EtherDaddrSetMap { key, .. }
+                        | Stmt::UpdateEther { key, .. })
                         if key.family == *f);
             if folded {
                 continue;
@@ -484,6 +505,21 @@ pub fn stmt_text(s: &Stmt, after_vlan: bool) -> String {
         }
         Stmt::UpdateMark { key, set } => {
             format!("update @{set} {{ {} : meta mark }}", flow_key_text(key))
+        }
+        Stmt::EtherDaddrSetHash {
+            key,
+            modulus,
+            seed,
+            set,
+        } => format!(
+            "ether daddr set jhash {} mod {modulus} seed 0x{seed:x} map @{set}",
+            flow_key_text(key)
+        ),
+        Stmt::EtherDaddrSetMap { key, set } => {
+            format!("ether daddr set {} map @{set}", flow_key_text(key))
+        }
+        Stmt::UpdateEther { key, set } => {
+            format!("update @{set} {{ {} : ether daddr }}", flow_key_text(key))
         }
     }
 }

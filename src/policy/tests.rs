@@ -518,10 +518,12 @@ fn dr_with_realservers() {
     .unwrap();
     let r = &p.rules[0];
     assert_eq!(r.action, Action::Dr);
+    let macs: Vec<_> = r.realservers.iter().map(|rs| rs.mac).collect();
     assert_eq!(
-        r.realservers,
-        vec![[2, 0, 0, 0, 0, 0x31], [2, 0, 0, 0, 0, 0x32]]
+        macs,
+        vec![Some([2, 0, 0, 0, 0, 0x31]), Some([2, 0, 0, 0, 0, 0x32])]
     );
+    assert!(r.realservers.iter().all(|rs| rs.health.is_none()));
     // not a divert: no tag, no mark bits
     assert_eq!(r.tag, 0);
     assert!(!r.action.diverts());
@@ -622,9 +624,84 @@ fn dr_refuses_health_and_queue() {
     let e = error(&dr(
         "realservers = [{ mac = \"02:00:00:00:00:31\" }]\nhealth = { connect = \"10.0.0.31:80\" }\n",
     ));
-    assert!(e.contains("health checks need a diverting action"), "{e}");
+    assert!(e.starts_with("r.toml:8:10: error:"), "{e}");
+    assert!(e.contains("checks each realserver"), "{e}");
     let e = error(&dr(
         "realservers = [{ mac = \"02:00:00:00:00:31\" }]\ndecide = \"queue\"\n",
     ));
     assert!(e.contains("needs a diverting action"), "{e}");
+}
+
+#[test]
+fn dr_realserver_by_address_with_health() {
+    let p = build(&dr("realservers = [\n  { address = \"10.0.0.31\", health = { interval = \"1s\", fall = 2 } },\n  \
+         { mac = \"02:00:00:00:00:32\", health = { connect = \"10.0.0.32:8080\", rise = 5 } },\n  \
+         { address = \"2001:db8::33\", mac = \"02:00:00:00:00:33\" },\n]\n"))
+    .unwrap();
+    let rs = &p.rules[0].realservers;
+    assert_eq!(rs.len(), 3);
+    assert_eq!(rs[0].address, Some("10.0.0.31".parse().unwrap()));
+    assert_eq!(rs[0].mac, None);
+    let h = rs[0].health.as_ref().unwrap();
+    // connect defaults to address:first dport
+    assert_eq!(h.connect, "10.0.0.31:80".parse().unwrap());
+    assert_eq!((h.interval, h.fall, h.rise), (Duration::from_secs(1), 2, 2));
+    let h = rs[1].health.as_ref().unwrap();
+    assert_eq!(h.connect, "10.0.0.32:8080".parse().unwrap());
+    assert_eq!((h.fall, h.rise), (3, 5));
+    assert_eq!(rs[2].mac, Some([2, 0, 0, 0, 0, 0x33]));
+    assert_eq!(rs[2].describe(), "2001:db8::33");
+    assert_eq!(rs[1].describe(), "02:00:00:00:00:32");
+}
+
+#[test]
+fn dr_realserver_needs_mac_or_address() {
+    let e = error(&dr("realservers = [{ mac = \"02:00:00:00:00:31\" }, {}]\n"));
+    assert!(e.starts_with("r.toml:7:47: error:"), "{e}");
+    assert!(e.contains("needs a mac or an address"), "{e}");
+}
+
+#[test]
+fn dr_realserver_bad_address() {
+    let e = error(&dr("realservers = [{ address = \"10.0.0.300\" }]\n"));
+    assert!(e.starts_with("r.toml:7:28: error:"), "{e}");
+    assert!(e.contains("not an IP address"), "{e}");
+    let e = error(&dr("realservers = [{ address = \"224.0.0.1\" }]\n"));
+    assert!(e.starts_with("r.toml:7:28: error:"), "{e}");
+    assert!(e.contains("not a unicast host address"), "{e}");
+    let e = error(&dr(
+        "realservers = [{ address = \"10.0.0.31\" }, { address = \"10.0.0.31\" }]\n",
+    ));
+    assert!(e.starts_with("r.toml:7:55: error:"), "{e}");
+    assert!(e.contains("listed twice"), "{e}");
+}
+
+#[test]
+fn dr_realserver_health_needs_connect_without_address() {
+    let e = error(&dr(
+        "realservers = [{ mac = \"02:00:00:00:00:31\", health = { fall = 2 } }]\n",
+    ));
+    assert!(e.starts_with("r.toml:7:54: error:"), "{e}");
+    assert!(e.contains("health needs connect"), "{e}");
+    // and a rule-level health table without connect, at the table
+    let e = error(&rule("health = { fall = 2 }\n"));
+    assert!(e.starts_with("r.toml:7:10: error:"), "{e}");
+    assert!(e.contains("health needs connect"), "{e}");
+}
+
+#[test]
+fn dr_realserver_bad_health_values() {
+    let e = error(&dr(
+        "realservers = [{ address = \"10.0.0.31\", health = { interval = \"soon\" } }]\n",
+    ));
+    assert!(e.starts_with("r.toml:7:63: error:"), "{e}");
+    assert!(
+        e.contains("health.interval \"soon\" is not a duration"),
+        "{e}"
+    );
+    let e = error(&dr(
+        "realservers = [{ address = \"10.0.0.31\", health = { connect = \"10.0.0.31\" } }]\n",
+    ));
+    assert!(e.starts_with("r.toml:7:62: error:"), "{e}");
+    assert!(e.contains("is not ADDR:PORT"), "{e}");
 }
