@@ -88,6 +88,8 @@ pub fn target(settings: &Settings, tap_mac: [u8; 6]) -> Target {
     Target {
         bridge_mac: tap_mac,
         mark_mask: settings.kernel.mark_mask,
+        // queue rules are refused with the userspace datapath (ops::load)
+        queue: Default::default(),
     }
 }
 
@@ -190,6 +192,7 @@ action = "pass"
         let target = Target {
             bridge_mac: [2, 0, 0, 0, 0, 1],
             mark_mask: 0x00ff_0000,
+            queue: Default::default(),
         };
         let t = userspace_local_table(&p, &target, "br0");
         assert_eq!(t.family, Family::Inet);
