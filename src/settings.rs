@@ -287,7 +287,9 @@ impl Settings {
                 "use 2 or more contiguous bits outside kernel.mark_mask, e.g. 0x03000000 with the default mark_mask",
             );
         }
-        if self.queue.fanout == 0 || u32::from(self.queue.num) + u32::from(self.queue.fanout) > 65536 {
+        if self.queue.fanout == 0
+            || u32::from(self.queue.num) + u32::from(self.queue.fanout) > 65536
+        {
             err(
                 format!(
                     "queue.fanout {} from queue.num {} is not a valid range of queues",
@@ -296,9 +298,8 @@ impl Settings {
                 "use fanout >= 1 with num + fanout <= 65536",
             );
         }
-        if !(self.queue.rate >= 0.0 && self.queue.rate.is_finite())
-            || !(self.queue.burst >= 1.0 && self.queue.burst.is_finite())
-        {
+        let usable = |v: f64, min: f64| v >= min && v.is_finite();
+        if !usable(self.queue.rate, 0.0) || !usable(self.queue.burst, 1.0) {
             err(
                 format!(
                     "queue.rate {} / queue.burst {} are not usable",
@@ -472,5 +473,23 @@ mod tests {
     fn missing_file_refused() {
         let e = Settings::load(Path::new("/nonexistent/brdivert.toml")).unwrap_err();
         assert!(e.to_string().contains("not found"));
+    }
+
+    #[test]
+    fn queue_settings_checked() {
+        let base = "[bridge]\nname = \"br0\"\nports = []\n";
+        let s = load_str(base).unwrap();
+        assert_eq!((s.queue.fanout, s.queue.verdict_mask), (1, 0x0300_0000));
+        let e = load_str(&format!("{base}[queue]\nverdict_mask = 0x00030000\n")).unwrap_err();
+        assert!(
+            e.to_string().contains("queue.verdict_mask") && e.to_string().contains("overlap"),
+            "{e}"
+        );
+        let e = load_str(&format!("{base}[queue]\nverdict_mask = 0x01000000\n")).unwrap_err();
+        assert!(e.to_string().contains("2 bits or more"), "{e}");
+        let e = load_str(&format!("{base}[queue]\nnum = 65535\nfanout = 2\n")).unwrap_err();
+        assert!(e.to_string().contains("queue.fanout 2"), "{e}");
+        let e = load_str(&format!("{base}[queue]\nburst = 0.5\n")).unwrap_err();
+        assert!(e.to_string().contains("queue.burst"), "{e}");
     }
 }

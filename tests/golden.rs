@@ -31,6 +31,7 @@ fn rendered(path: &Path) -> String {
     let target = Target {
         bridge_mac: [0x02, 0, 0, 0, 0, 0xfe],
         mark_mask: 0x00ff_0000,
+        queue: Default::default(),
     };
     render(&compile(&policy, &target))
 }

@@ -833,6 +833,7 @@ fn compiled_examples_roundtrip() {
         &Target {
             bridge_mac: MAC,
             mark_mask: 0x00ff_0000,
+            queue: Default::default(),
         },
     );
     apply_in(&ns, &rs).expect("apply");
@@ -853,6 +854,7 @@ fn compiled(rules: &str) -> Ruleset {
         &Target {
             bridge_mac: MAC,
             mark_mask: 0x00ff_0000,
+            queue: Default::default(),
         },
     )
 }

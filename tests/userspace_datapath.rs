@@ -177,6 +177,7 @@ impl Bed {
         let target = Target {
             bridge_mac: dp.local_port().1,
             mark_mask: 0x00ff_0000,
+            queue: Default::default(),
         };
         let table = local_rules::userspace_local_table(&policy, &target, TAP);
         in_netns(&self.ns("br"), move || {

@@ -281,7 +281,10 @@ fn queue_metrics(o: &mut String, q: &super::queue::QueueStatus) {
         "New flows decided by the daemon, by verdict.",
     );
     for (v, n) in [("divert", q.divert), ("bypass", q.bypass), ("drop", q.drop)] {
-        let _ = writeln!(o, "brdivert_queue_flows_decided_total{{verdict=\"{v}\"}} {n}");
+        let _ = writeln!(
+            o,
+            "brdivert_queue_flows_decided_total{{verdict=\"{v}\"}} {n}"
+        );
     }
     family(
         o,
@@ -318,8 +321,16 @@ fn queue_metrics(o: &mut String, q: &super::queue::QueueStatus) {
         "gauge",
         "Prefixes in the dynamic allow/deny lists.",
     );
-    let _ = writeln!(o, "brdivert_queue_list_prefixes{{list=\"allow\"}} {}", q.allow.len());
-    let _ = writeln!(o, "brdivert_queue_list_prefixes{{list=\"deny\"}} {}", q.deny.len());
+    let _ = writeln!(
+        o,
+        "brdivert_queue_list_prefixes{{list=\"allow\"}} {}",
+        q.allow.len()
+    );
+    let _ = writeln!(
+        o,
+        "brdivert_queue_list_prefixes{{list=\"deny\"}} {}",
+        q.deny.len()
+    );
 }
 
 /// Check `text` is Prometheus text exposition: `# HELP`/`# TYPE` lines, and samples
@@ -437,6 +448,16 @@ mod tests {
                 to_up: 0,
                 since: 0.0,
             }],
+            queue: Some(crate::daemon::queue::QueueStatus {
+                queues: vec![0],
+                packets: 3,
+                divert: 2,
+                bypass: 1,
+                latency_p50_us: Some(5),
+                latency_p99_us: Some(50),
+                allow: vec!["10.0.0.0/8".into()],
+                ..Default::default()
+            }),
             last_reload: None,
             reloads: ReloadCounts {
                 ok: 2,
@@ -453,6 +474,14 @@ mod tests {
                 .any(|(s, v)| s == "brdivert_reloads_total{result=\"refused\"}" && *v == 1.0)
         );
         assert!(samples.iter().any(|(s, _)| s.contains("we\\\"b")));
+        assert!(samples.contains(&(
+            "brdivert_queue_flows_decided_total{verdict=\"divert\"}".to_string(),
+            2.0
+        )));
+        assert!(samples.contains(&(
+            "brdivert_queue_verdict_latency_seconds{quantile=\"0.99\"}".to_string(),
+            50e-6
+        )));
         assert!(parse_exposition("bad line").is_err());
         assert!(parse_exposition("x{a=\"1} 2").is_err());
     }

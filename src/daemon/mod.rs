@@ -151,8 +151,7 @@ pub struct Shared {
 async fn sync_queue(shared: &Arc<Shared>) -> Result<(), Failure> {
     let (settings, policy, up) = {
         let st = shared.state();
-        let up: HashMap<String, bool> =
-            st.health.iter().map(|(k, v)| (k.clone(), v.up)).collect();
+        let up: HashMap<String, bool> = st.health.iter().map(|(k, v)| (k.clone(), v.up)).collect();
         (st.settings.clone(), st.policy.clone(), up)
     };
     let sh = shared.clone();
@@ -717,7 +716,11 @@ async fn serve(config: &Path, settings: Settings, policy: Policy) -> Result<Stri
         st.settings.clone()
     };
     // unbind the queues; the rules' bypass lets new flows through undecided meanwhile
-    let q = shared.queue.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let q = shared
+        .queue
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
     if let Some(q) = q {
         tokio::task::spawn_blocking(move || q.stop())
             .await

@@ -237,7 +237,11 @@ pub fn change_list(
             });
         }
         "list" => {}
-        other => return Err(format!("unknown list operation {other:?}: use add, del or list")),
+        other => {
+            return Err(format!(
+                "unknown list operation {other:?}: use add, del or list"
+            ));
+        }
     }
     let l = lists.load();
     let set = match kind {
@@ -264,7 +268,11 @@ mod tests {
             change_list(&l, ListKind::Deny, "del", Some("10.0.0.0/8")).unwrap(),
             vec!["10.77.0.1/32"]
         );
-        assert!(change_list(&l, ListKind::Allow, "list", None).unwrap().is_empty());
+        assert!(
+            change_list(&l, ListKind::Allow, "list", None)
+                .unwrap()
+                .is_empty()
+        );
         assert!(change_list(&l, ListKind::Allow, "add", Some("nonsense")).is_err());
         assert!(change_list(&l, ListKind::Allow, "add", None).is_err());
         assert!(change_list(&l, ListKind::Allow, "flip", None).is_err());

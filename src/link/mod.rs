@@ -726,6 +726,7 @@ mod tests {
             master: None,
             mac: Some(vec![1, 2, 3]),
             up: true,
+            nf_call: [false; 2],
         };
         assert!(matches!(mac_of(&f), Err(LinkError::BadMac { len: 3, .. })));
         f.mac = Some(vec![2, 0, 0, 0, 0, 1]);

@@ -24,11 +24,11 @@
 
 use std::net::IpAddr;
 
+use super::QueueForm;
 use super::{
     BaseChain, Chain, ChainType, Dir, Dynamic, Family, FlowKey, Hook, IpFamily, KeyField, L4,
     Match, Rule, Ruleset, Set, SetElem, SetKind, Stmt, TABLE_NAME, Table,
 };
-use super::QueueForm;
 use crate::policy::{self, Action, Decide, DivertRule, OnUnhealthy, Policy, Prefixes, Proto};
 use crate::queue::{CODE_BYPASS, CODE_DIVERT, MarkLayout};
 
@@ -1293,5 +1293,126 @@ mod tests {
                 vec![("web".to_string(), 0x0001_0000)]
             );
         }
+    }
+
+    #[test]
+    fn queue_rule_tags_in_bridge_and_decides_in_ip_hooks() {
+        let p = policy(
+            "[[divert]]\nname = \"web\"\nproto = \"tcp\"\ndport = 80\naction = \"redirect\"\n\
+             port = 3129\ndecide = \"queue\"\n\
+             [[divert]]\nname = \"vip\"\ndst = \"10.0.0.100\"\naction = \"local\"\nfwmark = 16\n\
+             decide = \"queue\"\n",
+        );
+        let mut t = target();
+        t.queue = QueueTarget {
+            num: 4,
+            fanout: 2,
+            form: QueueForm::XtCompat,
+            verdict_mask: 0x0300_0000,
+        };
+        let rs = compile(&p, &t);
+        let b = rs.table(Family::Bridge).unwrap();
+        // the bridge only tags (tag bits set, verdict bits cleared) and bridges on
+        assert_eq!(
+            chain(b, "rule_web").rules[0].stmts,
+            vec![
+                Stmt::Counter,
+                Stmt::MarkSetMasked {
+                    keep: 0xfc00_ffff,
+                    value: 0x0001_0000
+                },
+                Stmt::Accept
+            ]
+        );
+        // local: diverted after br_netfilter's pass, on the decided mark, with its fwmark
+        let qd = chain(b, "q_divert");
+        assert_eq!(
+            qd.base.as_ref().unwrap().priority,
+            BRIDGE_QUEUE_DIVERT_PRIORITY
+        );
+        assert_eq!(qd.rules.len(), 1);
+        assert_eq!(
+            qd.rules[0].matches,
+            vec![Match::Mark {
+                mask: 0x03ff_0000,
+                value: 0x0102_0000
+            }]
+        );
+        assert_eq!(qd.rules[0].stmts[1], Stmt::MarkSet(16));
+        let inet = rs.table(Family::Inet).unwrap();
+        let decide = chain(inet, "q_decide");
+        assert_eq!(decide.rules.len(), 2);
+        assert_eq!(
+            decide.rules[0].matches,
+            vec![
+                Match::Mark {
+                    mask: 0x03ff_0000,
+                    value: 0x0001_0000
+                },
+                Match::CtStateNew,
+                Match::CtMark {
+                    mask: 0x0300_0000,
+                    value: 0
+                }
+            ]
+        );
+        assert_eq!(
+            decide.rules[0].stmts[1],
+            Stmt::Queue {
+                num: 4,
+                fanout: 2,
+                bypass: true,
+                form: QueueForm::XtCompat
+            }
+        );
+        // restore and pin: each rule's divert mark and the bypass code
+        let pin = chain(inet, "q_pin");
+        assert_eq!(pin.rules.len(), 3);
+        assert_eq!(
+            pin.rules[0].stmts[1],
+            Stmt::CtMarkSetMasked {
+                keep: 0xfc00_ffff,
+                value: 0x0101_0000
+            }
+        );
+        assert_eq!(chain(inet, "q_restore").rules.len(), 3);
+        let prio = |n| chain(inet, n).base.as_ref().unwrap().priority;
+        assert!(prio("q_restore") < prio("q_decide") && prio("q_decide") < prio("q_pin"));
+        assert!(prio("q_pin") < MANGLE_PRIORITY);
+        // redirect only on the decided mark
+        assert_eq!(
+            chain(inet, "dstnat").rules[0].matches[0],
+            Match::Mark {
+                mask: 0x03ff_0000,
+                value: 0x0101_0000
+            }
+        );
+        // both forms render; native as nft syntax
+        t.queue.form = QueueForm::Native;
+        let text = crate::nft::render::render(&compile(&p, &t));
+        assert!(text.contains("queue flags bypass to 4-5"), "{text}");
+        assert!(
+            text.contains("ct state new ct mark & 0x03000000 == 0x00000000"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ct mark set ct mark & 0xfd01ffff | 0x01010000"),
+            "{text}"
+        );
+        // no queue rules: no queue chains
+        let plain = compile(
+            &policy(
+                "[[divert]]\nname = \"w\"\nproto = \"tcp\"\ndport = 80\naction = \"redirect\"\nport = 3129\n",
+            ),
+            &t,
+        );
+        assert!(
+            plain
+                .table(Family::Inet)
+                .unwrap()
+                .chains
+                .iter()
+                .all(|c| !c.name.starts_with("q_"))
+        );
     }
 }
