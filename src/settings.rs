@@ -477,7 +477,7 @@ mod tests {
 
     #[test]
     fn queue_settings_checked() {
-        let base = "[bridge]\nname = \"br0\"\nports = []\n";
+        let base = "[bridge]\nports = [\"a\", \"b\"]\n";
         let s = load_str(base).unwrap();
         assert_eq!((s.queue.fanout, s.queue.verdict_mask), (1, 0x0300_0000));
         let e = load_str(&format!("{base}[queue]\nverdict_mask = 0x00030000\n")).unwrap_err();
