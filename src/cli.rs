@@ -51,11 +51,39 @@ pub enum Command {
         #[arg(long, env = "BRDIVERT_SOCKET")]
         socket: Option<PathBuf>,
     },
+    /// The running daemon's allow list of queue decisions: new flows from or to these
+    /// prefixes are never diverted (`decide = "queue"` rules only; kept in memory)
+    Allow {
+        #[command(subcommand)]
+        op: ListOp,
+        /// Control socket (default: `[control] socket` of the settings file)
+        #[arg(long, env = "BRDIVERT_SOCKET", global = true)]
+        socket: Option<PathBuf>,
+    },
+    /// The running daemon's deny list of queue decisions: new flows from or to these
+    /// prefixes are dropped (`decide = "queue"` rules only; kept in memory)
+    Deny {
+        #[command(subcommand)]
+        op: ListOp,
+        /// Control socket (default: `[control] socket` of the settings file)
+        #[arg(long, env = "BRDIVERT_SOCKET", global = true)]
+        socket: Option<PathBuf>,
+    },
     /// The throw-away network-namespace lab
     Lab {
         #[command(subcommand)]
         action: LabAction,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ListOp {
+    /// Add an address or prefix
+    Add { prefix: String },
+    /// Remove a prefix
+    Del { prefix: String },
+    /// Show the list
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,6 +141,8 @@ fn run(cli: &Cli) -> Result<String, Failure> {
         Command::Run => crate::daemon::run(cfg),
         Command::Reload { socket } => client_reload(&control_socket(cfg, socket)),
         Command::Status { json, socket } => client_status(&control_socket(cfg, socket), *json),
+        Command::Allow { op, socket } => client_list(&control_socket(cfg, socket), "allow", op),
+        Command::Deny { op, socket } => client_list(&control_socket(cfg, socket), "deny", op),
         Command::Lab { action } => {
             let exe = std::env::current_exe().map_err(anyhow::Error::from)?;
             match action {
@@ -163,6 +193,28 @@ fn client_reload(path: &std::path::Path) -> Result<String, Failure> {
         "ok" => Ok(text),
         "refused" => Err(Failure::Refused(text)),
         _ => Err(Failure::Runtime(anyhow::anyhow!("{text}"))),
+    }
+}
+
+fn client_list(path: &std::path::Path, cmd: &str, op: &ListOp) -> Result<String, Failure> {
+    let (op, prefix) = match op {
+        ListOp::Add { prefix } => ("add", Some(prefix.clone())),
+        ListOp::Del { prefix } => ("del", Some(prefix.clone())),
+        ListOp::List => ("list", None),
+    };
+    let req = crate::daemon::control::Request {
+        cmd: cmd.into(),
+        op: Some(op.into()),
+        prefix,
+    };
+    let resp = crate::daemon::control::request_with(path, &req, CLIENT_TIMEOUT)
+        .map_err(|e| unreachable(path, e))?;
+    match resp.list {
+        Some(l) => Ok(l.join("\n")),
+        None => Err(Failure::Refused(format!(
+            "daemon: {}",
+            resp.error.unwrap_or_else(|| "no answer".into())
+        ))),
     }
 }
 

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use crate::diag::Refused;
 use crate::link;
-use crate::nft::compile::{self, Target};
-use crate::nft::{Family, Ruleset, TABLE_NAME, netlink, render};
-use crate::policy::{Action, Policy};
+use crate::nft::compile::{self, QueueTarget, Target};
+use crate::nft::{Family, QueueForm, Ruleset, TABLE_NAME, netlink, render};
+use crate::policy::{Action, Decide, Policy};
 use crate::probe;
 use crate::settings::{Datapath, Settings};
 
@@ -82,20 +82,26 @@ fn kernel_only(settings: &Settings, policy: &Policy) -> Result<(), Refused> {
     let errors: Vec<_> = policy
         .rules
         .iter()
-        .filter(|r| r.action == Action::Dr)
-        .map(|r| {
-            crate::diag::Diagnostic::error(
+        .filter_map(|r| {
+            let what = if r.action == Action::Dr {
+                "action = \"dr\""
+            } else if r.decide == Decide::Queue {
+                "decide = \"queue\""
+            } else {
+                return None;
+            };
+            Some(crate::diag::Diagnostic::error(
                 &r.origin.file,
                 crate::diag::Pos {
                     line: r.origin.line,
                     column: 1,
                 },
                 format!(
-                    "rule {:?}: action = \"dr\" is kernel datapath only; the userspace datapath cannot run it yet",
+                    "rule {:?}: {what} is kernel datapath only; the userspace datapath cannot run it yet",
                     r.name
                 ),
-                "set bridge.datapath = \"kernel\" in the settings, or remove the rule",
-            )
+                "set bridge.datapath = \"kernel\" in the settings, or remove it from the rule",
+            ))
         })
         .collect();
     if errors.is_empty() {
@@ -136,13 +142,50 @@ fn address_warnings(settings: &Settings, policy: &Policy) -> Vec<crate::diag::Di
     out
 }
 
-/// The compile target for this bridge: its MAC (when it exists) and brdivert's mark bits.
-fn target(settings: &Settings, mac: Option<[u8; 6]>) -> Target {
+/// The compile target for this bridge: its MAC (when it exists), brdivert's mark bits and
+/// the queue form the kernel takes (`None`: not probed / unavailable; rendered as native).
+pub fn target(settings: &Settings, mac: Option<[u8; 6]>, form: Option<QueueForm>) -> Target {
     Target {
         bridge_mac: mac.unwrap_or([0; 6]),
         mark_mask: settings.kernel.mark_mask,
+        queue: QueueTarget {
+            num: settings.queue.num,
+            fanout: settings.queue.fanout,
+            form: form.unwrap_or(QueueForm::Native),
+            verdict_mask: settings.queue.verdict_mask,
+        },
         ..Default::default()
     }
+}
+
+/// The queue form for `policy` on this kernel: probed (in the current network namespace)
+/// only when the policy has queue rules; an error when the kernel can queue in neither form
+/// or br_netfilter is not loaded.
+pub fn queue_form(settings: &Settings, policy: &Policy) -> Result<Option<QueueForm>, Failure> {
+    if !policy.uses_queue() {
+        return Ok(None);
+    }
+    queue_form_of(settings, &probe::probe()).map(Some)
+}
+
+fn queue_form_of(settings: &Settings, caps: &probe::Caps) -> Result<QueueForm, Failure> {
+    let Some(form) = caps.queue_form() else {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "decide = \"queue\" rules need NFQUEUE in nftables: this kernel has neither native \
+             `queue` (CONFIG_NFT_QUEUE) nor the xt NFQUEUE target through nft compat \
+             (CONFIG_NFT_COMPAT, CONFIG_NETFILTER_XT_TARGET_NFQUEUE); load nft_queue or \
+             xt_NFQUEUE + nft_compat, or remove decide = \"queue\" from the rules"
+        )));
+    };
+    if caps.br_netfilter_ipv4.is_none() {
+        return Err(Failure::Runtime(
+            link::LinkError::NoBrNetfilter {
+                bridge: settings.bridge.name.clone(),
+            }
+            .into(),
+        ));
+    }
+    Ok(form)
 }
 
 /// `brdivert check`: validate, probe the kernel, print the plan.
@@ -166,12 +209,17 @@ pub fn check(settings_path: &std::path::Path) -> Result<String, Failure> {
         settings.bridge.ports.join(", ")
     );
     let _ = writeln!(out, "kernel:\n{caps}");
+    let form = if policy.uses_queue() {
+        Some(queue_form_of(&settings, &caps)?)
+    } else {
+        None
+    };
     let _ = writeln!(
         out,
         "plan ({} rules, first match wins):",
         policy.rules.len()
     );
-    let t = target(&settings, None);
+    let t = target(&settings, None, form);
     for r in &policy.rules {
         let fams: Vec<&str> = r
             .families()
@@ -202,12 +250,40 @@ pub fn check(settings_path: &std::path::Path) -> Result<String, Failure> {
         } else {
             String::new()
         };
+        let decide = if r.decide == Decide::Queue {
+            ", first packet of each new flow decided by the daemon (NFQUEUE)"
+        } else {
+            ""
+        };
         let _ = writeln!(
             out,
-            "  {} ({}): {action} [{}{mark}]",
+            "  {} ({}): {action} [{}{mark}]{decide}",
             r.name,
             r.origin,
             fams.join("+")
+        );
+    }
+    if policy.uses_queue() {
+        let q = &t.queue;
+        let l = t.layout();
+        let _ = writeln!(
+            out,
+            "queue: NFQUEUE {}{} ({}), bypass, fail_open {}; verdict bits {:#010x}, tag bits {:#010x}; \
+             br_netfilter turned on for bridge {} only (nf_call_iptables/ip6tables)",
+            q.num,
+            if q.fanout > 1 {
+                format!("-{}", u32::from(q.num) + u32::from(q.fanout) - 1)
+            } else {
+                String::new()
+            },
+            match q.form {
+                QueueForm::Native => "native queue",
+                QueueForm::XtCompat => "xt NFQUEUE through nft compat",
+            },
+            settings.queue.fail_open,
+            l.verdict_mask(),
+            l.tag_mask(),
+            settings.bridge.name
         );
     }
     if policy.uses_tproxy() {
@@ -234,8 +310,10 @@ pub fn render_text(settings_path: &std::path::Path) -> Result<String, Failure> {
             settings.bridge.name
         );
     }
+    // render is for people: a kernel that cannot queue still shows the rules (native form)
+    let form = queue_form(&settings, &policy).ok().flatten();
     // dr realservers given by address: what the neighbour table knows now (no probing)
-    let mut t = target(&settings, mac);
+    let mut t = target(&settings, mac, form);
     let wanted = dr_addresses(&policy);
     if !wanted.is_empty() {
         t.neighbours = block_on(async {
@@ -324,8 +402,18 @@ pub async fn install_with(
     dr_down: &BTreeSet<String>,
 ) -> Result<Installed, Failure> {
     check_installable(settings)?;
+    let form = {
+        let (s, p) = (settings.clone(), policy.clone());
+        tokio::task::spawn_blocking(move || queue_form(&s, &p))
+            .await
+            .map_err(anyhow::Error::from)??
+    };
     let info = link::setup(settings).await.map_err(anyhow::Error::from)?;
-    let mut t = target(settings, Some(info.mac));
+    // queue rules: br_netfilter on for this bridge only (off again, as it was, without them)
+    link::set_bridge_netfilter(settings, policy.uses_queue())
+        .await
+        .map_err(anyhow::Error::from)?;
+    let mut t = target(settings, Some(info.mac), form);
     let wanted = dr_addresses(policy);
     t.neighbours = link::neigh::resolve(&settings.bridge.name, &wanted, NEIGHBOUR_WAIT)
         .await
@@ -423,7 +511,7 @@ pub fn dr_flip(
         .iter()
         .find(|r| r.name == rule && r.action == Action::Dr)
         .ok_or_else(|| Failure::Runtime(anyhow::anyhow!("no dr rule {rule:?} in the policy")))?;
-    let mut t = target(settings, None);
+    let mut t = target(settings, None, None);
     t.neighbours = neighbours.clone();
     t.dr_down = dr_down.clone();
     netlink::replace_map_elements(&compile::dr_buckets(r, &t)).map_err(anyhow::Error::from)?;
@@ -433,7 +521,7 @@ pub fn dr_flip(
 /// The `down`-set element of the health-checked rule `name` (its tag as a mark value), for
 /// [`netlink::set_rule_health`].
 pub fn health_key(settings: &Settings, policy: &Policy, name: &str) -> Result<u32, Failure> {
-    let t = target(settings, None);
+    let t = target(settings, None, None);
     compile::health_keys(policy, &t)
         .into_iter()
         .find(|(n, _)| n == name)

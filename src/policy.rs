@@ -365,6 +365,8 @@ impl Policy {
             errors: Vec::new(),
             warnings: Vec::new(),
             names: HashMap::new(),
+            first_queue: None,
+            tproxies: Vec::new(),
         };
         let mut rules = Vec::new();
         for file in files {
@@ -397,6 +399,7 @@ impl Policy {
                 "merge rules, or widen kernel.mark_mask in the settings",
             ));
         }
+        v.queue_conflicts();
         v.shadow_warnings(&rules);
         if v.errors.is_empty() {
             Ok(Policy {
@@ -429,12 +432,41 @@ struct Validator<'a> {
     warnings: Vec<Diagnostic>,
     /// rule name -> where first defined
     names: HashMap<String, Origin>,
+    /// where the first `decide = "queue"` is (rule name, file, position)
+    first_queue: Option<(String, std::path::PathBuf, crate::diag::Pos)>,
+    /// every `action = "tproxy"` (rule name, file, position)
+    tproxies: Vec<(String, std::path::PathBuf, crate::diag::Pos)>,
 }
 
 impl Validator<'_> {
     fn err(&mut self, file: &RuleFile, offset: usize, what: String, fix: &str) {
         self.errors
             .push(Diagnostic::error(&file.path, file.pos(offset), what, fix));
+    }
+
+    /// Queue rules turn br_netfilter on for the bridge (see `nft::compile::queue_chains`),
+    /// and TPROXY through a bridge with br_netfilter on does not work (measured on 6.18:
+    /// the proxy never gets the connection): refuse every tproxy rule of such a policy, at
+    /// its action.
+    fn queue_conflicts(&mut self) {
+        let Some((qname, qfile, qpos)) = &self.first_queue else {
+            return;
+        };
+        for (name, file, pos) in &self.tproxies {
+            self.errors.push(Diagnostic::error(
+                file,
+                *pos,
+                format!(
+                    "rule {name:?}: action = \"tproxy\" cannot be combined with decide = \"queue\" \
+                     (rule {qname:?} at {}:{}:{}): queue rules turn br_netfilter on for the bridge, \
+                     and TPROXY through a bridge with br_netfilter on does not deliver to the proxy",
+                    qfile.display(),
+                    qpos.line,
+                    qpos.column
+                ),
+                "use action = \"redirect\" (Squid `intercept`) for this rule, or remove decide = \"queue\" from the queue rules",
+            ));
+        }
     }
 
     fn rule(&mut self, file: &RuleFile, raw: &Spanned<RawDivert>) -> Option<DivertRule> {
@@ -592,6 +624,15 @@ impl Validator<'_> {
             self.err(file, d.span().start, what, "remove decide from this rule");
         }
 
+        if let (Some(d), Decide::Queue) = (&r.decide, decide)
+            && self.first_queue.is_none()
+        {
+            self.first_queue = Some((name.clone(), file.path.clone(), file.pos(d.span().start)));
+        }
+        if let Some(Action::Tproxy { .. }) = &action {
+            let at = file.pos(r.action.span().start);
+            self.tproxies.push((name.clone(), file.path.clone(), at));
+        }
         let rule = DivertRule {
             name,
             origin,

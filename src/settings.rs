@@ -65,19 +65,45 @@ fn default_bridge_name() -> String {
     "br0".into()
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+/// NFQUEUE decisions (`decide = "queue"` rules; see docs/queue.md). Unused without such rules.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueSettings {
+    /// First NFQUEUE number.
     pub num: u16,
+    /// Queues `num .. num + fanout`, one worker thread each; the kernel spreads flows over
+    /// them by hash.
+    pub fanout: u16,
+    /// A full queue accepts packets (the flow is bridged undecided) instead of dropping them.
     pub fail_open: bool,
+    /// Bits of the packet / conntrack mark that hold a decision (verdict code 1 divert,
+    /// 2 bypass, 3 drop; 0 undecided). At least 2 contiguous bits, not overlapping
+    /// `kernel.mark_mask`.
+    pub verdict_mask: u32,
+    /// New flows a second per source address (IPv6: per /64) that are decided `divert`;
+    /// beyond it new flows are bypassed (bridged). 0 turns the limit off.
+    pub rate: f64,
+    /// Burst of new flows a source may open at once (the token bucket's depth).
+    pub burst: f64,
 }
 
 impl Default for QueueSettings {
     fn default() -> Self {
         QueueSettings {
             num: 0,
+            fanout: 1,
             fail_open: true,
+            verdict_mask: crate::queue::DEFAULT_VERDICT_MASK,
+            rate: 0.0,
+            burst: 200.0,
         }
+    }
+}
+
+impl QueueSettings {
+    /// The mark bits a decision uses, checked against `kernel.mark_mask`.
+    pub fn layout(&self, kernel: &KernelSettings) -> anyhow::Result<crate::queue::MarkLayout> {
+        crate::queue::MarkLayout::new(kernel.mark_mask, self.verdict_mask)
     }
 }
 
@@ -255,6 +281,33 @@ impl Settings {
                 "use e.g. 0x00ff0000",
             );
         }
+        if let Err(e) = self.queue.layout(&self.kernel) {
+            err(
+                format!("queue.verdict_mask: {e:#}"),
+                "use 2 or more contiguous bits outside kernel.mark_mask, e.g. 0x03000000 with the default mark_mask",
+            );
+        }
+        if self.queue.fanout == 0
+            || u32::from(self.queue.num) + u32::from(self.queue.fanout) > 65536
+        {
+            err(
+                format!(
+                    "queue.fanout {} from queue.num {} is not a valid range of queues",
+                    self.queue.fanout, self.queue.num
+                ),
+                "use fanout >= 1 with num + fanout <= 65536",
+            );
+        }
+        let usable = |v: f64, min: f64| v >= min && v.is_finite();
+        if !usable(self.queue.rate, 0.0) || !usable(self.queue.burst, 1.0) {
+            err(
+                format!(
+                    "queue.rate {} / queue.burst {} are not usable",
+                    self.queue.rate, self.queue.burst
+                ),
+                "use rate >= 0 (0 = no limit) and burst >= 1",
+            );
+        }
         if self.kernel.route_table == 0 || (253..=255).contains(&self.kernel.route_table) {
             err(
                 format!("kernel.route_table {} is reserved", self.kernel.route_table),
@@ -420,5 +473,23 @@ mod tests {
     fn missing_file_refused() {
         let e = Settings::load(Path::new("/nonexistent/brdivert.toml")).unwrap_err();
         assert!(e.to_string().contains("not found"));
+    }
+
+    #[test]
+    fn queue_settings_checked() {
+        let base = "[bridge]\nports = [\"a\", \"b\"]\n";
+        let s = load_str(base).unwrap();
+        assert_eq!((s.queue.fanout, s.queue.verdict_mask), (1, 0x0300_0000));
+        let e = load_str(&format!("{base}[queue]\nverdict_mask = 0x00030000\n")).unwrap_err();
+        assert!(
+            e.to_string().contains("queue.verdict_mask") && e.to_string().contains("overlap"),
+            "{e}"
+        );
+        let e = load_str(&format!("{base}[queue]\nverdict_mask = 0x01000000\n")).unwrap_err();
+        assert!(e.to_string().contains("2 bits or more"), "{e}");
+        let e = load_str(&format!("{base}[queue]\nnum = 65535\nfanout = 2\n")).unwrap_err();
+        assert!(e.to_string().contains("queue.fanout 2"), "{e}");
+        let e = load_str(&format!("{base}[queue]\nburst = 0.5\n")).unwrap_err();
+        assert!(e.to_string().contains("queue.burst"), "{e}");
     }
 }

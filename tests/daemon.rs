@@ -820,3 +820,118 @@ fn userspace_datapath_under_the_daemon() {
         .expect("ip");
     assert!(!gone.status.success(), "TAP left behind after stop");
 }
+
+/// `decide = "queue"`: tcp/80 from the clients, first packet of each new flow decided by the
+/// daemon over NFQUEUE (this kernel: the xt NFQUEUE target through nft compat).
+const RULES_QUEUE: &str = r#"[[divert]]
+name   = "web"
+from   = ["port-c1", "port-c2"]
+proto  = "tcp"
+dport  = [80]
+action = "redirect"
+port   = 3129
+decide = "queue"
+"#;
+
+/// The origin saw exactly `peer` for `path` (bridged: the client; diverted: the bridge).
+fn origin_peer(lab: &Lab, path: &str, peer: &str) {
+    let seen: Vec<String> = lab.origin_saw(path).into_iter().map(|h| h.peer).collect();
+    assert_eq!(seen, [peer], "{path}");
+}
+
+fn queue_status(d: &Daemon) -> brdivert::daemon::queue::QueueStatus {
+    d.status()
+        .queue
+        .expect("queue stats in status while queue rules are loaded")
+}
+
+#[test]
+fn queue_decisions_end_to_end() {
+    let Some(lab) = lab() else { return };
+    lab.write_rules("web", RULES_QUEUE).expect("rules");
+    let socket = Daemon::configure(&lab, "");
+    let mut d = Daemon::start(&lab, &socket, "q1");
+
+    // three new flows: each diverted to Squid, each queued exactly once (its first packet)
+    for i in 0..3 {
+        intercepted(&lab, &format!("/q-divert-{i}"));
+    }
+    let q = queue_status(&d);
+    assert_eq!(
+        q.packets,
+        3,
+        "one queued packet per flow: {q:?}\n{}",
+        d.log()
+    );
+    assert_eq!((q.divert, q.bypass, q.drop), (3, 0, 0), "{q:?}");
+    assert!(q.latency_p50_us.is_some() && q.latency_count == 3, "{q:?}");
+    let m = scrape(&lab);
+    assert!(
+        m.contains("brdivert_queue_flows_decided_total{verdict=\"divert\"} 3"),
+        "{m}"
+    );
+    // other ports stay bridged (br_netfilter is on for the bridge now)
+    let r = lab
+        .curl(Ns::C1, &format!("http://{UP_V4}:8080/q-other"))
+        .expect("bridged 8080");
+    assert_eq!(r.status, 200);
+    origin_peer(&lab, "/q-other", brdivert::lab::C1_V4);
+
+    // deny list: new flows from c1 are dropped; allow list: bridged, not diverted
+    let out = d.ctl(&["deny", "add", brdivert::lab::C1_V4]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        lab.curl_with(Ns::C1, &format!("http://{UP_V4}/q-denied"), &["-m", "2"])
+            .is_err(),
+        "denied client got through"
+    );
+    assert!(lab.origin_saw("/q-denied").is_empty());
+    assert!(
+        d.ctl(&["deny", "del", brdivert::lab::C1_V4])
+            .status
+            .success()
+    );
+    assert!(d.ctl(&["allow", "add", "10.77.0.0/24"]).status.success());
+    let out = d.ctl(&["allow", "list"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "10.77.0.0/24");
+    let r = lab
+        .curl(Ns::C1, &format!("http://{UP_V4}/q-allowed"))
+        .expect("allowed");
+    assert_eq!(r.status, 200);
+    assert!(r.header("Via").is_none(), "allowed flow went through Squid");
+    origin_peer(&lab, "/q-allowed", brdivert::lab::C1_V4);
+    assert!(d.ctl(&["allow", "del", "10.77.0.0/24"]).status.success());
+    let q = queue_status(&d);
+    assert!(q.drop >= 1 && q.bypass == 1, "{q:?}");
+
+    // a long download diverted, then the daemon SIGKILLed: it finishes (the verdict is in
+    // the ct mark), and new flows are bridged (the queue rule's bypass)
+    let path = "/slow/q-long";
+    let t = lab
+        .start_transfer(Ns::C1, &format!("http://{UP_V4}{path}"), &[])
+        .expect("transfer");
+    wait_until(
+        "the long transfer reached the origin",
+        Duration::from_secs(5),
+        || !lab.origin_saw(path).is_empty(),
+    );
+    d.signal(libc::SIGKILL);
+    d.wait_exit(Duration::from_secs(5));
+    let r = lab
+        .curl(Ns::C1, &format!("http://{UP_V4}/q-bypassed"))
+        .expect("bridged while the daemon is gone");
+    assert_eq!(r.status, 200);
+    assert!(r.header("Via").is_none(), "{r:?}");
+    origin_peer(&lab, "/q-bypassed", brdivert::lab::C1_V4);
+    let r = t.finish().expect("the diverted download finished");
+    assert_eq!(r.status, 200);
+    assert!(r.header("Via").unwrap_or_default().contains("brdivert-lab"));
+    assert_eq!(r.body.len(), 30 * 1000, "short body");
+    origin_peer(&lab, path, BR_V4);
+
+    // restarted: decisions resume
+    let d = Daemon::start(&lab, &socket, "q2");
+    intercepted(&lab, "/q-resumed");
+    let q = queue_status(&d);
+    assert_eq!((q.packets, q.divert), (1, 1), "{q:?}");
+}

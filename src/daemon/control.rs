@@ -25,9 +25,15 @@ use crate::ops::Failure;
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 4096;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Request {
     pub cmd: String,
+    /// `allow` / `deny`: `add`, `del` or `list`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub op: Option<String>,
+    /// `allow` / `deny` `add` / `del`: an address or prefix
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,6 +45,9 @@ pub struct Response {
     pub status: Option<Status>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reload: Option<ReloadResult>,
+    /// `allow` / `deny`: the list after the change
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub list: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,6 +82,9 @@ pub struct Status {
     /// Set when the kernel's counters could not be read (the totals then miss them).
     pub counters_error: Option<String>,
     pub health: Vec<HealthInfo>,
+    /// NFQUEUE decisions, while the policy has `decide = "queue"` rules.
+    #[serde(default)]
+    pub queue: Option<super::queue::QueueStatus>,
     pub last_reload: Option<ReloadResult>,
     pub reloads: ReloadCounts,
 }
@@ -156,6 +168,26 @@ async fn handle(s: UnixStream, shared: Arc<Shared>) -> io::Result<()> {
                 reload: Some(super::reload(&shared, "control").await),
                 ..Response::good()
             },
+            "allow" | "deny" => {
+                let kind = if req.cmd == "allow" {
+                    super::queue::ListKind::Allow
+                } else {
+                    super::queue::ListKind::Deny
+                };
+                let op = req.op.as_deref().unwrap_or("list");
+                match super::queue::change_list(&shared.lists, kind, op, req.prefix.as_deref()) {
+                    Ok(l) => {
+                        if op != "list" {
+                            tracing::info!(list = req.cmd, op, prefix = ?req.prefix, "list changed");
+                        }
+                        Response {
+                            list: Some(l),
+                            ..Response::good()
+                        }
+                    }
+                    Err(e) => Response::error(e),
+                }
+            }
             other => Response::error(format!("unknown command {other:?}")),
         },
     };
@@ -172,6 +204,7 @@ impl Response {
             error: None,
             status: None,
             reload: None,
+            list: None,
         }
     }
 
@@ -186,11 +219,23 @@ impl Response {
 
 /// Client side: send one request, read one response (blocking; for the CLI).
 pub fn request(path: &Path, cmd: &str, timeout: Duration) -> io::Result<Response> {
+    request_with(
+        path,
+        &Request {
+            cmd: cmd.into(),
+            ..Default::default()
+        },
+        timeout,
+    )
+}
+
+/// Client side with a full request (`allow` / `deny`).
+pub fn request_with(path: &Path, req: &Request, timeout: Duration) -> io::Result<Response> {
     use std::io::{BufRead, Write};
     let mut s = std::os::unix::net::UnixStream::connect(path)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    let req = serde_json::to_string(&Request { cmd: cmd.into() }).map_err(io::Error::other)?;
+    let req = serde_json::to_string(req).map_err(io::Error::other)?;
     s.write_all(format!("{req}\n").as_bytes())?;
     let mut line = String::new();
     std::io::BufReader::new(s).read_line(&mut line)?;
@@ -278,6 +323,23 @@ pub fn format_status(s: &Status) -> String {
                 h.to_up
             );
         }
+    }
+    if let Some(q) = &s.queue {
+        let us = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v}us"));
+        let _ = writeln!(
+            o,
+            "queue {:?}: {} packets; decided divert {}, bypass {}, drop {}; errors {}, queue drops {}; verdict latency p50 <= {}, p99 <= {}",
+            q.queues,
+            q.packets,
+            q.divert,
+            q.bypass,
+            q.drop,
+            q.errors,
+            q.queue_drops,
+            us(q.latency_p50_us),
+            us(q.latency_p99_us)
+        );
+        let _ = writeln!(o, "  allow: {:?}\n  deny: {:?}", q.allow, q.deny);
     }
     let _ = writeln!(
         o,

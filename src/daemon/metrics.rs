@@ -259,7 +259,78 @@ pub fn render(st: &Status) -> String {
         "brdivert_counters_readable {}",
         u8::from(st.counters_error.is_none())
     );
+    if let Some(q) = &st.queue {
+        queue_metrics(&mut o, q);
+    }
     o
+}
+
+/// NFQUEUE decisions (only while the policy has queue rules).
+fn queue_metrics(o: &mut String, q: &super::queue::QueueStatus) {
+    family(
+        o,
+        "brdivert_queue_packets_total",
+        "counter",
+        "Packets that reached the daemon over NFQUEUE (the first packet of each new flow of a queue rule).",
+    );
+    let _ = writeln!(o, "brdivert_queue_packets_total {}", q.packets);
+    family(
+        o,
+        "brdivert_queue_flows_decided_total",
+        "counter",
+        "New flows decided by the daemon, by verdict.",
+    );
+    for (v, n) in [("divert", q.divert), ("bypass", q.bypass), ("drop", q.drop)] {
+        let _ = writeln!(
+            o,
+            "brdivert_queue_flows_decided_total{{verdict=\"{v}\"}} {n}"
+        );
+    }
+    family(
+        o,
+        "brdivert_queue_errors_total",
+        "counter",
+        "Queued packets answered bypass because of an error (parse, mark, decider, socket).",
+    );
+    let _ = writeln!(o, "brdivert_queue_errors_total {}", q.errors);
+    family(
+        o,
+        "brdivert_queue_drops_total",
+        "counter",
+        "Packets the kernel dropped or could not hand to the daemon (queue or socket full).",
+    );
+    let _ = writeln!(o, "brdivert_queue_drops_total {}", q.queue_drops);
+    family(
+        o,
+        "brdivert_queue_verdict_latency_seconds",
+        "gauge",
+        "Verdict latency quantiles (upper bound of the histogram bucket holding them).",
+    );
+    for (quant, v) in [("0.5", q.latency_p50_us), ("0.99", q.latency_p99_us)] {
+        if let Some(us) = v {
+            let _ = writeln!(
+                o,
+                "brdivert_queue_verdict_latency_seconds{{quantile=\"{quant}\"}} {}",
+                us as f64 / 1e6
+            );
+        }
+    }
+    family(
+        o,
+        "brdivert_queue_list_prefixes",
+        "gauge",
+        "Prefixes in the dynamic allow/deny lists.",
+    );
+    let _ = writeln!(
+        o,
+        "brdivert_queue_list_prefixes{{list=\"allow\"}} {}",
+        q.allow.len()
+    );
+    let _ = writeln!(
+        o,
+        "brdivert_queue_list_prefixes{{list=\"deny\"}} {}",
+        q.deny.len()
+    );
 }
 
 /// Check `text` is Prometheus text exposition: `# HELP`/`# TYPE` lines, and samples
@@ -377,6 +448,16 @@ mod tests {
                 to_up: 0,
                 since: 0.0,
             }],
+            queue: Some(crate::daemon::queue::QueueStatus {
+                queues: vec![0],
+                packets: 3,
+                divert: 2,
+                bypass: 1,
+                latency_p50_us: Some(5),
+                latency_p99_us: Some(50),
+                allow: vec!["10.0.0.0/8".into()],
+                ..Default::default()
+            }),
             last_reload: None,
             reloads: ReloadCounts {
                 ok: 2,
@@ -393,6 +474,14 @@ mod tests {
                 .any(|(s, v)| s == "brdivert_reloads_total{result=\"refused\"}" && *v == 1.0)
         );
         assert!(samples.iter().any(|(s, _)| s.contains("we\\\"b")));
+        assert!(samples.contains(&(
+            "brdivert_queue_flows_decided_total{verdict=\"divert\"}".to_string(),
+            2.0
+        )));
+        assert!(samples.contains(&(
+            "brdivert_queue_verdict_latency_seconds{quantile=\"0.99\"}".to_string(),
+            50e-6
+        )));
         assert!(parse_exposition("bad line").is_err());
         assert!(parse_exposition("x{a=\"1} 2").is_err());
     }

@@ -18,6 +18,7 @@ pub mod counters;
 pub mod health;
 pub mod metrics;
 pub mod notify;
+pub mod queue;
 pub mod userspace;
 pub mod watch;
 
@@ -177,6 +178,39 @@ pub struct Shared {
     flip: Arc<dyn HealthFlip>,
     /// The userspace datapath, when `bridge.datapath = "userspace"` (else the kernel forwards).
     userspace: Option<Arc<userspace::Userspace>>,
+    /// NFQUEUE workers, while the policy has `decide = "queue"` rules.
+    queue: Mutex<Option<queue::Queue>>,
+    /// The dynamic allow/deny lists of queue decisions (`brdivert allow|deny …`).
+    pub lists: crate::queue::ListsHandle,
+}
+
+/// Make the NFQUEUE side match the installed policy (start, re-decide, stop); blocking
+/// part on tokio's blocking pool.
+async fn sync_queue(shared: &Arc<Shared>) -> Result<(), Failure> {
+    let (settings, policy, up) = {
+        let st = shared.state();
+        let up: HashMap<String, bool> = st.health.iter().map(|(k, v)| (k.clone(), v.up)).collect();
+        (st.settings.clone(), st.policy.clone(), up)
+    };
+    let sh = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut slot = sh.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let current = slot.take();
+        let next = queue::Queue::sync(current, &settings, &policy, &sh.lists, &|r: &str| {
+            up.get(r).copied().unwrap_or(true)
+        });
+        match next {
+            Ok(q) => {
+                *slot = q;
+                Ok(())
+            }
+            Err(e) => Err(Failure::Runtime(e.context(
+                "starting the NFQUEUE workers (new flows of queue rules are bridged undecided meanwhile)",
+            ))),
+        }
+    })
+    .await
+    .map_err(anyhow::Error::from)?
 }
 
 /// Install a validated policy on the datapath the daemon runs: the kernel's (one
@@ -260,6 +294,9 @@ impl HealthSink for Sink {
             }
             (st.settings.clone(), st.policy.clone())
         };
+        if let Some(q) = sh.queue.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            q.set_health(rule, up);
+        }
         let flip = sh.flip.clone();
         if let (rule, Some(i)) = parse_check_key(rule) {
             let rule = rule.to_string();
@@ -473,6 +510,9 @@ pub async fn reload(shared: &Arc<Shared>, trigger: &str) -> ReloadResult {
                         }
                     })
                     .await;
+                    if let Err(e) = sync_queue(shared).await {
+                        tracing::error!("{e}");
+                    }
                     tracing::info!(trigger, "reload ok: {msg}");
                     ReloadResult {
                         result: "ok".into(),
@@ -587,6 +627,12 @@ pub async fn snapshot(shared: &Arc<Shared>) -> control::Status {
         pinned,
         counters_error: err,
         health: st.health.values().cloned().collect(),
+        queue: shared
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|q| q.status(&shared.lists)),
         last_reload: st.last_reload.clone(),
         reloads: control::ReloadCounts {
             ok: st.reloads_ok,
@@ -687,10 +733,16 @@ async fn serve(config: &Path, settings: Settings, policy: Policy) -> Result<Stri
             None => Arc::new(NftFlip),
         },
         userspace,
+        queue: Mutex::new(None),
+        lists: Default::default(),
     });
     {
         let mut st = shared.state();
         sync_health(&shared, &mut st);
+    }
+    if let Err(e) = sync_queue(&shared).await {
+        let _ = std::fs::remove_file(&control_path);
+        return Err(e);
     }
 
     let mut tasks: Vec<JoinHandle<()>> = vec![
@@ -749,6 +801,17 @@ async fn serve(config: &Path, settings: Settings, policy: Policy) -> Result<Stri
         }
         st.settings.clone()
     };
+    // unbind the queues; the rules' bypass lets new flows through undecided meanwhile
+    let q = shared
+        .queue
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(q) = q {
+        tokio::task::spawn_blocking(move || q.stop())
+            .await
+            .map_err(anyhow::Error::from)?;
+    }
     let _ = std::fs::remove_file(&control_path);
     if let Some(u) = shared.userspace.clone() {
         // Nothing forwards without the daemon in this mode: stop it all, leave no TAP behind.

@@ -75,6 +75,13 @@ pub enum LinkError {
     },
 
     #[error(
+        "decide = \"queue\" rules need br_netfilter (the IP hooks for bridged frames), and it \
+         is not loaded; run `modprobe br_netfilter` (brdivert turns it on for bridge {bridge} \
+         only)"
+    )]
+    NoBrNetfilter { bridge: String },
+
+    #[error(
         "sysctl {}: {source}; run as root, or set kernel.keep_br_netfilter = true to leave \
          br_netfilter alone",
         .path.display()

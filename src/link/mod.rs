@@ -220,6 +220,65 @@ async fn setup_inner(
     })
 }
 
+/// br_netfilter for brdivert's bridge only: its own `nf_call_iptables` and
+/// `nf_call_ip6tables` options (IFLA_BR_NF_CALL_IP*TABLES), which hold even while the
+/// namespace-wide `bridge-nf-call-ip*tables` sysctls are off. `decide = "queue"` needs them
+/// on: NFQUEUE and conntrack exist only in the IP hooks (docs/queue.md). Turning them on
+/// records the previous values; turning them off (a policy without queue rules) and
+/// [`teardown`] restore those. The bridge must exist ([`setup`] first).
+pub async fn set_bridge_netfilter(settings: &Settings, on: bool) -> Result<(), LinkError> {
+    let dir = state_dir();
+    let name = &settings.bridge.name;
+    let path = state::bridge_state_path(&dir, name);
+    let mut st: BridgeState = state::load(&path)?.unwrap_or_else(|| BridgeState::new(name));
+    let want = match (on, st.bridge_nf_call) {
+        (true, _) => [true, true],
+        (false, Some(prev)) => prev,
+        (false, None) => return Ok(()),
+    };
+    if on && !Path::new("/proc/sys/net/bridge").exists() {
+        return Err(LinkError::NoBrNetfilter {
+            bridge: name.clone(),
+        });
+    }
+    let handle = nl::connect()?;
+    let facts = nl::link_by_name(&handle, name)
+        .await?
+        .ok_or_else(|| LinkError::NoSuchLink { name: name.clone() })?;
+    if facts.nf_call != want {
+        let msg = LinkBridge::new(name)
+            .index(facts.index)
+            .nf_call_iptables(want[0])
+            .nf_call_ip6tables(want[1])
+            .build();
+        handle
+            .link()
+            .change(msg)
+            .execute()
+            .await
+            .map_err(|e| LinkError::netlink(format!("set br_netfilter options of {name:?}"), e))?;
+        tracing::info!(
+            "bridge {name}: nf_call_iptables {}, nf_call_ip6tables {}",
+            want[0] as u8,
+            want[1] as u8
+        );
+    }
+    let before = st.clone();
+    if on {
+        st.bridge_nf_call.get_or_insert(facts.nf_call);
+    } else {
+        st.bridge_nf_call = None;
+    }
+    if st != before {
+        if st.is_empty() {
+            state::remove(&path)?;
+        } else {
+            state::save(&path, &st)?;
+        }
+    }
+    Ok(())
+}
+
 async fn create_bridge(handle: &Handle, name: &str) -> Result<(), LinkError> {
     let msg = LinkBridge::new(name)
         .stp_state(BridgeStpState::Disabled)
@@ -390,8 +449,24 @@ async fn teardown_bridge_inner(
                 st.bridge_ifindex = None;
                 st.enslaved_ports.clear();
                 st.addresses.clear();
+                st.bridge_nf_call = None;
             }
         } else if let Some(b) = &bridge {
+            // The operator's bridge: its br_netfilter options as they were.
+            if let Some(prev) = st.bridge_nf_call {
+                let msg = LinkBridge::new(name)
+                    .index(b.index)
+                    .nf_call_iptables(prev[0])
+                    .nf_call_ip6tables(prev[1])
+                    .build();
+                match handle.link().change(msg).execute().await {
+                    Ok(()) => st.bridge_nf_call = None,
+                    Err(e) => note(Err(LinkError::netlink(
+                        format!("restore br_netfilter options of {name:?}"),
+                        e,
+                    ))),
+                }
+            }
             // The operator's bridge: take back only our addresses and our ports.
             // If the addresses cannot be listed, keep their records for a retry.
             let (present, pending) = match nl::addresses_of(handle, b).await {
@@ -432,6 +507,7 @@ async fn teardown_bridge_inner(
             // The bridge is gone: nothing of ours is left on it.
             st.enslaved_ports.clear();
             st.addresses.clear();
+            st.bridge_nf_call = None;
         }
     }
 
@@ -651,6 +727,7 @@ mod tests {
             master: None,
             mac: Some(vec![1, 2, 3]),
             up: true,
+            nf_call: [false; 2],
         };
         assert!(matches!(mac_of(&f), Err(LinkError::BadMac { len: 3, .. })));
         f.mac = Some(vec![2, 0, 0, 0, 0, 1]);

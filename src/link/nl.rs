@@ -4,7 +4,9 @@ use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{
+    InfoBridge, InfoData, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
 use rtnetlink::{Handle, LinkUnspec};
 
 use super::error::{LinkError, errno};
@@ -29,6 +31,8 @@ pub(crate) struct LinkFacts {
     pub master: Option<u32>,
     pub mac: Option<Vec<u8>>,
     pub up: bool,
+    /// A bridge's `nf_call_iptables` and `nf_call_ip6tables` options.
+    pub nf_call: [bool; 2],
 }
 
 impl LinkFacts {
@@ -44,6 +48,7 @@ impl LinkFacts {
             master: None,
             mac: None,
             up: msg.header.flags.contains(LinkFlags::Up),
+            nf_call: [false; 2],
         };
         for attr in &msg.attributes {
             match attr {
@@ -52,8 +57,18 @@ impl LinkFacts {
                 LinkAttribute::Address(a) => facts.mac = Some(a.clone()),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
-                        if let LinkInfo::Kind(k) = info {
-                            facts.kind = Some(kind_name(k));
+                        match info {
+                            LinkInfo::Kind(k) => facts.kind = Some(kind_name(k)),
+                            LinkInfo::Data(InfoData::Bridge(opts)) => {
+                                for o in opts {
+                                    match o {
+                                        InfoBridge::NfCallIpTables(v) => facts.nf_call[0] = *v,
+                                        InfoBridge::NfCallIp6Tables(v) => facts.nf_call[1] = *v,
+                                        _ => {}
+                                    }
+                                }
+                            }
+                            _ => {}
                         }
                     }
                 }

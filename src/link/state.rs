@@ -60,6 +60,9 @@ pub struct BridgeState {
     pub addresses: Vec<IpNet>,
     /// br_netfilter sysctls brdivert changed, with their previous values.
     pub br_netfilter: Vec<SysctlValue>,
+    /// The bridge's own `nf_call_iptables` / `nf_call_ip6tables` before brdivert turned them
+    /// on for queue rules (an existing bridge only; teardown sets them back).
+    pub bridge_nf_call: Option<[bool; 2]>,
 }
 
 impl BridgeState {
@@ -76,6 +79,7 @@ impl BridgeState {
             && self.enslaved_ports.is_empty()
             && self.addresses.is_empty()
             && self.br_netfilter.is_empty()
+            && self.bridge_nf_call.is_none()
     }
 }
 

@@ -25,11 +25,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use super::QueueForm;
 use super::{
     BaseChain, Chain, ChainType, Dir, Dynamic, Family, FlowKey, Hook, IpFamily, KeyField, L4,
     MapData, Match, Rule, Ruleset, Set, SetElem, SetKind, Stmt, TABLE_NAME, Table,
 };
-use crate::policy::{self, Action, DivertRule, OnUnhealthy, Policy, Prefixes, Proto};
+use crate::policy::{self, Action, Decide, DivertRule, OnUnhealthy, Policy, Prefixes, Proto};
+use crate::queue::{CODE_BYPASS, CODE_DIVERT, MarkLayout};
 
 /// What compiling needs beyond the policy: facts about this bridge and kernel.
 #[derive(Debug, Clone, Default)]
@@ -42,9 +44,39 @@ pub struct Target {
     pub neighbours: BTreeMap<IpAddr, [u8; 6]>,
     /// Health-check keys ([`dr_check_key`]) of `dr` realservers that are down.
     pub dr_down: BTreeSet<String>,
+    /// How `decide = "queue"` rules queue (used only when the policy has such rules).
+    pub queue: QueueTarget,
+}
+
+/// How queue rules are compiled: the queue range, the rule form the kernel takes, and the
+/// verdict bits (`queue.verdict_mask`) next to the tag bits (`mark_mask`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueTarget {
+    pub num: u16,
+    pub fanout: u16,
+    pub form: QueueForm,
+    pub verdict_mask: u32,
+}
+
+impl Default for QueueTarget {
+    fn default() -> QueueTarget {
+        QueueTarget {
+            num: 0,
+            fanout: 1,
+            form: QueueForm::Native,
+            verdict_mask: crate::queue::DEFAULT_VERDICT_MASK,
+        }
+    }
 }
 
 impl Target {
+    /// The mark bits of queue decisions: the single source of truth shared with the engine.
+    /// Settings validation guarantees the masks fit; a target built by hand with masks that
+    /// overlap falls back to the default verdict bits.
+    pub fn layout(&self) -> MarkLayout {
+        MarkLayout::new(self.mark_mask, self.queue.verdict_mask).unwrap_or_default()
+    }
+
     fn shift(&self) -> u32 {
         self.mark_mask.trailing_zeros()
     }
@@ -67,14 +99,27 @@ pub const BRIDGE_PRIORITY: i32 = -200;
 pub const DSTNAT_PRIORITY: i32 = -100;
 /// inet priority `mangle` (TPROXY must run before routing).
 pub const MANGLE_PRIORITY: i32 = -150;
+/// Queue decisions, in the IP prerouting hook after conntrack (-200) and before mangle:
+/// restore a decided flow's verdict from its ct mark, queue undecided new flows, pin the
+/// verdict (an accepted queued packet goes on at the *next base chain*, so the pin is a
+/// chain of its own).
+pub const QUEUE_RESTORE_PRIORITY: i32 = -180;
+pub const QUEUE_DECIDE_PRIORITY: i32 = -170;
+pub const QUEUE_PIN_PRIORITY: i32 = -160;
+/// Bridge prerouting after br_netfilter's IP pass (NF_BR_PRI_BRNF = 0): where a `local`
+/// queue rule's divert verdict (set in that pass) is turned into the frame diverter's move.
+pub const BRIDGE_QUEUE_DIVERT_PRIORITY: i32 = 100;
 
 /// The whole kernel-datapath ruleset: the bridge table and the local-stack table.
 pub fn compile(policy: &Policy, target: &Target) -> Ruleset {
+    let mut bridge = bridge_table(policy, target);
+    let mut inet = local_stack_table(policy, target);
+    if policy.uses_queue() {
+        bridge.chains.extend(queue_bridge_chain(policy, target));
+        inet.chains.extend(queue_chains(policy, target));
+    }
     Ruleset {
-        tables: vec![
-            bridge_table(policy, target),
-            local_stack_table(policy, target),
-        ],
+        tables: vec![bridge, inet],
     }
 }
 
@@ -341,9 +386,14 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
                 chain.push(dr_rule(r, fam, &matches));
                 continue;
             }
+            let stmts = if r.decide == Decide::Queue {
+                queue_candidate_stmts(r, target)
+            } else {
+                action_stmts(r, target, fam)
+            };
             chain.push(Rule {
                 matches,
-                stmts: action_stmts(r, target, fam),
+                stmts,
                 comment: Some(r.name.clone()),
             });
         }
@@ -364,6 +414,165 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
     });
     t.chains.extend(rule_chains);
     t
+}
+
+/// A queue rule's main match in the bridge table: tag the frame with the rule (so the IP
+/// hook's queue rule knows which rule matched, after the exemptions) and bridge it on. Whether
+/// it is diverted is decided in br_netfilter's IP pass (see [`queue_chains`]).
+fn queue_candidate_stmts(r: &DivertRule, target: &Target) -> Vec<Stmt> {
+    vec![
+        Stmt::Counter,
+        Stmt::MarkSetMasked {
+            keep: !target.layout().mask(),
+            value: target.tag_mark(r.tag),
+        },
+        Stmt::Accept,
+    ]
+}
+
+/// The mark (tag + verdict code) of a `divert` decision for queue rule `r`.
+fn divert_mark(l: &MarkLayout, r: &DivertRule) -> u32 {
+    l.tag_mark(r.tag) | l.code_mark(CODE_DIVERT)
+}
+
+fn queue_rules(policy: &Policy) -> impl Iterator<Item = &DivertRule> {
+    policy.rules.iter().filter(|r| r.decide == Decide::Queue)
+}
+
+/// The IP-hook half of `decide = "queue"` (inet table, prerouting; reached by bridged frames
+/// through br_netfilter, which brdivert turns on for its bridge when a policy has queue
+/// rules):
+/// - `q_restore`: a decided flow (verdict code in its ct mark) gets its decision back in
+///   the packet mark — tag and code, every other bit kept;
+/// - `q_decide`: the first packet of a new, undecided flow that a queue rule tagged goes to
+///   the queue (bypass: no listener, the packet goes on undecided, i.e. bridged);
+/// - `q_pin`: the decision the daemon wrote into the packet mark is copied into the ct mark.
+///
+/// A `drop` decision is answered NF_DROP by the daemon and never pinned (see docs/queue.md).
+/// The divert itself: `redirect` at dstnat on the decided mark (br_netfilter then hands the
+/// frame to the host), `local` in the bridge chain of [`queue_bridge_chain`].
+pub fn queue_chains(policy: &Policy, target: &Target) -> Vec<Chain> {
+    let l = target.layout();
+    let q = target.queue;
+    let decided: Vec<(u32, String)> = queue_rules(policy)
+        .map(|r| (divert_mark(&l, r), format!("{}: divert", r.name)))
+        .chain(std::iter::once((
+            l.code_mark(CODE_BYPASS),
+            "queue: bypass".to_string(),
+        )))
+        .collect();
+    let keep = !l.mask();
+    let restore = decided
+        .iter()
+        .map(|(m, comment)| Rule {
+            matches: vec![Match::CtMark {
+                mask: l.mask(),
+                value: *m,
+            }],
+            stmts: vec![Stmt::MarkSetMasked { keep, value: *m }],
+            comment: Some(comment.clone()),
+        })
+        .collect();
+    let decide = queue_rules(policy)
+        .map(|r| Rule {
+            matches: vec![
+                Match::Mark {
+                    mask: l.mask(),
+                    value: l.tag_mark(r.tag),
+                },
+                Match::CtStateNew,
+                Match::CtMark {
+                    mask: l.verdict_mask(),
+                    value: 0,
+                },
+            ],
+            stmts: vec![
+                Stmt::Counter,
+                Stmt::Queue {
+                    num: q.num,
+                    fanout: q.fanout,
+                    bypass: true,
+                    form: q.form,
+                },
+            ],
+            comment: Some(format!("{}: queue", r.name)),
+        })
+        .collect();
+    let pin = decided
+        .iter()
+        .map(|(m, comment)| Rule {
+            matches: vec![
+                Match::CtStateNew,
+                Match::Mark {
+                    mask: l.mask(),
+                    value: *m,
+                },
+            ],
+            stmts: vec![Stmt::Counter, Stmt::CtMarkSetMasked { keep, value: *m }],
+            comment: Some(comment.clone()),
+        })
+        .collect();
+    let base = |priority| {
+        Some(BaseChain {
+            kind: ChainType::Filter,
+            hook: Hook::Prerouting,
+            priority,
+        })
+    };
+    vec![
+        Chain {
+            name: "q_restore".into(),
+            base: base(QUEUE_RESTORE_PRIORITY),
+            rules: restore,
+        },
+        Chain {
+            name: "q_decide".into(),
+            base: base(QUEUE_DECIDE_PRIORITY),
+            rules: decide,
+        },
+        Chain {
+            name: "q_pin".into(),
+            base: base(QUEUE_PIN_PRIORITY),
+            rules: pin,
+        },
+    ]
+}
+
+/// `local` queue rules: a frame whose flow was decided `divert` (its mark set in
+/// br_netfilter's IP pass, which runs before this chain) is handed to the local stack with
+/// the frame diverter's move (and the rule's IPVS fwmark, if any). None without such rules.
+pub fn queue_bridge_chain(policy: &Policy, target: &Target) -> Option<Chain> {
+    let l = target.layout();
+    let rules: Vec<Rule> = queue_rules(policy)
+        .filter_map(|r| {
+            let Action::Local { fwmark } = r.action else {
+                return None;
+            };
+            let mut stmts = vec![Stmt::Counter];
+            if let Some(m) = fwmark {
+                stmts.push(Stmt::MarkSet(m));
+            }
+            stmts.extend(divert_move(target));
+            stmts.push(Stmt::Accept);
+            Some(Rule {
+                matches: vec![Match::Mark {
+                    mask: l.mask(),
+                    value: divert_mark(&l, r),
+                }],
+                stmts,
+                comment: Some(format!("{}: divert", r.name)),
+            })
+        })
+        .collect();
+    (!rules.is_empty()).then(|| Chain {
+        name: "q_divert".into(),
+        base: Some(BaseChain {
+            kind: ChainType::Filter,
+            hook: Hook::Prerouting,
+            priority: BRIDGE_QUEUE_DIVERT_PRIORITY,
+        }),
+        rules,
+    })
 }
 
 /// `arp_shield` on a `local` VIP rule: only the bridge host (the director, which holds the
@@ -536,9 +745,18 @@ pub fn local_stack_table(policy: &Policy, target: &Target) -> Table {
         comment: Some("tproxy: established".into()),
     });
     for r in &policy.rules {
-        let tagged = Match::Mark {
-            mask: target.mark_mask,
-            value: target.tag_mark(r.tag),
+        // a queue rule's tag is on every packet it matched; only a divert verdict diverts
+        let tagged = if r.decide == Decide::Queue {
+            let l = target.layout();
+            Match::Mark {
+                mask: l.mask(),
+                value: divert_mark(&l, r),
+            }
+        } else {
+            Match::Mark {
+                mask: target.mark_mask,
+                value: target.tag_mark(r.tag),
+            }
         };
         let l4 = r.proto.map(l4_of);
         match r.action {
@@ -1321,5 +1539,126 @@ mod tests {
         );
         assert_eq!(parse_check_key("vip/2"), ("vip", Some(1)));
         assert_eq!(parse_check_key("web"), ("web", None));
+    }
+
+    #[test]
+    fn queue_rule_tags_in_bridge_and_decides_in_ip_hooks() {
+        let p = policy(
+            "[[divert]]\nname = \"web\"\nproto = \"tcp\"\ndport = 80\naction = \"redirect\"\n\
+             port = 3129\ndecide = \"queue\"\n\
+             [[divert]]\nname = \"vip\"\ndst = \"10.0.0.100\"\naction = \"local\"\nfwmark = 16\n\
+             decide = \"queue\"\n",
+        );
+        let mut t = target();
+        t.queue = QueueTarget {
+            num: 4,
+            fanout: 2,
+            form: QueueForm::XtCompat,
+            verdict_mask: 0x0300_0000,
+        };
+        let rs = compile(&p, &t);
+        let b = rs.table(Family::Bridge).unwrap();
+        // the bridge only tags (tag bits set, verdict bits cleared) and bridges on
+        assert_eq!(
+            chain(b, "rule_web").rules[0].stmts,
+            vec![
+                Stmt::Counter,
+                Stmt::MarkSetMasked {
+                    keep: 0xfc00_ffff,
+                    value: 0x0001_0000
+                },
+                Stmt::Accept
+            ]
+        );
+        // local: diverted after br_netfilter's pass, on the decided mark, with its fwmark
+        let qd = chain(b, "q_divert");
+        assert_eq!(
+            qd.base.as_ref().unwrap().priority,
+            BRIDGE_QUEUE_DIVERT_PRIORITY
+        );
+        assert_eq!(qd.rules.len(), 1);
+        assert_eq!(
+            qd.rules[0].matches,
+            vec![Match::Mark {
+                mask: 0x03ff_0000,
+                value: 0x0102_0000
+            }]
+        );
+        assert_eq!(qd.rules[0].stmts[1], Stmt::MarkSet(16));
+        let inet = rs.table(Family::Inet).unwrap();
+        let decide = chain(inet, "q_decide");
+        assert_eq!(decide.rules.len(), 2);
+        assert_eq!(
+            decide.rules[0].matches,
+            vec![
+                Match::Mark {
+                    mask: 0x03ff_0000,
+                    value: 0x0001_0000
+                },
+                Match::CtStateNew,
+                Match::CtMark {
+                    mask: 0x0300_0000,
+                    value: 0
+                }
+            ]
+        );
+        assert_eq!(
+            decide.rules[0].stmts[1],
+            Stmt::Queue {
+                num: 4,
+                fanout: 2,
+                bypass: true,
+                form: QueueForm::XtCompat
+            }
+        );
+        // restore and pin: each rule's divert mark and the bypass code
+        let pin = chain(inet, "q_pin");
+        assert_eq!(pin.rules.len(), 3);
+        assert_eq!(
+            pin.rules[0].stmts[1],
+            Stmt::CtMarkSetMasked {
+                keep: 0xfc00_ffff,
+                value: 0x0101_0000
+            }
+        );
+        assert_eq!(chain(inet, "q_restore").rules.len(), 3);
+        let prio = |n| chain(inet, n).base.as_ref().unwrap().priority;
+        assert!(prio("q_restore") < prio("q_decide") && prio("q_decide") < prio("q_pin"));
+        assert!(prio("q_pin") < MANGLE_PRIORITY);
+        // redirect only on the decided mark
+        assert_eq!(
+            chain(inet, "dstnat").rules[0].matches[0],
+            Match::Mark {
+                mask: 0x03ff_0000,
+                value: 0x0101_0000
+            }
+        );
+        // both forms render; native as nft syntax
+        t.queue.form = QueueForm::Native;
+        let text = crate::nft::render::render(&compile(&p, &t));
+        assert!(text.contains("queue flags bypass to 4-5"), "{text}");
+        assert!(
+            text.contains("ct state new ct mark & 0x03000000 == 0x00000000"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ct mark set ct mark & 0xfd01ffff | 0x01010000"),
+            "{text}"
+        );
+        // no queue rules: no queue chains
+        let plain = compile(
+            &policy(
+                "[[divert]]\nname = \"w\"\nproto = \"tcp\"\ndport = 80\naction = \"redirect\"\nport = 3129\n",
+            ),
+            &t,
+        );
+        assert!(
+            plain
+                .table(Family::Inet)
+                .unwrap()
+                .chains
+                .iter()
+                .all(|c| !c.name.starts_with("q_"))
+        );
     }
 }

@@ -43,6 +43,11 @@ pub const NFT_DYNSET_OP_UPDATE: u32 = 1;
 /// First 4-byte register (`NFT_REG32_00`); `NFT_REG_1` is the same storage.
 pub const NFT_REG32_00: u32 = 8;
 pub const NFT_SET_ELEM_INTERVAL_END: u32 = 0x1;
+/// `ct` keys: `state` (a bit set, see [`CT_STATE_NEW`]) and `mark`
+pub const NFT_CT_STATE: u32 = 0;
+pub const NFT_CT_MARK: u32 = 3;
+/// `ct state new`: NF_CT_STATE_BIT(IP_CT_NEW) = 1 << (2 + 1)
+pub const CT_STATE_NEW: u32 = 1 << 3;
 pub const NFPROTO_IPV4: u32 = 2;
 pub const NFPROTO_IPV6: u32 = 10;
 
@@ -187,6 +192,20 @@ pub fn meta_load_to(key: u32, dreg: u32) -> RawExpr {
     RawExpr::new(c"meta")
         .u32(sys::NFTNL_EXPR_META_KEY, key)
         .u32(sys::NFTNL_EXPR_META_DREG, dreg)
+}
+
+/// `[ ct load KEY => reg 1 ]`
+pub fn ct_load(key: u32) -> RawExpr {
+    RawExpr::new(c"ct")
+        .u32(sys::NFTNL_EXPR_CT_KEY, key)
+        .u32(sys::NFTNL_EXPR_CT_DREG, NFT_REG_1)
+}
+
+/// `[ ct set KEY with reg 1 ]`
+pub fn ct_set(key: u32) -> RawExpr {
+    RawExpr::new(c"ct")
+        .u32(sys::NFTNL_EXPR_CT_KEY, key)
+        .u32(sys::NFTNL_EXPR_CT_SREG, NFT_REG_1)
 }
 
 /// `[ payload load LENb @ BASE + OFFSET => reg R ]`

@@ -282,6 +282,10 @@ pub enum Match {
     SocketTransparent,
     /// `meta mark & MASK != 0x00000000` (some bit of MASK is set)
     MarkNonZero { mask: u32 },
+    /// `ct state new` (inet family: conntrack exists only in the IP hooks)
+    CtStateNew,
+    /// `ct mark & MASK == VALUE` (inet family)
+    CtMark { mask: u32, value: u32 },
     /// `meta mark & MASK == @set` (the masked mark is an element of the set)
     MarkIn { mask: u32, set: String },
     /// `arp operation request` (bridge family; implies `ether type arp`)
@@ -316,6 +320,12 @@ pub enum Stmt {
     },
     /// `meta mark set VALUE` — the whole mark (IPVS fwmark services match it exactly)
     MarkSet(u32),
+    /// `ct mark set ct mark & KEEP | VALUE` — pin our bits of a decision in the conntrack
+    /// mark, keep everyone else's (inet family)
+    CtMarkSetMasked {
+        keep: u32,
+        value: u32,
+    },
     /// `meta pkttype set host` — the frame diverter's move, part 1
     PkttypeSetHost,
     /// `ether daddr set MAC` — the frame diverter's move, part 2 (the bridge's own MAC)

@@ -737,6 +737,18 @@ pub fn lower_rule(family: Family, r: &Rule) -> Result<Vec<RawExpr>, ApplyError> 
                 v.push(ext::bitwise(&mask.to_ne_bytes(), &[0; 4]));
                 v.push(ext::cmp_neq(&[0; 4]));
             }
+            Match::CtStateNew => {
+                v.push(ext::ct_load(ext::NFT_CT_STATE));
+                v.push(ext::bitwise(&ext::CT_STATE_NEW.to_ne_bytes(), &[0; 4]));
+                v.push(ext::cmp_neq(&[0; 4]));
+            }
+            Match::CtMark { mask, value } => {
+                v.push(ext::ct_load(ext::NFT_CT_MARK));
+                if *mask != u32::MAX {
+                    v.push(ext::bitwise(&mask.to_ne_bytes(), &[0; 4]));
+                }
+                v.push(ext::cmp_eq(&value.to_ne_bytes()));
+            }
             Match::MarkIn { mask, set } => {
                 v.push(ext::meta_load(ext::NFT_META_MARK));
                 if *mask != u32::MAX {
@@ -918,6 +930,14 @@ fn lower_stmt(s: &Stmt, v: &mut Vec<RawExpr>) {
                 &value.to_ne_bytes(),
             ));
             v.push(ext::meta_set(ext::NFT_META_MARK));
+        }
+        Stmt::CtMarkSetMasked { keep, value } => {
+            v.push(ext::ct_load(ext::NFT_CT_MARK));
+            v.push(ext::bitwise(
+                &(keep & !value).to_ne_bytes(),
+                &value.to_ne_bytes(),
+            ));
+            v.push(ext::ct_set(ext::NFT_CT_MARK));
         }
         Stmt::MarkSet(m) => {
             v.push(ext::immediate(ext::NFT_REG_1, &m.to_ne_bytes()));

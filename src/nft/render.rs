@@ -416,6 +416,8 @@ pub fn match_text(m: &Match) -> String {
         Match::Family(IpFamily::V6) => "meta protocol ip6".to_string(),
         Match::SocketTransparent => "socket transparent 1".to_string(),
         Match::MarkNonZero { mask } => format!("meta mark & 0x{mask:08x} != 0x00000000"),
+        Match::CtStateNew => "ct state new".to_string(),
+        Match::CtMark { mask, value } => format!("ct mark & 0x{mask:08x} == 0x{value:08x}"),
         Match::MarkIn { mask, set } if *mask == u32::MAX => format!("meta mark @{set}"),
         Match::MarkIn { mask, set } => format!("meta mark & 0x{mask:08x} == @{set}"),
         Match::ArpRequest => "arp operation request".to_string(),
@@ -447,21 +449,25 @@ fn queue_range(num: u16, fanout: u16) -> String {
     }
 }
 
+/// `KEY set KEY & AND | VALUE`: nft prints the kernel's (x & (KEEP & ~VALUE)) ^ VALUE as
+/// `& (mask|xor) | xor`.
+fn masked_set_text(key: &str, keep: u32, value: u32) -> String {
+    let and = keep | value;
+    let mut t = format!("{key} set {key}");
+    if and != u32::MAX {
+        let _ = write!(t, " & 0x{and:08x}");
+    }
+    if value != 0 {
+        let _ = write!(t, " | 0x{value:08x}");
+    }
+    t
+}
+
 pub fn stmt_text(s: &Stmt, after_vlan: bool) -> String {
     match s {
         Stmt::Counter => "counter packets 0 bytes 0".to_string(),
-        Stmt::MarkSetMasked { keep, value } => {
-            // nft prints the kernel's (mark & (KEEP & ~VALUE)) ^ VALUE as `& (mask|xor) | xor`.
-            let and = keep | value;
-            let mut t = "meta mark set meta mark".to_string();
-            if and != u32::MAX {
-                let _ = write!(t, " & 0x{and:08x}");
-            }
-            if *value != 0 {
-                let _ = write!(t, " | 0x{value:08x}");
-            }
-            t
-        }
+        Stmt::MarkSetMasked { keep, value } => masked_set_text("meta mark", *keep, *value),
+        Stmt::CtMarkSetMasked { keep, value } => masked_set_text("ct mark", *keep, *value),
         Stmt::MarkSet(v) => format!("meta mark set 0x{v:08x}"),
         Stmt::PkttypeSetHost => "meta pkttype set host".to_string(),
         Stmt::EtherDaddrSet(mac) if after_vlan => {

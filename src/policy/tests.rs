@@ -705,3 +705,20 @@ fn dr_realserver_bad_health_values() {
     assert!(e.starts_with("r.toml:7:62: error:"), "{e}");
     assert!(e.contains("is not ADDR:PORT"), "{e}");
 }
+
+#[test]
+fn queue_with_tproxy_refused_at_the_tproxy_action() {
+    let e = error(
+        "[[divert]]\nname = \"q\"\nproto = \"tcp\"\ndport = 80\naction = \"redirect\"\nport = 3129\n\
+         decide = \"queue\"\n\
+         [[divert]]\nname = \"tp\"\nproto = \"tcp\"\ndport = 8080\naction = \"tproxy\"\nport = 3130\n",
+    );
+    assert!(e.starts_with("r.toml:12:10:"), "{e}");
+    assert!(
+        e.contains("cannot be combined with decide = \"queue\" (rule \"q\" at r.toml:7:10)"),
+        "{e}"
+    );
+    assert!(e.contains("use action = \"redirect\""), "{e}");
+    // either alone is fine
+    assert!(build(&rule("decide = \"queue\"\n")).is_ok());
+}
