@@ -169,6 +169,14 @@ pub fn rule_matches(r: &DivertRule, iif: &str, p: &PacketInfo) -> bool {
     if !r.src_mac.is_empty() && !r.src_mac.contains(&p.src_mac) {
         return false;
     }
+    // no `vlan`: untagged frames only; else tagged with one of the rule's VLANs
+    let vlan_ok = match p.vlan {
+        None => r.vlan.is_empty(),
+        Some(v) => r.vlan.contains(&v),
+    };
+    if !vlan_ok {
+        return false;
+    }
     if let Some(proto) = r.proto {
         let num = match proto {
             Proto::Tcp => IPPROTO_TCP,

@@ -271,6 +271,8 @@ pub struct DivertRule {
     pub from: Vec<String>,
     /// Source MACs; empty = any.
     pub src_mac: Vec<[u8; 6]>,
+    /// 802.1Q VLAN ids, sorted: frames tagged with one of these; empty = untagged frames only.
+    pub vlan: Vec<u16>,
     pub proto: Option<Proto>,
     /// Destination ports, merged and sorted; empty = any (only without `proto`-less rules).
     pub dport: Vec<PortRange>,
@@ -499,6 +501,7 @@ impl Validator<'_> {
 
         let from = self.from(file, r);
         let src_mac = self.macs(file, r);
+        let vlan = self.vlans(file, r);
         let proto = r.proto.as_ref().and_then(|p| match p.get_ref().as_str() {
             "tcp" => Some(Proto::Tcp),
             "udp" => Some(Proto::Udp),
@@ -623,6 +626,23 @@ impl Validator<'_> {
             );
             self.err(file, d.span().start, what, "remove decide from this rule");
         }
+        // A diverted tagged frame would go up the bridge still tagged, and the kernel gives
+        // it to the host only through a VLAN interface (CONFIG_VLAN_8021Q, absent here):
+        // without one it is dropped, so such a rule would blackhole its VLAN.
+        if let (Some(list), Some(act)) = (&r.vlan, action)
+            && act.diverts()
+        {
+            let what = format!(
+                "action {:?} cannot take VLAN-tagged frames to the host (no VLAN interfaces)",
+                act.keyword()
+            );
+            self.err(
+                file,
+                list.span().start,
+                what,
+                "use vlan with pass, drop or dr, or divert the untagged traffic (leave vlan out)",
+            );
+        }
 
         if let (Some(d), Decide::Queue) = (&r.decide, decide)
             && self.first_queue.is_none()
@@ -639,6 +659,7 @@ impl Validator<'_> {
             tag: 0,
             from,
             src_mac,
+            vlan,
             proto,
             dport,
             src,
@@ -727,6 +748,22 @@ impl Validator<'_> {
                     "write it as 02:00:00:00:00:01",
                 )
             })
+        });
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    fn vlans(&mut self, file: &RuleFile, r: &RawDivert) -> Vec<u16> {
+        let Some(list) = &r.vlan else {
+            return Vec::new();
+        };
+        let mut out = self.list(file, list, "vlan", |v: &i64| match u16::try_from(*v) {
+            Ok(id @ 1..=4094) => Ok(id),
+            _ => Err((
+                format!("vlan {v} is not a VLAN id"),
+                "use an 802.1Q VLAN id 1-4094",
+            )),
         });
         out.sort();
         out.dedup();
@@ -1198,6 +1235,9 @@ fn shadows(a: &DivertRule, b: &DivertRule) -> bool {
         a.from.is_empty() || (!b.from.is_empty() && b.from.iter().all(|p| a.from.contains(p)));
     let macs = a.src_mac.is_empty()
         || (!b.src_mac.is_empty() && b.src_mac.iter().all(|m| a.src_mac.contains(m)));
+    // no `vlan` = untagged frames only, so two rules can overlap only when both name VLANs
+    // or both leave them out
+    let vlans = a.vlan.is_empty() == b.vlan.is_empty() && b.vlan.iter().all(|v| a.vlan.contains(v));
     let proto = a.proto.is_none() || a.proto == b.proto;
     let ports = a.dport.is_empty()
         || (!b.dport.is_empty()
@@ -1210,6 +1250,7 @@ fn shadows(a: &DivertRule, b: &DivertRule) -> bool {
     families
         && from
         && macs
+        && vlans
         && proto
         && ports
         && no_holes

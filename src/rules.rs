@@ -103,6 +103,8 @@ pub struct RawDivert {
     pub except_dst: Option<Strings>,
     /// source MAC addresses (extension)
     pub src_mac: Option<Strings>,
+    /// 802.1Q VLAN ids (extension)
+    pub vlan: Option<Spanned<OneOrMany<i64>>>,
     pub action: Spanned<String>,
     pub port: Option<Spanned<i64>>,
     pub address: Option<Spanned<String>>,

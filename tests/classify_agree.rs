@@ -48,6 +48,12 @@ dst    = ["10.2.0.100", "fd02::100"]
 action = "local"
 
 [[divert]]
+name   = "v10"
+vlan   = [10, 30]
+dst    = ["10.4.0.1", "fd04::1"]
+action = "pass"
+
+[[divert]]
 name   = "web6"
 from   = "p2"
 proto  = "tcp"
@@ -79,6 +85,8 @@ fn corpus(n: usize) -> Vec<(&'static str, FrameSpec)> {
     let protos = [6u8, 17, 1];
     let dports = [22u16, 53, 80, 443, 8085, 8091];
     let macs = [[2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]];
+    // untagged, a VLAN a rule names, one no rule names (802.1Q tags in the frame)
+    let vlans = [None, None, Some(10), Some(20)];
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     (0..n)
         .map(|i| {
@@ -96,7 +104,7 @@ fn corpus(n: usize) -> Vec<(&'static str, FrameSpec)> {
             let spec = FrameSpec {
                 src_mac: *rng.pick(&macs),
                 dst_mac: [2, 0, 0, 0, 0, 0x99],
-                vlan: None,
+                vlan: *rng.pick(&vlans),
                 src,
                 dst,
                 l4proto: *rng.pick(&protos),
@@ -277,7 +285,7 @@ fn classify_agrees_with_kernel_datapath() {
         }
     });
     // The corpus must exercise every rule and the no-match case, or the test proves little.
-    for name in ["web", "ssh", "dns", "vip", "web6", "bridge"] {
+    for name in ["web", "ssh", "dns", "vip", "v10", "web6", "bridge"] {
         assert!(
             seen.get(name).copied().unwrap_or(0) > 0,
             "corpus never hit {name}: {seen:?}"

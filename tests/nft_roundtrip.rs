@@ -1099,3 +1099,36 @@ fn dr_forms_roundtrip() {
         .expect("replace again");
     assert_roundtrip(&ns, &rs);
 }
+
+/// VLAN rules: one jump per VLAN id (`vlan id N` between the port and L4 matches), with
+/// ingress port and source MAC, and the untagged-only jump of a rule without `vlan`, list
+/// back as rendered.
+#[test]
+fn vlan_rules_roundtrip() {
+    let Some(ns) = netns_or_skip("vlan_rules_roundtrip") else {
+        return;
+    };
+    let rs = compiled(
+        "[[divert]]\nname = \"v\"\nfrom = \"eth1\"\nsrc_mac = \"02:00:00:00:00:01\"\n\
+         vlan = [20, 10]\nproto = \"tcp\"\ndport = 80\naction = \"drop\"\n\
+         [[divert]]\nname = \"v2\"\nvlan = 30\ndst = \"192.0.2.1\"\naction = \"pass\"\n\
+         [[divert]]\nname = \"web\"\nproto = \"tcp\"\ndport = 80\naction = \"redirect\"\nport = 3129\n",
+    );
+    let jumps: Vec<_> = rs.tables[0]
+        .chains
+        .iter()
+        .flat_map(|c| &c.rules)
+        .filter(|r| r.matches.iter().any(|m| matches!(m, Match::VlanId(_))))
+        .collect();
+    assert_eq!(jumps.len(), 3, "one jump per VLAN id: {jumps:?}");
+    assert!(
+        rs.tables[0]
+            .chains
+            .iter()
+            .flat_map(|c| &c.rules)
+            .any(|r| r.matches.contains(&Match::Untagged)),
+        "the rule without vlan takes untagged frames only"
+    );
+    apply_in(&ns, &rs).expect("apply");
+    assert_roundtrip(&ns, &rs);
+}

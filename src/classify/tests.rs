@@ -178,3 +178,21 @@ fn ip_helpers() {
     assert_eq!(p.family(), Family::V4);
     assert!(matches!(p.src, IpAddr::V4(_)));
 }
+
+#[test]
+fn vlan_rules_take_their_tags_and_others_only_untagged_frames() {
+    let p = policy(
+        "[[divert]]\nname = \"v\"\nvlan = [10, 30]\nproto = \"tcp\"\ndport = 22\naction = \"drop\"\n\
+         [[divert]]\nname = \"u\"\nproto = \"tcp\"\ndport = 22\naction = \"pass\"\n",
+    );
+    let c = |vlan: Option<u16>| {
+        let mut s = spec("10.0.0.1", "10.0.0.2", 6, 22);
+        s.vlan = vlan;
+        classify(&p, "eth0", &info(&s))
+    };
+    assert_eq!(c(Some(10)), Decision::Drop { rule: 0 });
+    assert_eq!(c(Some(30)), Decision::Drop { rule: 0 });
+    assert_eq!(c(None), Decision::Pass { rule: 1 });
+    // a VLAN no rule names: bridged untouched
+    assert_eq!(c(Some(20)), Decision::Bridge);
+}

@@ -350,12 +350,25 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
                 port_elems(r),
             )
         });
-        head.extend(l4_match(l4, Dir::Dst, &dport_set));
-        prerouting.push(Rule {
-            matches: head,
-            stmts: vec![Stmt::Jump(chain_name(r))],
-            comment: Some(r.name.clone()),
-        });
+        let l4 = l4_match(l4, Dir::Dst, &dport_set);
+        // One jump per VLAN id (a rule names a few at most; nft's `vlan id` takes no set
+        // here without a typed concatenation), or one for any frame.
+        let vlans: Vec<Option<u16>> = if r.vlan.is_empty() {
+            vec![None]
+        } else {
+            r.vlan.iter().copied().map(Some).collect()
+        };
+        for vid in vlans {
+            let mut matches = head.clone();
+            // no `vlan`: untagged frames only (tagged ones belong to other networks)
+            matches.push(vid.map_or(Match::Untagged, Match::VlanId));
+            matches.extend(l4.clone());
+            prerouting.push(Rule {
+                matches,
+                stmts: vec![Stmt::Jump(chain_name(r))],
+                comment: Some(r.name.clone()),
+            });
+        }
 
         let mut chain = Vec::new();
         for f in r.families() {
@@ -1388,6 +1401,7 @@ mod tests {
                 Match::EtherSaddr {
                     set: "bad_src_mac".into()
                 },
+                Match::Untagged,
                 Match::L4Proto(L4::Udp)
             ]
         );

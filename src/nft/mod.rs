@@ -257,6 +257,8 @@ pub enum Match {
     EtherSaddr { set: String },
     /// `vlan id N` (802.1Q tagged frames, bridge family)
     VlanId(u16),
+    /// `ether type != 8021q ether type != 8021ad`: untagged frames only (bridge family)
+    Untagged,
     /// `meta l4proto tcp` — only needed where no port match implies it
     L4Proto(L4),
     /// `ether type ip` (bridge) / `meta nfproto ipv4` (inet): pins a rule to one IP family

@@ -653,6 +653,12 @@ pub fn lower_rule(family: Family, r: &Rule) -> Result<Vec<RawExpr>, ApplyError> 
                 v.push(ext::cmp_eq(&id.to_be_bytes()));
                 vlan = true;
             }
+            Match::Untagged => {
+                // the link header's type, as nft shows it (an offloaded tag is put back)
+                v.push(ext::payload_load(ext::NFT_PAYLOAD_LL_HEADER, 12, 2));
+                v.push(ext::cmp_neq(&0x8100u16.to_be_bytes()));
+                v.push(ext::cmp_neq(&0x88a8u16.to_be_bytes()));
+            }
             Match::L4Proto(p) => {
                 v.push(ext::meta_load(ext::NFT_META_L4PROTO));
                 v.push(ext::cmp_eq(&[l4num(*p)]));

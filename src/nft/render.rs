@@ -386,6 +386,7 @@ pub fn match_text(m: &Match) -> String {
         Match::IifName { negate, set } => format!("iifname {}@{set}", neg(*negate)),
         Match::EtherSaddr { set } => format!("ether saddr @{set}"),
         Match::VlanId(id) => format!("vlan id {id}"),
+        Match::Untagged => "ether type != 8021q ether type != 8021ad".to_string(),
         Match::L4Proto(l4) => format!("meta l4proto {}", l4.as_str()),
         Match::Addr {
             family,

@@ -722,3 +722,64 @@ fn queue_with_tproxy_refused_at_the_tproxy_action() {
     // either alone is fine
     assert!(build(&rule("decide = \"queue\"\n")).is_ok());
 }
+
+/// A `pass` rule for tcp/22 (line 5: `action`), with `extra` lines from line 6.
+fn pass_rule(extra: &str) -> String {
+    format!("[[divert]]\nname = \"ssh\"\nproto = \"tcp\"\ndport = 22\naction = \"pass\"\n{extra}")
+}
+
+#[test]
+fn vlan_ids() {
+    for (text, col) in [
+        ("vlan = [10, 4095]\n", 13),
+        ("vlan = 0\n", 8),
+        ("vlan = [-1]\n", 9),
+        ("vlan = [70000]\n", 9),
+    ] {
+        let e = error(&pass_rule(text));
+        assert!(
+            e.starts_with(&format!("r.toml:6:{col}:")) && e.contains("VLAN id 1-4094"),
+            "{text}: {e}"
+        );
+    }
+    let e = error(&pass_rule("vlan = []\n"));
+    assert!(e.starts_with("r.toml:6:8:") && e.contains("empty"), "{e}");
+    let e = error(&pass_rule("vlan = \"10\"\n"));
+    assert!(e.starts_with("r.toml:6:8:"), "{e}");
+    let p = build(&pass_rule("vlan = [20, 10, 20]\n")).unwrap();
+    assert_eq!(p.rules[0].vlan, vec![10, 20]);
+    assert!(build(&pass_rule("")).unwrap().rules[0].vlan.is_empty());
+}
+
+#[test]
+fn vlan_with_a_diverting_action_refused() {
+    let e = error(&rule("vlan = [10, 20]\n"));
+    assert!(
+        e.starts_with("r.toml:7:8:")
+            && e.contains("\"redirect\" cannot take VLAN-tagged frames")
+            && e.contains("use vlan with pass, drop or dr"),
+        "{e}"
+    );
+    assert!(build(&pass_rule("vlan = 10\n")).is_ok());
+    let drop = pass_rule("vlan = 10\n").replace("\"pass\"", "\"drop\"");
+    assert!(build(&drop).is_ok());
+}
+
+#[test]
+fn vlan_shadowing() {
+    let two = |a: &str, b: &str| {
+        format!(
+            "{}{}",
+            pass_rule(a),
+            pass_rule(b).replace("name = \"ssh\"", "name = \"ssh2\"")
+        )
+    };
+    let warnings = |a: &str, b: &str| build(&two(a, b)).unwrap().warnings.len();
+    // VLANs [10, 20] shadow [20]; untagged shadows untagged
+    assert_eq!(warnings("vlan = [10, 20]\n", "vlan = 20\n"), 1);
+    assert_eq!(warnings("", ""), 1);
+    // untagged and tagged never overlap; nor do different VLANs
+    assert_eq!(warnings("", "vlan = 10\n"), 0);
+    assert_eq!(warnings("vlan = 10\n", ""), 0);
+    assert_eq!(warnings("vlan = 10\n", "vlan = 20\n"), 0);
+}
