@@ -1321,7 +1321,7 @@ fn xt_target_infos(family: u8, table: &str, chain: &str, name: &str) -> Vec<Vec<
         buf.extend_from_slice(&len.to_ne_bytes());
         buf.extend_from_slice(&ty.to_ne_bytes());
         buf.extend_from_slice(data);
-        while buf.len() % 4 != 0 {
+        while !buf.len().is_multiple_of(4) {
             buf.push(0);
         }
     }
