@@ -118,6 +118,24 @@ def summary(samples_path: str, out_path: str) -> None:
       "against the bare bridge's connections/s to the server in the same round (a local "
       "server on the bridge host against a remote one, so it includes that difference). "
       "The queue's own cost on diverted connections is the next table.\n")
+    # With an A/A configuration: medians against the pooled baseline (bare and bare2
+    # together), less sensitive to one unlucky bare run than the per-round pairs.
+    if "bare2" in configs:
+        w("Against the pooled baseline (medians; baseline = every bare and A/A run):\n")
+        head = ["Metric"] + [f"{LABELS[c]} / pooled" for c in configs]
+        w("| " + " | ".join(head) + " |")
+        w("|" + "---|" * len(head))
+        for metric, label, _ in METRICS:
+            base_metric = "cps" if metric == "cps_vip" else metric
+            pool = list(vals(base_metric, "bare").values()) + \
+                list(vals(base_metric, "bare2").values())
+            pm = med(pool)
+            if not pool or not pm or math.isnan(pm):
+                continue
+            row = [label] + [f"{med(list(vals(metric, c).values())) / pm:.3f}"
+                             if vals(metric, c) else "-" for c in configs]
+            w("| " + " | ".join(row) + " |")
+        w("")
     rs = ratios("cps_vip", "queue", "cps_vip", "noqueue")
     rs2 = ratios("cps", "queue", "cps", "noqueue")
     rs3 = ratios("tcp", "queue", "tcp", "noqueue")
