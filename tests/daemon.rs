@@ -935,3 +935,126 @@ fn queue_decisions_end_to_end() {
     let q = queue_status(&d);
     assert_eq!((q.packets, q.divert), (1, 1), "{q:?}");
 }
+
+/// The VIP of [`queue_local_vip_end_to_end`], on the bridge host's `lo`.
+const VIP: &str = "10.77.0.100";
+
+/// `local` with `decide = "queue"`: tcp/80 to the VIP, first packet of each flow decided by
+/// the daemon, the rest of the flow handed to the bridge host by the `q_divert` bridge chain.
+const RULES_QUEUE_VIP: &str = r#"[[divert]]
+name   = "vip"
+proto  = "tcp"
+dport  = [80]
+dst    = ["10.77.0.100/32"]
+action = "local"
+decide = "queue"
+"#;
+
+/// The `q_divert` rule's packet counter (frames handed to the host on a divert verdict).
+fn q_divert_packets(lab: &Lab) -> u64 {
+    let out = lab
+        .exec_ok(
+            Ns::Br,
+            &["nft", "list", "chain", "bridge", "brdivert", "q_divert"],
+        )
+        .expect("nft list chain q_divert");
+    let line = out
+        .lines()
+        .find(|l| l.contains("comment \"vip: divert\""))
+        .unwrap_or_else(|| panic!("no vip divert rule in q_divert:\n{out}"));
+    let mut words = line.split_whitespace();
+    words
+        .find(|w| *w == "packets")
+        .and_then(|_| words.next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no packet counter in {line:?}"))
+}
+
+#[test]
+fn queue_local_vip_end_to_end() {
+    let Some(mut lab) = lab() else { return };
+    // the VIP is served on the bridge host; c1 sends VIP frames to the router's MAC
+    lab.exec_ok(
+        Ns::Br,
+        &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
+    )
+    .expect("VIP on lo");
+    lab.spawn_http(Ns::Br, "vip", VIP, 80).expect("VIP service");
+    lab.exec_ok(
+        Ns::C1,
+        &["ip", "route", "add", &format!("{VIP}/32"), "via", UP_V4],
+    )
+    .expect("route to the VIP via the router");
+    lab.write_rules("vip", RULES_QUEUE_VIP).expect("rules");
+    let socket = Daemon::configure(&lab, "");
+    let d = Daemon::start(&lab, &socket, "qv");
+
+    // three flows, each answered by the bridge host's VIP service, each queued once
+    for i in 0..3 {
+        let path = format!("/qv-{i}");
+        let r = lab
+            .curl(Ns::C1, &format!("http://{VIP}{path}"))
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", d.log()));
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(
+            r.header("X-Lab-Server"),
+            Some("vip"),
+            "answered by the bridge host's service: {r:?}"
+        );
+        let seen: Vec<String> = lab.hits("vip", &path).into_iter().map(|h| h.peer).collect();
+        assert_eq!(seen, [brdivert::lab::C1_V4], "{path}");
+        assert!(
+            lab.origin_saw(&path).is_empty(),
+            "{path} reached the origin"
+        );
+    }
+    let neigh = lab
+        .exec_ok(Ns::C1, &["ip", "neigh", "show", UP_V4])
+        .unwrap_or_default();
+    assert!(
+        neigh.contains(brdivert::lab::UP_MAC),
+        "c1 sent the VIP frames to the router's MAC: {neigh}"
+    );
+    let q = queue_status(&d);
+    assert_eq!(
+        q.packets,
+        3,
+        "one queued packet per flow: {q:?}\n{}",
+        d.log()
+    );
+    assert_eq!(
+        (q.divert, q.bypass, q.drop, q.errors),
+        (3, 0, 0, 0),
+        "{q:?}"
+    );
+    // every client packet of those flows (SYN, ACK, request, ACKs, FIN: more than 3) went
+    // up through q_divert, but only the SYNs reached the daemon
+    let diverted = q_divert_packets(&lab);
+    assert!(diverted > 3 * 3, "q_divert counted {diverted} packets");
+
+    // the verdict is what diverts: an allow-listed VIP is bypassed, i.e. bridged to the
+    // router, which does not hold the VIP, so the bridge host's service never sees it
+    assert!(d.ctl(&["allow", "add", VIP]).status.success());
+    let r = lab.curl_with(Ns::C1, &format!("http://{VIP}/qv-allowed"), &["-m", "2"]);
+    assert!(
+        r.as_ref()
+            .map_or(true, |r| r.header("X-Lab-Server") != Some("vip")),
+        "a bypassed flow was answered by the bridge host: {r:?}"
+    );
+    assert!(lab.hits("vip", "/qv-allowed").is_empty());
+    assert_eq!(
+        q_divert_packets(&lab),
+        diverted,
+        "a bypassed flow was diverted"
+    );
+    let q = queue_status(&d);
+    assert_eq!((q.divert, q.bypass), (3, 1), "{q:?}");
+    assert!(d.ctl(&["allow", "del", VIP]).status.success());
+
+    // and diverted again once it is off the list
+    let r = lab
+        .curl(Ns::C1, &format!("http://{VIP}/qv-again"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(r.header("X-Lab-Server"), Some("vip"), "{r:?}");
+    assert_eq!(queue_status(&d).divert, 4);
+}

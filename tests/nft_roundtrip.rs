@@ -805,10 +805,13 @@ fn probe_agrees_with_apply() {
 }
 
 /// What the compiler makes of every example rule file (jumps, family matches, exemptions,
-/// TPROXY reply chains) lists back exactly as rendered.
+/// TPROXY reply chains, queue chains) lists back exactly as rendered. The examples without
+/// queue rules are one policy; each example with `decide = "queue"` is its own policy (a
+/// policy with queue rules refuses tproxy rules by design), compiled with the queue form the
+/// probe picks here.
 #[test]
 fn compiled_examples_roundtrip() {
-    use brdivert::nft::compile::{Target, compile};
+    use brdivert::nft::compile::{QueueTarget, Target, compile};
     use brdivert::policy::{Context, Policy};
 
     let Some(ns) = netns_or_skip("compiled_examples_roundtrip") else {
@@ -827,17 +830,38 @@ fn compiled_examples_roundtrip() {
         ports: None,
         mark_mask: 0x00ff_0000,
     };
-    let policy = Policy::build(&files, &ctx).expect("examples validate together");
-    let rs = compile(
-        &policy,
-        &Target {
-            bridge_mac: MAC,
-            mark_mask: 0x00ff_0000,
-            ..Default::default()
-        },
-    );
-    apply_in(&ns, &rs).expect("apply");
-    assert_roundtrip(&ns, &rs);
+    let uses_queue = |f: &brdivert::rules::RuleFile| {
+        Policy::build(std::slice::from_ref(f), &ctx)
+            .expect("example validates on its own")
+            .uses_queue()
+    };
+    let (queued, plain): (Vec<_>, Vec<_>) = files.into_iter().partition(|f| uses_queue(f));
+    assert!(!queued.is_empty(), "no example with decide = \"queue\"");
+    let form = ns.run(brdivert::probe::probe).queue_form();
+    let mut policies = vec![Policy::build(&plain, &ctx).expect("examples validate together")];
+    if form.is_some() {
+        for f in queued {
+            policies.push(Policy::build(&[f], &ctx).expect("queue example validates"));
+        }
+    } else {
+        eprintln!("kernel takes neither native queue nor xt NFQUEUE: queue examples skipped");
+    }
+    for policy in policies {
+        let rs = compile(
+            &policy,
+            &Target {
+                bridge_mac: MAC,
+                mark_mask: 0x00ff_0000,
+                queue: QueueTarget {
+                    form: form.unwrap_or(QueueForm::Native),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        );
+        apply_in(&ns, &rs).expect("apply");
+        assert_roundtrip(&ns, &rs);
+    }
 }
 
 fn compiled(rules: &str) -> Ruleset {
@@ -1131,4 +1155,270 @@ fn vlan_rules_roundtrip() {
     );
     apply_in(&ns, &rs).expect("apply");
     assert_roundtrip(&ns, &rs);
+}
+
+/// `decide = "queue"` rules (a `redirect` and a `local` with an IPVS fwmark), compiled with
+/// the queue form this kernel takes (here the xt `NFQUEUE` target through nft compat), list
+/// back as rendered: the tagging rules of the bridge table, the `q_divert` bridge chain and
+/// the inet chains `q_restore` (`ct mark & M == V meta mark set meta mark & K | V`), `q_decide`
+/// (`meta mark & M == T ct state new ct mark & V == 0 counter <queue>`) and `q_pin`
+/// (`ct mark set ct mark & K | V`), with their priorities and the dstnat redirect on the
+/// decided mark. Every mark rewrite is one constant `& K | V` (no two-register bitwise), which
+/// nft 1.0.6 prints (with the value's bits folded into K, as render does).
+///
+/// Excluded from the text comparison: the xt target's parameters. nft 1.0.6 prints a compat
+/// target in an inet table as nothing at all (render's `xt target "NFQUEUE"` placeholder is
+/// dropped from both sides by `normalise`), and `nft --debug=netlink` shows only its name and
+/// revision, not its info blob (queue number, balance range, bypass flag). So the test checks
+/// those apart: one `NFQUEUE` rev 3 target per queue rule in `q_decide` (`--debug=netlink`),
+/// and the info blob each holds, read back from the kernel with a raw `NFT_MSG_GETRULE` dump
+/// (`struct xt_NFQ_info_v3`: queue 7, 2 queues, bypass).
+#[test]
+fn queue_forms_roundtrip() {
+    use brdivert::nft::compile::{QueueTarget, Target, compile};
+    use brdivert::policy::{Context, Policy};
+
+    let Some(ns) = netns_or_skip("queue_forms_roundtrip") else {
+        return;
+    };
+    let Some(form) = ns.run(brdivert::probe::probe).queue_form() else {
+        eprintln!("skipping: kernel takes neither native queue nor xt NFQUEUE");
+        return;
+    };
+    let rules = "[[divert]]\nname = \"web\"\nfrom = \"eth1\"\nproto = \"tcp\"\ndport = [80, 443]\n\
+         except_src = \"10.0.0.5\"\naction = \"redirect\"\nport = 3129\ndecide = \"queue\"\n\
+         [[divert]]\nname = \"vip\"\ndst = [\"10.0.0.100\", \"2001:db8::100\"]\n\
+         action = \"local\"\nfwmark = 16\ndecide = \"queue\"\n\
+         [[divert]]\nname = \"plain\"\nproto = \"udp\"\ndport = 53\naction = \"redirect\"\nport = 5353\n";
+    let f = brdivert::rules::parse(std::path::Path::new("r.toml"), rules.into()).expect("parse");
+    let policy = Policy::build(
+        &[f],
+        &Context {
+            ports: None,
+            mark_mask: 0x00ff_0000,
+        },
+    )
+    .expect("validate");
+    let rs = compile(
+        &policy,
+        &Target {
+            bridge_mac: MAC,
+            mark_mask: 0x00ff_0000,
+            queue: QueueTarget {
+                num: 7,
+                fanout: 2,
+                form,
+                verdict_mask: 0x0300_0000,
+            },
+            ..Default::default()
+        },
+    );
+    // the model holds what the kernel is asked for (checked here because the listing cannot
+    // show the xt target's parameters)
+    let inet = rs.table(Family::Inet).expect("inet table");
+    let decide = inet
+        .chains
+        .iter()
+        .find(|c| c.name == "q_decide")
+        .expect("q_decide");
+    let queues: Vec<_> = decide
+        .rules
+        .iter()
+        .flat_map(|r| &r.stmts)
+        .filter(|s| matches!(s, Stmt::Queue { .. }))
+        .collect();
+    assert_eq!(
+        queues,
+        vec![
+            &Stmt::Queue {
+                num: 7,
+                fanout: 2,
+                bypass: true,
+                form
+            };
+            2
+        ]
+    );
+    apply_in(&ns, &rs).expect("apply");
+    assert_roundtrip(&ns, &rs);
+
+    // what nft lists for the parts it can print, spelled out (so a normalisation that
+    // dropped too much would show here)
+    let listed = normalise(&ns.list("inet", TABLE_NAME));
+    for want in [
+        "chain q_restore { type filter hook prerouting priority -180; policy accept;",
+        "ct mark & 0x03ff0000 == 0x01010000 meta mark set meta mark & 0xfd01ffff | 0x01010000 comment \"web: divert\"",
+        "ct mark & 0x03ff0000 == 0x02000000 meta mark set meta mark & 0xfe00ffff | 0x02000000 comment \"queue: bypass\"",
+        "chain q_decide { type filter hook prerouting priority -170; policy accept;",
+        "meta mark & 0x03ff0000 == 0x00020000 ct state new ct mark & 0x03000000 == 0x00000000 counter packets 0 bytes 0",
+        "chain q_pin { type filter hook prerouting priority mangle - 10; policy accept;",
+        "ct state new meta mark & 0x03ff0000 == 0x01020000 counter packets 0 bytes 0 ct mark set ct mark & 0xfd02ffff | 0x01020000 comment \"vip: divert\"",
+    ] {
+        assert!(
+            flatten(&listed).contains(want),
+            "nft list lacks {want:?}:\n{listed}"
+        );
+    }
+    let bridge = normalise(&ns.list("bridge", TABLE_NAME));
+    assert!(
+        flatten(&bridge)
+            .contains("chain q_divert { type filter hook prerouting priority 100; policy accept;"),
+        "{bridge}"
+    );
+
+    if form == QueueForm::XtCompat {
+        let (ok, out, err) = ns.nft(&[
+            "--debug=netlink",
+            "list",
+            "chain",
+            "inet",
+            TABLE_NAME,
+            "q_decide",
+        ]);
+        assert!(ok, "{err}");
+        assert_eq!(
+            out.matches("[ target name NFQUEUE rev 3 ]").count(),
+            2,
+            "one xt NFQUEUE target per queue rule in q_decide:\n{out}"
+        );
+        let (ok, out, err) = ns.nft(&["--debug=netlink", "list", "table", "inet", TABLE_NAME]);
+        assert!(ok, "{err}");
+        assert_eq!(out.matches("target name NFQUEUE").count(), 2, "{out}");
+        // the parameters, as the kernel holds them: queuenum 7, queues_total 2, flags bypass
+        let infos =
+            ns.run(|| xt_target_infos(libc::NFPROTO_INET as u8, TABLE_NAME, "q_decide", "NFQUEUE"));
+        let mut want = Vec::new();
+        for v in [7u16, 2, 1, 0] {
+            want.extend_from_slice(&v.to_ne_bytes());
+        }
+        assert_eq!(infos, vec![want; 2], "xt_NFQ_info_v3 of each queue rule");
+    }
+}
+
+/// Netlink attributes of `b` as (type without the nested/byte-order flags, payload).
+fn nl_attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut v = Vec::new();
+    while b.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([b[0], b[1]]));
+        let ty = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
+        assert!(
+            len >= 4 && len <= b.len(),
+            "bad netlink attribute length {len}"
+        );
+        v.push((ty, &b[4..len]));
+        b = &b[((len + 3) & !3).min(b.len())..];
+    }
+    v
+}
+
+/// The info blobs of the xt targets called `name` in one chain, as the kernel holds them: a
+/// raw `NFT_MSG_GETRULE` dump (run inside the namespace), since nft 1.0.6 prints neither
+/// the target nor its info.
+fn xt_target_infos(family: u8, table: &str, chain: &str, name: &str) -> Vec<Vec<u8>> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    fn put_attr(buf: &mut Vec<u8>, ty: u16, data: &[u8]) {
+        let len = u16::try_from(4 + data.len()).expect("attribute fits");
+        buf.extend_from_slice(&len.to_ne_bytes());
+        buf.extend_from_slice(&ty.to_ne_bytes());
+        buf.extend_from_slice(data);
+        while !buf.len().is_multiple_of(4) {
+            buf.push(0);
+        }
+    }
+    let cstr = |s: &str| [s.as_bytes(), b"\0"].concat();
+    let mut body = vec![family, 0, 0, 0]; // nfgenmsg: family, NFNETLINK_V0, res_id
+    put_attr(&mut body, 1, &cstr(table)); // NFTA_RULE_TABLE
+    put_attr(&mut body, 2, &cstr(chain)); // NFTA_RULE_CHAIN
+    let mut msg = Vec::new();
+    let total = u32::try_from(16 + body.len()).expect("message fits");
+    msg.extend_from_slice(&total.to_ne_bytes());
+    msg.extend_from_slice(&((10u16 << 8) | 7).to_ne_bytes()); // NFNL_SUBSYS_NFTABLES, GETRULE
+    msg.extend_from_slice(&0x301u16.to_ne_bytes()); // NLM_F_REQUEST | NLM_F_DUMP
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    msg.extend_from_slice(&body);
+    // SAFETY: socket(2) with constant arguments; the fd is owned below.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_NETFILTER,
+        )
+    };
+    assert!(
+        raw >= 0,
+        "netlink socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `raw` is a fresh fd nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: the buffer is valid for its length.
+    let sent = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+    assert_eq!(
+        sent,
+        msg.len() as isize,
+        "send: {}",
+        std::io::Error::last_os_error()
+    );
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    'dump: loop {
+        // SAFETY: the buffer is valid for its length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        assert!(n > 0, "recv: {}", std::io::Error::last_os_error());
+        let mut b = &buf[..n as usize];
+        while b.len() >= 16 {
+            let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
+            let ty = u16::from_ne_bytes([b[4], b[5]]);
+            assert!(
+                len >= 16 && len <= b.len(),
+                "bad netlink message length {len}"
+            );
+            match ty {
+                3 => break 'dump, // NLMSG_DONE
+                2 => {
+                    // NLMSG_ERROR
+                    let errno = i32::from_ne_bytes([b[16], b[17], b[18], b[19]]);
+                    panic!("GETRULE dump of {table}/{chain} failed: errno {}", -errno);
+                }
+                _ => {
+                    for (t, exprs) in nl_attrs(&b[20..len]) {
+                        if t != 4 {
+                            continue; // not NFTA_RULE_EXPRESSIONS
+                        }
+                        for (_, elem) in nl_attrs(exprs) {
+                            let e = nl_attrs(elem);
+                            let is_target = e.iter().any(|(t, v)| *t == 1 && *v == b"target\0");
+                            let Some((_, data)) = e.iter().find(|(t, _)| *t == 2) else {
+                                continue;
+                            };
+                            let data = nl_attrs(data);
+                            let named = data.iter().any(|(t, v)| {
+                                *t == 1 && v.strip_suffix(b"\0") == Some(name.as_bytes())
+                            });
+                            if is_target && named {
+                                // NFTA_TARGET_INFO
+                                if let Some((_, info)) = data.iter().find(|(t, _)| *t == 3) {
+                                    out.push(info.to_vec());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            b = &b[((len + 3) & !3).min(b.len())..];
+        }
+    }
+    out
+}
+
+/// A listing's chains as one line each (`chain NAME { type … policy accept;` then the rules),
+/// for `contains` checks across the line breaks nft puts inside a chain header.
+fn flatten(listing: &str) -> String {
+    listing
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
