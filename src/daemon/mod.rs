@@ -82,11 +82,8 @@ pub struct HealthInfo {
 
 /// What the kernel does when a rule's health changes. The daemon calls it on every
 /// transition and, after each swap (which installs every rule diverting), again for each
-/// rule whose target is down.
-///
-/// Integration with the kernel flip (`nft::netlink::set_rule_health`, being written in
-/// parallel) is one impl:
-/// `netlink::set_rule_health(ops::health_key(settings, policy, rule)?, up)`.
+/// rule whose target is down. [`NftFlip`] is the kernel datapath's (one `down`-set element
+/// flip per transition); tests use their own.
 pub trait HealthFlip: Send + Sync + 'static {
     fn set(&self, settings: &Settings, policy: &Policy, rule: &str, up: bool)
     -> anyhow::Result<()>;
