@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinHandle;
 
-use crate::nft::compile::{dr_check_key, parse_check_key};
+use crate::dr::{dr_check_key, parse_check_key};
 use crate::ops::{self, Failure};
 use crate::policy::{Family, Health, Policy};
 use crate::settings::Settings;
