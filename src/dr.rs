@@ -170,7 +170,7 @@ mod tests {
         assert!(seen.iter().all(|&n| n < 48), "{:?}", seen.iter().max());
         // both halves of a two-realserver split get work from few connections
         let even = (0..40u16)
-            .filter(|p| bucket_of(a, 50000 + p) % 2 == 0)
+            .filter(|p| bucket_of(a, 50000 + p).is_multiple_of(2))
             .count();
         assert!((5..=35).contains(&even), "{even} of 40 even");
         let v6: IpAddr = "2001:db8::1".parse().unwrap();

@@ -410,8 +410,6 @@ arp_shield = true
     assert_ne!(run(&p, &mut flows, &mut f, "p1"), Verdict::Skip);
 }
 
-/// `action = "dr"` is kernel datapath only: the userspace datapath refuses to start with it
-/// (before opening any port) instead of diverting those flows to the local stack.
 /// `dr` rules are no longer refused: starting gets as far as opening the ports.
 #[test]
 fn userspace_takes_dr_rules() {

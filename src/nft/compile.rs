@@ -445,8 +445,9 @@ fn queue_candidate_stmts(r: &DivertRule, target: &Target) -> Vec<Stmt> {
     ]
 }
 
-/// The mark (tag + verdict code) of a `divert` decision for queue rule `r`.
-fn divert_mark(l: &MarkLayout, r: &DivertRule) -> u32 {
+/// The mark (tag + verdict code) of a `divert` decision for queue rule `r`; the local-stack
+/// rules of a queue rule match it (under `l.mask()`), whichever datapath decided.
+pub fn divert_mark(l: &MarkLayout, r: &DivertRule) -> u32 {
     l.tag_mark(r.tag) | l.code_mark(CODE_DIVERT)
 }
 
