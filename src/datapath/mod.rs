@@ -383,11 +383,6 @@ impl Datapath {
         self.shared.generation.fetch_add(1, Ordering::Release);
     }
 
-    /// The current buckets of `dr` rule `rule` (realserver MAC per bucket).
-    pub fn dr_buckets(&self, rule: &str) -> Option<Vec<Option<[u8; 6]>>> {
-        read_policy(&self.shared).dr.get(rule).cloned()
-    }
-
     /// Tell the datapath which rules' targets are down (by rule name; health checks run
     /// elsewhere). New flows a down rule would divert follow its `on_unhealthy`: bridged to
     /// their original destination (`bypass`) or dropped. Established flows keep their path.
