@@ -140,9 +140,9 @@ pub enum Decision {
 
 /// Evaluate `policy` for a packet that arrived on port `iif`.
 ///
-/// `action = "dr"` is kernel datapath only for now: the userspace datapath refuses to start
-/// with such a rule, and here a dr rule's match reads as `Divert` (the classifier has no
-/// realserver selection).
+/// A `dr` rule's match reads as `Divert` with `action = Dr`; the realserver is chosen by the
+/// userspace datapath (`datapath::Rules::decide`, buckets from `crate::dr`), as `decide =
+/// "queue"` verdicts are.
 pub fn classify(policy: &Policy, iif: &str, p: &PacketInfo) -> Decision {
     for (i, r) in policy.rules.iter().enumerate() {
         if rule_matches(r, iif, p) {

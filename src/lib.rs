@@ -13,6 +13,7 @@ pub mod cli;
 pub mod daemon;
 pub mod datapath;
 pub mod diag;
+pub mod dr;
 pub mod lab;
 pub mod link;
 pub mod nft;

@@ -62,7 +62,6 @@ impl From<anyhow::Error> for Failure {
 pub fn load(settings_path: &std::path::Path) -> Result<(Settings, Policy), Failure> {
     let settings = Settings::load(settings_path)?;
     let policy = Policy::load(&settings)?;
-    kernel_only(&settings, &policy)?;
     for w in policy
         .warnings
         .iter()
@@ -71,44 +70,6 @@ pub fn load(settings_path: &std::path::Path) -> Result<(Settings, Policy), Failu
         eprintln!("{w}");
     }
     Ok((settings, policy))
-}
-
-/// `action = "dr"` is kernel datapath only for now: refuse it with `bridge.datapath =
-/// "userspace"` at load (check, render, run and every reload), at the rule.
-fn kernel_only(settings: &Settings, policy: &Policy) -> Result<(), Refused> {
-    if settings.bridge.datapath != Datapath::Userspace {
-        return Ok(());
-    }
-    let errors: Vec<_> = policy
-        .rules
-        .iter()
-        .filter_map(|r| {
-            let what = if r.action == Action::Dr {
-                "action = \"dr\""
-            } else if r.decide == Decide::Queue {
-                "decide = \"queue\""
-            } else {
-                return None;
-            };
-            Some(crate::diag::Diagnostic::error(
-                &r.origin.file,
-                crate::diag::Pos {
-                    line: r.origin.line,
-                    column: 1,
-                },
-                format!(
-                    "rule {:?}: {what} is kernel datapath only; the userspace datapath cannot run it yet",
-                    r.name
-                ),
-                "set bridge.datapath = \"kernel\" in the settings, or remove it from the rule",
-            ))
-        })
-        .collect();
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(Refused(errors))
-    }
 }
 
 /// REDIRECT answers from the bridge's own address of the packet's family: warn where a
@@ -373,6 +334,18 @@ pub fn dr_addresses(policy: &Policy) -> Vec<IpAddr> {
     v
 }
 
+/// Warn about `dr` realservers (by address) the neighbour table could not resolve: they get
+/// no buckets until a health check or reload learns them.
+pub fn warn_unresolved(settings: &Settings, wanted: &[IpAddr], found: &BTreeMap<IpAddr, [u8; 6]>) {
+    for a in wanted.iter().filter(|a| !found.contains_key(a)) {
+        tracing::warn!(
+            realserver = %a,
+            "dr: no neighbour entry for realserver {a} on {} after probing; it gets no new flows until it resolves (check it is up on the segment and bridge.address covers its subnet, or give its mac)",
+            settings.bridge.name
+        );
+    }
+}
+
 /// Refuse what the kernel-datapath install cannot do (before anything changes).
 pub fn check_installable(settings: &Settings) -> Result<(), Refused> {
     if settings.bridge.datapath == Datapath::Userspace {
@@ -418,13 +391,7 @@ pub async fn install_with(
     t.neighbours = link::neigh::resolve(&settings.bridge.name, &wanted, NEIGHBOUR_WAIT)
         .await
         .map_err(anyhow::Error::from)?;
-    for a in wanted.iter().filter(|a| !t.neighbours.contains_key(a)) {
-        tracing::warn!(
-            realserver = %a,
-            "dr: no neighbour entry for realserver {a} on {} after probing; it gets no new flows until it resolves (check it is up on the segment and bridge.address covers its subnet, or give its mac)",
-            settings.bridge.name
-        );
-    }
+    warn_unresolved(settings, &wanted, &t.neighbours);
     t.dr_down = dr_down.clone();
     let neighbours = t.neighbours.clone();
     // Routing before rules, so the first TPROXY'd packet already has its local route. A

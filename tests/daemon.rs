@@ -1058,3 +1058,89 @@ fn queue_local_vip_end_to_end() {
     assert_eq!(r.header("X-Lab-Server"), Some("vip"), "{r:?}");
     assert_eq!(queue_status(&d).divert, 4);
 }
+
+/// `decide = "queue"` on the userspace datapath: no NFQUEUE; the datapath's threads ask the
+/// daemon's decider (the same `PolicyDecider`: lists, health, rate limit) for the first frame
+/// of each new flow and pin the verdict in their flow table. Checked through `status --json`:
+/// one decision per flow (retransmitted SYNs of a dropped flow included), diverted per
+/// decision, deny/allow change new flows only.
+#[test]
+fn queue_decisions_inline_on_the_userspace_datapath() {
+    let Some(lab) = lab_on("userspace") else {
+        return;
+    };
+    lab.write_rules("web", RULES_QUEUE).expect("rules");
+    let socket = Daemon::configure(&lab, "");
+    let d = Daemon::start(&lab, &socket, "uq1");
+
+    // three new flows: each diverted to Squid, each decided exactly once
+    for i in 0..3 {
+        intercepted(&lab, &format!("/uq-divert-{i}"));
+    }
+    let q = queue_status(&d);
+    assert!(q.inline && q.queues.is_empty(), "{q:?}");
+    assert_eq!(
+        (q.packets, q.divert, q.bypass, q.drop),
+        (3, 3, 0, 0),
+        "one decision per flow: {q:?}\n{}",
+        d.log()
+    );
+    assert_eq!(q.latency_count, 3, "{q:?}");
+    let m = scrape(&lab);
+    assert!(
+        m.contains("brdivert_queue_flows_decided_total{verdict=\"divert\"} 3"),
+        "{m}"
+    );
+    // other ports are bridged and never decided
+    let r = lab
+        .curl(Ns::C1, &format!("http://{UP_V4}:8080/uq-other"))
+        .expect("bridged 8080");
+    assert_eq!(r.status, 200);
+    origin_peer(&lab, "/uq-other", brdivert::lab::C1_V4);
+    assert_eq!(queue_status(&d).packets, 3);
+
+    // deny: a new flow from c1 is dropped; its retransmitted SYNs follow the pinned drop
+    let out = d.ctl(&["deny", "add", brdivert::lab::C1_V4]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        lab.curl_with(Ns::C1, &format!("http://{UP_V4}/uq-denied"), &["-m", "3"])
+            .is_err(),
+        "denied client got through"
+    );
+    assert!(lab.origin_saw("/uq-denied").is_empty());
+    let q = queue_status(&d);
+    assert_eq!(
+        (q.packets, q.drop),
+        (4, 1),
+        "the denied flow was decided once: {q:?}"
+    );
+    assert!(
+        d.ctl(&["deny", "del", brdivert::lab::C1_V4])
+            .status
+            .success()
+    );
+    // allow: bridged straight to the origin, not through Squid
+    assert!(d.ctl(&["allow", "add", "10.77.0.0/24"]).status.success());
+    let r = lab
+        .curl(Ns::C1, &format!("http://{UP_V4}/uq-allowed"))
+        .expect("allowed");
+    assert_eq!(r.status, 200);
+    assert!(r.header("Via").is_none(), "allowed flow went through Squid");
+    origin_peer(&lab, "/uq-allowed", brdivert::lab::C1_V4);
+    assert!(d.ctl(&["allow", "del", "10.77.0.0/24"]).status.success());
+    // lists empty again: new flows are diverted again
+    intercepted(&lab, "/uq-again");
+    let q = queue_status(&d);
+    assert_eq!(
+        (q.packets, q.divert, q.bypass, q.drop),
+        (6, 4, 1, 1),
+        "{q:?}\n{}",
+        d.log()
+    );
+    let out = d.ctl(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("queue (inline, userspace datapath)"),
+        "{}",
+        text(&out)
+    );
+}

@@ -328,8 +328,12 @@ pub fn format_status(s: &Status) -> String {
         let us = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v}us"));
         let _ = writeln!(
             o,
-            "queue {:?}: {} packets; decided divert {}, bypass {}, drop {}; errors {}, queue drops {}; verdict latency p50 <= {}, p99 <= {}",
-            q.queues,
+            "queue {}: {} packets; decided divert {}, bypass {}, drop {}; errors {}, queue drops {}; verdict latency p50 <= {}, p99 <= {}",
+            if q.inline {
+                "(inline, userspace datapath)".to_string()
+            } else {
+                format!("{:?}", q.queues)
+            },
             q.packets,
             q.divert,
             q.bypass,

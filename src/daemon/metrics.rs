@@ -271,7 +271,7 @@ fn queue_metrics(o: &mut String, q: &super::queue::QueueStatus) {
         o,
         "brdivert_queue_packets_total",
         "counter",
-        "Packets that reached the daemon over NFQUEUE (the first packet of each new flow of a queue rule).",
+        "Packets the daemon decided (the first packet of each new flow of a queue rule; over NFQUEUE, or inline in the userspace datapath).",
     );
     let _ = writeln!(o, "brdivert_queue_packets_total {}", q.packets);
     family(

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinHandle;
 
-use crate::nft::compile::{dr_check_key, parse_check_key};
+use crate::dr::{dr_check_key, parse_check_key};
 use crate::ops::{self, Failure};
 use crate::policy::{Family, Health, Policy};
 use crate::settings::Settings;
@@ -88,8 +88,8 @@ pub trait HealthFlip: Send + Sync + 'static {
     fn set(&self, settings: &Settings, policy: &Policy, rule: &str, up: bool)
     -> anyhow::Result<()>;
 
-    /// A `dr` rule's realservers changed health (or MAC): rewrite its buckets. Kernel
-    /// datapath only (dr is refused on the userspace datapath at load).
+    /// A `dr` rule's realservers changed health (or MAC): rewrite its buckets (the kernel's
+    /// bucket map, or the userspace datapath's buckets).
     fn set_dr(
         &self,
         _settings: &Settings,
@@ -221,8 +221,8 @@ async fn install(
     match userspace {
         None => ops::install_with(settings, policy, dr_down).await,
         Some(u) => {
-            let (s, p) = (settings.clone(), policy.clone());
-            tokio::task::spawn_blocking(move || u.reload(&s, &p))
+            let (s, p, down) = (settings.clone(), policy.clone(), dr_down.clone());
+            tokio::task::spawn_blocking(move || u.reload(&s, &p, &down))
                 .await
                 .map_err(anyhow::Error::from)?
         }
@@ -624,11 +624,13 @@ pub async fn snapshot(shared: &Arc<Shared>) -> control::Status {
         pinned,
         counters_error: err,
         health: st.health.values().cloned().collect(),
+        // (the userspace datapath's inline decider stays in place without queue rules)
         queue: shared
             .queue
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
+            .filter(|_| st.policy.uses_queue())
             .map(|q| q.status(&shared.lists)),
         last_reload: st.last_reload.clone(),
         reloads: control::ReloadCounts {
@@ -664,23 +666,29 @@ async fn serve(config: &Path, settings: Settings, policy: Policy) -> Result<Stri
     // the kernel.
     let control_path = settings.control.socket.clone();
     let control_listener = control::bind(&control_path)?;
+    let lists = crate::queue::ListsHandle::default();
     let started = async {
         let metrics_listener = metrics::bind(&settings.metrics.listen).await?;
-        let (userspace, installed) = match settings.bridge.datapath {
-            crate::settings::Datapath::Kernel => (None, ops::install(&settings, &policy).await?),
+        let (userspace, installed, inline) = match settings.bridge.datapath {
+            crate::settings::Datapath::Kernel => {
+                (None, ops::install(&settings, &policy).await?, None)
+            }
             crate::settings::Datapath::Userspace => {
+                // queue rules are decided inline: the decider exists before the first frame
+                let q = queue::Queue::inline(&settings, &policy, &lists, &|_| true);
+                let d = q.inline_decider();
                 let (s, p) = (settings.clone(), policy.clone());
                 let (u, i) =
-                    tokio::task::spawn_blocking(move || userspace::Userspace::start(&s, &p))
+                    tokio::task::spawn_blocking(move || userspace::Userspace::start(&s, &p, d))
                         .await
                         .map_err(anyhow::Error::from)??;
-                (Some(u), i)
+                (Some(u), i, Some(q))
             }
         };
-        Ok::<_, Failure>((metrics_listener, userspace, installed))
+        Ok::<_, Failure>((metrics_listener, userspace, installed, inline))
     }
     .await;
-    let (metrics_listener, userspace, installed) = match started {
+    let (metrics_listener, userspace, installed, inline) = match started {
         Ok(x) => x,
         Err(e) => {
             let _ = std::fs::remove_file(&control_path);
@@ -730,8 +738,8 @@ async fn serve(config: &Path, settings: Settings, policy: Policy) -> Result<Stri
             None => Arc::new(NftFlip),
         },
         userspace,
-        queue: Mutex::new(None),
-        lists: Default::default(),
+        queue: Mutex::new(inline),
+        lists,
     });
     {
         let mut st = shared.state();

@@ -6,6 +6,10 @@
 //! The decider is rebuilt on every reload (rule tags can change) and swapped in under a
 //! lock the queue threads only read; the engine itself is restarted only when the queue
 //! settings change.
+//!
+//! With `bridge.datapath = "userspace"` there is no NFQUEUE: the same swappable decider is
+//! handed to the datapath as an [`InlineDecider`] (its forwarding threads call it for the
+//! first frame of each new flow of a queue rule), and `status`/metrics read its counters.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -15,8 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::{Decide, OnUnhealthy, Policy};
 use crate::queue::{
-    Decider, Fallback, HealthFlag, ListsHandle, PacketInfo, PolicyDecider, PrefixSet, QueueConfig,
-    QueueEngine, RateLimit, Verdict,
+    Decider, Fallback, HealthFlag, InlineDecider, ListsHandle, PacketInfo, PolicyDecider,
+    PrefixSet, QueueConfig, QueueEngine, QueueStats, RateLimit, Verdict,
 };
 use crate::settings::Settings;
 
@@ -34,10 +38,29 @@ impl Decider for Swap {
     }
 }
 
+impl Swap {
+    fn store(&self, d: PolicyDecider) {
+        match self.0.write() {
+            Ok(mut g) => *g = Arc::new(d),
+            Err(p) => *p.into_inner() = Arc::new(d),
+        }
+    }
+}
+
+/// Who calls the decider.
+enum Runner {
+    /// Kernel datapath: NFQUEUE workers.
+    Nfqueue {
+        engine: QueueEngine,
+        config: QueueConfig,
+    },
+    /// Userspace datapath: its forwarding threads, inline.
+    Inline(Arc<InlineDecider>),
+}
+
 /// The running queue side.
 pub struct Queue {
-    engine: QueueEngine,
-    config: QueueConfig,
+    runner: Runner,
     decider: Arc<Swap>,
     /// Health flags by rule name (the health checker's transitions set them).
     health: BTreeMap<String, HealthFlag>,
@@ -95,8 +118,37 @@ fn build_decider(
 }
 
 impl Queue {
-    /// Make the queue side match `policy`: `None` without queue rules (a running engine is
-    /// stopped by dropping it), else the engine running with a decider for this policy.
+    /// The userspace datapath's queue side: no NFQUEUE; the decider for `policy` wrapped as
+    /// an [`InlineDecider`] for the datapath ([`Queue::inline_decider`]). Kept for the
+    /// daemon's life ([`Queue::sync`] swaps its decider on reloads), so a reload that adds
+    /// queue rules finds it in place.
+    pub fn inline(
+        settings: &Settings,
+        policy: &Policy,
+        lists: &ListsHandle,
+        up: &dyn Fn(&str) -> bool,
+    ) -> Queue {
+        let (d, health) = build_decider(settings, policy, lists, up);
+        let decider = Arc::new(Swap(RwLock::new(Arc::new(d))));
+        let inline = Arc::new(InlineDecider::new(decider.clone(), ops_layout(settings)));
+        Queue {
+            runner: Runner::Inline(inline),
+            decider,
+            health,
+        }
+    }
+
+    /// What the userspace datapath calls for new flows of queue rules (`None` on NFQUEUE).
+    pub fn inline_decider(&self) -> Option<Arc<InlineDecider>> {
+        match &self.runner {
+            Runner::Inline(d) => Some(d.clone()),
+            Runner::Nfqueue { .. } => None,
+        }
+    }
+
+    /// Make the queue side match `policy`. Inline (userspace datapath): the decider is
+    /// rebuilt and swapped in, always kept. NFQUEUE: `None` without queue rules (a running
+    /// engine is stopped), else the engine running with a decider for this policy.
     /// Blocking (binds queues): call from a blocking thread.
     pub fn sync(
         current: Option<Queue>,
@@ -105,9 +157,18 @@ impl Queue {
         lists: &ListsHandle,
         up: &dyn Fn(&str) -> bool,
     ) -> anyhow::Result<Option<Queue>> {
+        let current = match current {
+            Some(mut q) if matches!(q.runner, Runner::Inline(_)) => {
+                let (d, health) = build_decider(settings, policy, lists, up);
+                q.decider.store(d);
+                q.health = health;
+                return Ok(Some(q));
+            }
+            other => other,
+        };
         if !policy.uses_queue() {
             if let Some(q) = current {
-                q.engine.stop();
+                q.stop();
                 tracing::info!("no queue rules: NFQUEUE workers stopped");
             }
             return Ok(None);
@@ -115,24 +176,23 @@ impl Queue {
         let (d, health) = build_decider(settings, policy, lists, up);
         let config = queue_config(settings);
         match current {
-            Some(mut q) if q.config == config && q.engine.is_running() => {
-                match q.decider.0.write() {
-                    Ok(mut g) => *g = Arc::new(d),
-                    Err(p) => *p.into_inner() = Arc::new(d),
-                }
+            Some(mut q)
+                if matches!(&q.runner, Runner::Nfqueue { engine, config: c }
+                    if *c == config && engine.is_running()) =>
+            {
+                q.decider.store(d);
                 q.health = health;
                 Ok(Some(q))
             }
             other => {
                 if let Some(q) = other {
-                    q.engine.stop();
+                    q.stop();
                 }
                 let decider = Arc::new(Swap(RwLock::new(Arc::new(d))));
                 let engine = QueueEngine::start(config.clone(), decider.clone())?;
                 tracing::info!(queues = ?engine.queues(), "NFQUEUE workers started");
                 Ok(Some(Queue {
-                    engine,
-                    config,
+                    runner: Runner::Nfqueue { engine, config },
                     decider,
                     health,
                 }))
@@ -147,19 +207,26 @@ impl Queue {
         }
     }
 
+    /// Stop the NFQUEUE workers (inline: nothing runs of its own).
     pub fn stop(self) {
-        self.engine.stop();
+        if let Runner::Nfqueue { engine, .. } = self.runner {
+            engine.stop();
+        }
     }
 
     pub fn status(&self, lists: &ListsHandle) -> QueueStatus {
-        let s = self.engine.stats();
+        let (s, queues, inline): (&QueueStats, Vec<u16>, bool) = match &self.runner {
+            Runner::Nfqueue { engine, .. } => (engine.stats(), engine.queues().to_vec(), false),
+            Runner::Inline(d) => (d.stats(), Vec::new(), true),
+        };
         let t = s.totals();
         let l = lists.load();
         let us = |d: Option<std::time::Duration>| {
             d.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
         };
         QueueStatus {
-            queues: self.engine.queues().to_vec(),
+            queues,
+            inline,
             packets: t.packets,
             divert: t.divert,
             bypass: t.bypass,
@@ -183,7 +250,12 @@ impl Queue {
 /// Queue figures for `status` and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct QueueStatus {
+    /// The NFQUEUE numbers bound (empty when `inline`).
     pub queues: Vec<u16>,
+    /// Decided inline by the userspace datapath (no NFQUEUE; `packets` are first frames of
+    /// new flows, `queue_drops` stays 0, latency is the decider's own time).
+    #[serde(default)]
+    pub inline: bool,
     /// Packets that reached the daemon (one per new flow of a queue rule).
     pub packets: u64,
     /// Flows decided, by verdict.

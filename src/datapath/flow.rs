@@ -34,17 +34,36 @@ impl FlowKey {
     }
 }
 
+/// What the userspace datapath pins per flow: the policy's decision and, for a `dr` rule,
+/// the realserver MAC its bucket had when the flow started (so a later bucket change, from
+/// health, moves new flows only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pin {
+    pub decision: Decision,
+    pub dr_mac: Option<[u8; 6]>,
+}
+
+impl From<Decision> for Pin {
+    fn from(decision: Decision) -> Pin {
+        Pin {
+            decision,
+            dr_mac: None,
+        }
+    }
+}
+
+/// Flows and what each is pinned to (`T`: a [`Decision`], or the datapath's [`Pin`]).
 #[derive(Debug)]
-pub struct FlowTable {
+pub struct FlowTable<T: Copy = Decision> {
     /// decision, last seen, and the policy sequence number it was decided under
-    map: HashMap<FlowKey, (Decision, Instant, u64)>,
+    map: HashMap<FlowKey, (T, Instant, u64)>,
     idle: Duration,
     max: usize,
     last_sweep: Option<Instant>,
 }
 
-impl FlowTable {
-    pub fn new(idle: Duration, max: usize) -> FlowTable {
+impl<T: Copy> FlowTable<T> {
+    pub fn new(idle: Duration, max: usize) -> FlowTable<T> {
         FlowTable {
             map: HashMap::new(),
             idle,
@@ -63,12 +82,7 @@ impl FlowTable {
 
     /// The flow's decision, deciding with `decide` on its first packet (or after it idled
     /// out). When the table is full, packets of new flows are decided each time, uncached.
-    pub fn decide(
-        &mut self,
-        key: FlowKey,
-        now: Instant,
-        decide: impl FnOnce() -> Decision,
-    ) -> Decision {
+    pub fn decide(&mut self, key: FlowKey, now: Instant, decide: impl FnOnce() -> T) -> T {
         self.decide_seq(key, now, 0, decide).0
     }
 
@@ -79,8 +93,8 @@ impl FlowTable {
         key: FlowKey,
         now: Instant,
         seq: u64,
-        decide: impl FnOnce() -> Decision,
-    ) -> (Decision, u64) {
+        decide: impl FnOnce() -> T,
+    ) -> (T, u64) {
         if let Some((d, seen, s)) = self.map.get_mut(&key)
             && now.saturating_duration_since(*seen) <= self.idle
         {

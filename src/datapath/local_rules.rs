@@ -20,7 +20,7 @@ use crate::nft::{
     BaseChain, Chain, ChainType, Hook, Match, Rule, Set, SetElem, SetKind, Stmt, Table,
 };
 use crate::nft::{Family, Ruleset, TABLE_NAME, netlink};
-use crate::policy::{Action, Policy};
+use crate::policy::{Action, Decide, Policy};
 use crate::settings::Settings;
 
 /// Priority of the tagging chain: after conntrack (-200), before mangle (-150, TPROXY).
@@ -49,8 +49,15 @@ pub fn userspace_local_table(policy: &Policy, target: &Target, tap: &str) -> Tab
             dynamic: None,
             keep: false,
         });
+        let l = target.layout();
         let mark = match r.action {
             Action::Local { fwmark: Some(m) } => Stmt::MarkSet(m),
+            // decided inline by the datapath: the local-stack rules of a queue rule match the
+            // tag and the divert verdict code, as after an NFQUEUE decision
+            _ if r.decide == Decide::Queue => Stmt::MarkSetMasked {
+                keep: !l.mask(),
+                value: compile::divert_mark(&l, r),
+            },
             _ => Stmt::MarkSetMasked {
                 keep: !target.mark_mask,
                 value: target.tag_mark(r.tag),
@@ -83,13 +90,10 @@ pub fn userspace_local_table(policy: &Policy, target: &Target, tap: &str) -> Tab
     t
 }
 
-/// The compile target in userspace mode: the TAP's MAC and the settings' mark bits.
+/// The compile target in userspace mode: the TAP's MAC and the settings' mark bits (tag
+/// and queue verdict bits, as `ops::target` makes them for the kernel datapath).
 pub fn target(settings: &Settings, tap_mac: [u8; 6]) -> Target {
-    Target {
-        bridge_mac: tap_mac,
-        mark_mask: settings.kernel.mark_mask,
-        ..Default::default()
-    }
+    crate::ops::target(settings, Some(tap_mac), None)
 }
 
 /// Everything userspace mode applies with nft: the one inet table.
@@ -210,5 +214,57 @@ action = "pass"
         assert!(text.contains("redirect to :3129"), "{text}");
         // the pass rule gets no tag rule
         assert_eq!(t.chains[0].rules.len(), 2);
+        assert_eq!(
+            t.chains[0].rules[0].stmts[0],
+            Stmt::MarkSetMasked {
+                keep: 0xff00_ffff,
+                value: 0x0001_0000
+            }
+        );
+    }
+
+    /// A queue rule's frames reach the TAP only when the inline decision diverted them: the
+    /// tag chain gives them the tag and the divert verdict code, which is what the
+    /// local-stack rules of a queue rule match (`nft::compile::divert_mark`).
+    #[test]
+    fn queue_rules_get_the_divert_verdict_mark() {
+        let f = rules::parse(
+            Path::new("r.toml"),
+            "[[divert]]\nname = \"web\"\nproto = \"tcp\"\ndport = [80]\n\
+             action = \"redirect\"\nport = 3129\ndecide = \"queue\"\n"
+                .into(),
+        )
+        .unwrap();
+        let p = Policy::build(
+            &[f],
+            &Context {
+                ports: None,
+                mark_mask: 0x00ff_0000,
+            },
+        )
+        .unwrap();
+        let target = Target {
+            mark_mask: 0x00ff_0000,
+            ..Default::default()
+        };
+        let t = userspace_local_table(&p, &target, "br0");
+        assert_eq!(
+            t.chains[0].rules[0].stmts[0],
+            Stmt::MarkSetMasked {
+                keep: !0x03ff_0000,
+                value: 0x0101_0000
+            }
+        );
+        let dstnat = t.chains.iter().find(|c| c.name == "dstnat").unwrap();
+        assert!(
+            dstnat
+                .rules
+                .iter()
+                .any(|r| r.matches.contains(&Match::Mark {
+                    mask: 0x03ff_0000,
+                    value: 0x0101_0000
+                })),
+            "{dstnat:?}"
+        );
     }
 }

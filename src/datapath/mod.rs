@@ -12,6 +12,12 @@
 //!   TPROXY, fwmark) match on ([`local_rules`]).
 //! - Decisions are made on the first packet of a flow and cached ([`flow`]) so a policy swap
 //!   ([`Datapath::swap_policy`]) leaves established flows on their path.
+//! - `decide = "queue"` rules: the first frame of a new flow is decided inline, on this
+//!   thread, by the same decider the NFQUEUE engine runs ([`crate::queue::InlineDecider`],
+//!   [`Options::decider`]); the verdict is pinned in the flow table like any decision.
+//! - `action = "dr"`: the destination MAC becomes the realserver's that the flow's bucket
+//!   names ([`crate::dr`], the kernel datapath's assignment), pinned per flow; the frame is
+//!   bridged to that MAC's port (flooded if unknown), never to the local port.
 //!
 //! Frames carry a `virtio_net_hdr` end to end (AF_PACKET `PACKET_VNET_HDR`, TAP
 //! `IFF_VNET_HDR`), so GSO/GRO super-frames and checksum-partial frames cross intact.
@@ -31,19 +37,21 @@ pub mod port;
 mod sys;
 pub mod tap;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::classify::{self, Decision, PacketInfo};
-use crate::policy::{Action, DivertRule, OnUnhealthy, Policy};
+use crate::policy::{Action, Decide, DivertRule, OnUnhealthy, Policy};
+use crate::queue::{InlineDecider, Verdict as QueueVerdict};
 use crate::settings::{Datapath as DatapathKind, Settings};
 
 use fdb::{Fdb, Out};
-use flow::{FlowKey, FlowTable};
+use flow::{FlowKey, FlowTable, Pin};
 use frame::{VNET_HDR_LEN, VnetHdr};
 use port::{PacketPort, RxBatch, TxBatch};
 use tap::Tap;
@@ -52,10 +60,6 @@ use tap::Tap;
 pub enum DatapathError {
     #[error("bridge.datapath is not \"userspace\"; the kernel datapath is set up by `apply`")]
     NotUserspace,
-    #[error(
-        "rule {rule:?}: action = \"dr\" is kernel datapath only for now (set bridge.datapath = \"kernel\")"
-    )]
-    KernelOnly { rule: String },
     #[error("port {port:?}: {source}")]
     Port { port: String, source: io::Error },
     #[error("local port (TAP) {name:?}: {source}")]
@@ -77,6 +81,10 @@ pub struct Options {
     pub flow_max: usize,
     /// Permanent FDB entries: MAC -> port name (a port of `bridge.ports` or `bridge.name`).
     pub static_fdb: Vec<([u8; 6], String)>,
+    /// Decides new flows of `decide = "queue"` rules (the daemon's `PolicyDecider`). Without
+    /// one they are bridged undecided, as the kernel datapath's queue rules bypass when no
+    /// daemon listens.
+    pub decider: Option<Arc<InlineDecider>>,
 }
 
 impl Default for Options {
@@ -88,6 +96,7 @@ impl Default for Options {
             flow_idle: flow::DEFAULT_IDLE,
             flow_max: flow::DEFAULT_MAX_FLOWS,
             static_fdb: Vec::new(),
+            decider: None,
         }
     }
 }
@@ -130,6 +139,43 @@ struct Counters {
     passed: AtomicU64,
     flooded: AtomicU64,
     link_local_dropped: AtomicU64,
+    dr_forwarded: AtomicU64,
+}
+
+/// Per `dr` rule (by name): the realserver MAC of each bucket ([`crate::dr::bucket_macs`]).
+pub type DrBuckets = HashMap<String, Vec<Option<[u8; 6]>>>;
+
+/// What the `dr` buckets are computed from besides the policy: MACs learned for realservers
+/// given by address, and the health-check keys of realservers that are down.
+#[derive(Debug, Clone, Default)]
+struct DrInputs {
+    neighbours: BTreeMap<IpAddr, [u8; 6]>,
+    down: BTreeSet<String>,
+}
+
+fn dr_buckets_for(policy: &Policy, inputs: &DrInputs) -> Arc<DrBuckets> {
+    Arc::new(
+        policy
+            .rules
+            .iter()
+            .filter(|r| r.action == Action::Dr)
+            .map(|r| {
+                (
+                    r.name.clone(),
+                    crate::dr::bucket_macs(r, &inputs.neighbours, &inputs.down),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// The policy in force for new flows, its sequence number (bumped by every swap) and its
+/// `dr` buckets: swapped together, so a worker never sees a policy without its buckets.
+#[derive(Clone)]
+struct Current {
+    policy: Arc<Policy>,
+    seq: u64,
+    dr: Arc<DrBuckets>,
 }
 
 struct Shared {
@@ -139,8 +185,8 @@ struct Shared {
     tap_index: usize,
     tap_mac: [u8; 6],
     fdb: Mutex<Fdb>,
-    /// the policy and its sequence number (bumped by every swap)
-    policy: RwLock<(Arc<Policy>, u64)>,
+    policy: RwLock<Current>,
+    dr_inputs: Mutex<DrInputs>,
     /// packets per rule name since start
     rule_hits: Mutex<HashMap<String, u64>>,
     /// names of rules whose health check says their target is down
@@ -174,6 +220,8 @@ pub struct Stats {
     pub passed: u64,
     pub flooded: u64,
     pub link_local_dropped: u64,
+    /// Frames of `dr` flows sent towards their realserver.
+    pub dr_forwarded: u64,
     pub fdb_entries: usize,
     pub fdb_evicted: u64,
     pub policy_generation: u64,
@@ -211,12 +259,6 @@ impl Datapath {
     ) -> Result<Datapath, DatapathError> {
         if settings.bridge.datapath != DatapathKind::Userspace {
             return Err(DatapathError::NotUserspace);
-        }
-        // the Rust classifier has no dr forwarding yet: refuse rather than divert those flows
-        if let Some(r) = policy.rules.iter().find(|r| r.action == Action::Dr) {
-            return Err(DatapathError::KernelOnly {
-                rule: r.name.clone(),
-            });
         }
         let mut ports = Vec::new();
         let mut names = Vec::new();
@@ -261,7 +303,12 @@ impl Datapath {
             tap_index,
             tap_mac,
             fdb: Mutex::new(fdb),
-            policy: RwLock::new((policy, 0)),
+            policy: RwLock::new(Current {
+                dr: dr_buckets_for(&policy, &DrInputs::default()),
+                policy,
+                seq: 0,
+            }),
+            dr_inputs: Mutex::new(DrInputs::default()),
             rule_hits: Mutex::new(HashMap::new()),
             down: RwLock::new(Arc::new(HashSet::new())),
             generation: AtomicU64::new(0),
@@ -302,13 +349,37 @@ impl Datapath {
     /// Swap in a new policy: new flows follow it from the next batch on, established flows
     /// keep their decision until they idle out.
     pub fn swap_policy(&self, policy: Arc<Policy>) {
-        match self.shared.policy.write() {
-            Ok(mut p) => *p = (policy, p.1 + 1),
-            Err(poisoned) => {
-                let mut p = poisoned.into_inner();
-                *p = (policy, p.1 + 1);
-            }
-        }
+        let inputs = lock(&self.shared.dr_inputs).clone();
+        let dr = dr_buckets_for(&policy, &inputs);
+        let mut p = self
+            .shared
+            .policy
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        *p = Current {
+            policy,
+            seq: p.seq + 1,
+            dr,
+        };
+        drop(p);
+        self.shared.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The `dr` realservers' state: MACs learned for realservers given by address, and the
+    /// health-check keys ([`crate::dr::dr_check_key`]) of those that are down. The buckets of
+    /// every `dr` rule are recomputed ([`crate::dr::bucket_macs`]); new flows follow them,
+    /// pinned flows keep their realserver.
+    pub fn set_dr_state(&self, neighbours: BTreeMap<IpAddr, [u8; 6]>, down: BTreeSet<String>) {
+        let mut inputs = lock(&self.shared.dr_inputs);
+        *inputs = DrInputs { neighbours, down };
+        let mut p = self
+            .shared
+            .policy
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        p.dr = dr_buckets_for(&p.policy, &inputs);
+        drop(p);
+        drop(inputs);
         self.shared.generation.fetch_add(1, Ordering::Release);
     }
 
@@ -350,6 +421,7 @@ impl Datapath {
             passed: ld(&sh.counters.passed),
             flooded: ld(&sh.counters.flooded),
             link_local_dropped: ld(&sh.counters.link_local_dropped),
+            dr_forwarded: ld(&sh.counters.dr_forwarded),
             fdb_entries,
             fdb_evicted,
             policy_generation: ld(&sh.generation),
@@ -386,6 +458,10 @@ impl Drop for Datapath {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn mac_text(m: &[u8; 6]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
@@ -404,6 +480,9 @@ pub enum Verdict {
     Forward,
     /// Sent unchanged to the local port only (ARP for a shielded VIP).
     Local,
+    /// A `dr` frame, its destination MAC rewritten to the realserver's: bridged by the FDB
+    /// to that MAC's port (flooded if unknown), never to the local port.
+    Dr,
 }
 
 /// `arp_shield`: ARP about a VIP of a `local` rule with `arp_shield = true` does not cross
@@ -529,30 +608,77 @@ pub fn decide(policy: &Policy, iif: &str, p: &PacketInfo) -> Decision {
     Decision::Bridge
 }
 
-/// The rules in force for new flows: the policy and the rules whose targets are down.
+/// The rules in force for new flows: the policy, the rules whose targets are down, the
+/// `dr` buckets and the decider of queue rules.
 #[derive(Debug, Clone, Copy)]
 pub struct Rules<'a> {
     pub policy: &'a Policy,
     pub down: &'a HashSet<String>,
     /// the policy's sequence number (kept with each flow's decision)
     pub seq: u64,
+    pub dr: &'a DrBuckets,
+    pub queue: Option<&'a InlineDecider>,
 }
 
 impl Rules<'_> {
-    /// [`decide`], then the health state: a diverting rule whose target is down bypasses
-    /// (bridges) or drops, as its `on_unhealthy` says.
-    pub fn decide(&self, iif: &str, p: &PacketInfo) -> Decision {
+    /// What a new flow is pinned to: [`decide`], then
+    /// - `dr`: the realserver of the flow's bucket ([`crate::dr::bucket_of`]); no MAC for it
+    ///   (none known, or no ports: a non-first fragment) -> bridged untouched;
+    /// - `decide = "queue"`: the decider's verdict (its deny/allow lists, health, rate
+    ///   limit; `Bypass` bridges, `Drop` drops); no decider -> bridged undecided;
+    /// - else the health state: a diverting rule whose target is down bypasses (bridges) or
+    ///   drops, as its `on_unhealthy` says.
+    pub fn decide(&self, iif: &str, p: &PacketInfo) -> Pin {
         let d = decide(self.policy, iif, p);
-        if let Decision::Divert { rule, .. } = d
-            && let Some(r) = self.policy.rules.get(rule)
-            && self.down.contains(&r.name)
-        {
+        let Decision::Divert { rule, action, .. } = d else {
+            return d.into();
+        };
+        let Some(r) = self.policy.rules.get(rule) else {
+            return d.into();
+        };
+        if action == Action::Dr {
+            let mac = p.ports.and_then(|(sport, _)| {
+                let buckets = self.dr.get(&r.name)?;
+                *buckets.get(crate::dr::bucket_of(p.src, sport))?
+            });
+            return match mac {
+                Some(m) => Pin {
+                    decision: d,
+                    dr_mac: Some(m),
+                },
+                None => Decision::Bridge.into(),
+            };
+        }
+        if r.decide == Decide::Queue {
+            let Some(q) = self.queue else {
+                return Decision::Bridge.into();
+            };
+            return match q.decide(r.tag, p) {
+                QueueVerdict::Divert(tag) if tag == r.tag => d.into(),
+                // another rule's tag (a custom decider): divert by that rule, if it diverts
+                QueueVerdict::Divert(tag) => self
+                    .policy
+                    .rules
+                    .iter()
+                    .position(|o| o.tag == tag && o.action.diverts())
+                    .map_or(Decision::Bridge, |i| Decision::Divert {
+                        rule: i,
+                        tag,
+                        action: self.policy.rules[i].action,
+                    })
+                    .into(),
+                QueueVerdict::Bypass => Decision::Bridge.into(),
+                QueueVerdict::Drop => Decision::Drop { rule }.into(),
+            };
+        }
+        if self.down.contains(&r.name) {
             return match r.on_unhealthy {
                 OnUnhealthy::Bypass => Decision::Bridge,
                 OnUnhealthy::Drop => Decision::Drop { rule },
-            };
+            }
+            .into();
         }
-        d
+        d.into()
     }
 }
 
@@ -596,7 +722,7 @@ pub fn process_frame(
     buf: &mut [u8],
     at: &Ingress<'_>,
     rules: &Rules<'_>,
-    flows: &mut FlowTable,
+    flows: &mut FlowTable<Pin>,
 ) -> (Verdict, Option<(Decision, u64)>) {
     let Ingress {
         iif,
@@ -624,10 +750,15 @@ pub fn process_frame(
     let Ok(info) = classify::parse_frame(eth) else {
         return (Verdict::Forward, None);
     };
-    let (d, seq) = flows.decide_seq(FlowKey::of(iif, &info), now, rules.seq, || {
+    let (pin, seq) = flows.decide_seq(FlowKey::of(iif, &info), now, rules.seq, || {
         rules.decide(iif_name, &info)
     });
+    let d = pin.decision;
     let v = match d {
+        Decision::Divert { .. } if let Some(mac) = pin.dr_mac => {
+            eth[..6].copy_from_slice(&mac);
+            Verdict::Dr
+        }
         Decision::Divert { tag, .. } => {
             if frame::divert_rewrite(eth, local_mac, tag) {
                 Verdict::Divert
@@ -646,7 +777,7 @@ struct Worker {
     me: usize,
     rx: RxBatch,
     tx: TxBatch,
-    flows: FlowTable,
+    flows: FlowTable<Pin>,
     verdicts: Vec<Verdict>,
     srcs: Vec<[u8; 6]>,
     out: Vec<Vec<usize>>,
@@ -673,10 +804,10 @@ impl Worker {
         let me = self.me;
         let from_local = me == sh.tap_index;
         let mut seen_gen = sh.generation.load(Ordering::Acquire);
-        let (mut policy, mut seq) = read_policy(&sh);
+        let mut cur = read_policy(&sh);
         let mut down = read_down(&sh);
         let mut hits = RuleHits::default();
-        hits.track(seq, &policy);
+        hits.track(cur.seq, &cur.policy);
         let pc = &sh.port_counters[me];
         let mut last_err: Option<Instant> = None;
         while !sh.stop.load(Ordering::Relaxed) {
@@ -699,14 +830,15 @@ impl Worker {
             let g = sh.generation.load(Ordering::Acquire);
             if g != seen_gen {
                 seen_gen = g;
-                (policy, seq) = read_policy(&sh);
+                cur = read_policy(&sh);
                 down = read_down(&sh);
-                hits.track(seq, &policy);
+                hits.track(cur.seq, &cur.policy);
             }
             pc.rx_frames.fetch_add(n as u64, Ordering::Relaxed);
             pc.rx_bad.store(self.rx.bad, Ordering::Relaxed);
             let mut bytes = 0u64;
-            let (mut diverted, mut dropped, mut passed, mut ll) = (0u64, 0u64, 0u64, 0u64);
+            let (mut diverted, mut dropped, mut passed, mut ll, mut dr) =
+                (0u64, 0u64, 0u64, 0u64, 0u64);
             for i in 0..n {
                 let f = self.rx.frame_mut(i);
                 bytes += f.len().saturating_sub(VNET_HDR_LEN) as u64;
@@ -724,9 +856,11 @@ impl Worker {
                     f,
                     &at,
                     &Rules {
-                        policy: &policy,
+                        policy: &cur.policy,
                         down: &down,
-                        seq,
+                        seq: cur.seq,
+                        dr: &cur.dr,
+                        queue: sh.opts.decider.as_deref(),
                     },
                     &mut self.flows,
                 );
@@ -741,6 +875,7 @@ impl Worker {
                 }
                 match (v, d.map(|(d, _)| d)) {
                     (Verdict::Divert, _) => diverted += 1,
+                    (Verdict::Dr, _) => dr += 1,
                     (Verdict::Skip, Some(Decision::Drop { .. })) => dropped += 1,
                     (Verdict::Skip, None) if f.len() > VNET_HDR_LEN => ll += 1,
                     (_, Some(Decision::Pass { .. })) => passed += 1,
@@ -755,6 +890,7 @@ impl Worker {
             c.policy_dropped.fetch_add(dropped, Ordering::Relaxed);
             c.passed.fetch_add(passed, Ordering::Relaxed);
             c.link_local_dropped.fetch_add(ll, Ordering::Relaxed);
+            c.dr_forwarded.fetch_add(dr, Ordering::Relaxed);
 
             // Learn and look up under one lock per batch.
             let nports = sh.ports.len();
@@ -773,17 +909,19 @@ impl Worker {
                     match self.verdicts[i] {
                         Verdict::Skip => {}
                         Verdict::Divert | Verdict::Local => self.out[sh.tap_index].push(i),
-                        Verdict::Forward => {
+                        v @ (Verdict::Forward | Verdict::Dr) => {
+                            // dr frames never go to the host
+                            let skip = if v == Verdict::Dr { sh.tap_index } else { me };
                             let f = self.rx.frame(i);
                             let mut dst = [0u8; 6];
                             dst.copy_from_slice(&f[VNET_HDR_LEN..VNET_HDR_LEN + 6]);
                             match fdb.out(&dst, me, now) {
-                                Out::Port(p) => self.out[p].push(i),
-                                Out::Filtered => {}
+                                Out::Port(p) if p != skip => self.out[p].push(i),
+                                Out::Port(_) | Out::Filtered => {}
                                 Out::Flood => {
                                     flooded += 1;
                                     for (p, o) in self.out.iter_mut().enumerate() {
-                                        if p != me {
+                                        if p != me && p != skip {
                                             o.push(i);
                                         }
                                     }
@@ -831,7 +969,7 @@ impl Worker {
     }
 }
 
-fn read_policy(sh: &Shared) -> (Arc<Policy>, u64) {
+fn read_policy(sh: &Shared) -> Current {
     match sh.policy.read() {
         Ok(p) => p.clone(),
         Err(p) => p.into_inner().clone(),

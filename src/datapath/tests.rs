@@ -68,7 +68,7 @@ dport = [23]
 action = "drop"
 "#;
 
-fn run(p: &Policy, flows: &mut FlowTable, f: &mut [u8], iif: &str) -> Verdict {
+fn run(p: &Policy, flows: &mut FlowTable<Pin>, f: &mut [u8], iif: &str) -> Verdict {
     let at = Ingress {
         iif: 0,
         iif_name: iif,
@@ -77,10 +77,13 @@ fn run(p: &Policy, flows: &mut FlowTable, f: &mut [u8], iif: &str) -> Verdict {
         now: Instant::now(),
     };
     let down = HashSet::new();
+    let dr = DrBuckets::new();
     let rules = Rules {
         policy: p,
         down: &down,
         seq: 0,
+        dr: &dr,
+        queue: None,
     };
     process_frame(f, &at, &rules, flows).0
 }
@@ -232,20 +235,26 @@ on_unhealthy = "drop"
     let i80 = classify::parse_frame(&f80[VNET_HDR_LEN..]).unwrap();
     let i81 = classify::parse_frame(&f81[VNET_HDR_LEN..]).unwrap();
     let none = HashSet::new();
+    let dr = DrBuckets::new();
     let up = Rules {
         policy: &p,
         down: &none,
         seq: 0,
+        dr: &dr,
+        queue: None,
     };
-    assert!(matches!(up.decide("p1", &i80), Decision::Divert { .. }));
+    assert!(matches!(
+        up.decide("p1", &i80).decision,
+        Decision::Divert { .. }
+    ));
     let down: HashSet<String> = ["web".to_string(), "strict".to_string()].into();
     let dn = Rules {
         policy: &p,
         down: &down,
-        seq: 0,
+        ..up
     };
-    assert_eq!(dn.decide("p1", &i80), Decision::Bridge);
-    assert_eq!(dn.decide("p1", &i81), Decision::Drop { rule: 1 });
+    assert_eq!(dn.decide("p1", &i80), Decision::Bridge.into());
+    assert_eq!(dn.decide("p1", &i81), Decision::Drop { rule: 1 }.into());
 }
 
 proptest! {
@@ -401,10 +410,9 @@ arp_shield = true
     assert_ne!(run(&p, &mut flows, &mut f, "p1"), Verdict::Skip);
 }
 
-/// `action = "dr"` is kernel datapath only: the userspace datapath refuses to start with it
-/// (before opening any port) instead of diverting those flows to the local stack.
+/// `dr` rules are no longer refused: starting gets as far as opening the ports.
 #[test]
-fn userspace_refuses_dr() {
+fn userspace_takes_dr_rules() {
     use crate::settings::{BridgeSettings, Datapath as Kind, Settings};
     let p = policy(
         "[[divert]]\nname = \"vip\"\nproto = \"tcp\"\ndst = \"10.0.0.80\"\naction = \"dr\"\n\
@@ -427,8 +435,195 @@ fn userspace_refuses_dr() {
         path: std::path::PathBuf::new(),
     };
     match Datapath::start(&settings, std::sync::Arc::new(p)) {
-        Err(DatapathError::KernelOnly { rule }) => assert_eq!(rule, "vip"),
-        Err(e) => panic!("wrong refusal: {e}"),
-        Ok(_) => panic!("the userspace datapath started with a dr rule"),
+        Err(DatapathError::Port { port, .. }) => assert_eq!(port, "no-such-port"),
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => panic!("a port that does not exist was opened"),
     }
+}
+
+const QUEUE_RULES: &str = r#"
+[[divert]]
+name = "web"
+proto = "tcp"
+dport = [80]
+action = "redirect"
+port = 3129
+decide = "queue"
+health = { connect = "127.0.0.1:3129" }
+"#;
+
+/// One classified frame through `process_frame` with a queue decider.
+fn run_with(
+    p: &Policy,
+    rules_down: &HashSet<String>,
+    dr: &DrBuckets,
+    queue: Option<&InlineDecider>,
+    flows: &mut FlowTable<Pin>,
+    f: &mut [u8],
+) -> Verdict {
+    let at = Ingress {
+        iif: 0,
+        iif_name: "p1",
+        from_local: false,
+        local_mac: LOCAL,
+        now: Instant::now(),
+    };
+    let rules = Rules {
+        policy: p,
+        down: rules_down,
+        seq: 0,
+        dr,
+        queue,
+    };
+    process_frame(f, &at, &rules, flows).0
+}
+
+/// `decide = "queue"` inline: the PolicyDecider sees the first frame of each new flow only;
+/// its verdict (divert, bypass, drop) is pinned for the flow's later frames, and list
+/// changes affect new flows only.
+#[test]
+fn queue_rules_are_decided_inline_once_per_flow_and_pinned() {
+    use crate::queue::{Fallback, HealthFlag, ListsHandle, MarkLayout, PolicyDecider};
+    let p = policy(QUEUE_RULES);
+    let layout = MarkLayout::default();
+    let lists = ListsHandle::default();
+    let health = HealthFlag::new(true);
+    let d = PolicyDecider::new(layout, lists.clone()).with_rule(
+        p.rules[0].tag,
+        health.clone(),
+        Fallback::Bypass,
+    );
+    let q = InlineDecider::new(Arc::new(d), layout);
+    let (none, dr) = (HashSet::new(), DrBuckets::new());
+    let mut flows = FlowTable::new(Duration::from_secs(60), 100);
+    let go = |src: &str, sport: u16, flows: &mut FlowTable<Pin>| {
+        let mut f = frame(src, "192.0.2.1", sport, 80);
+        run_with(&p, &none, &dr, Some(&q), flows, &mut f)
+    };
+    // flow 1: diverted; its three later frames are not decided again
+    for _ in 0..4 {
+        assert_eq!(go("10.0.0.1", 1, &mut flows), Verdict::Divert);
+    }
+    assert_eq!(q.stats().totals().packets, 1);
+    // deny: a new flow is dropped, flow 1 keeps its path
+    lists.update(|l| l.deny.insert("10.0.0.1/32".parse().unwrap()));
+    assert_eq!(go("10.0.0.1", 2, &mut flows), Verdict::Skip);
+    assert_eq!(go("10.0.0.1", 1, &mut flows), Verdict::Divert);
+    // the drop is pinned too: lifting the deny does not re-decide flow 2
+    lists.store(Default::default());
+    assert_eq!(go("10.0.0.1", 2, &mut flows), Verdict::Skip);
+    // allow: bypassed (bridged untouched), pinned
+    lists.update(|l| l.allow.insert("10.0.0.0/24".parse().unwrap()));
+    let mut f = frame("10.0.0.1", "192.0.2.1", 3, 80);
+    let before = f.clone();
+    assert_eq!(
+        run_with(&p, &none, &dr, Some(&q), &mut flows, &mut f),
+        Verdict::Forward
+    );
+    assert_eq!(f, before, "a bypassed frame is not rewritten");
+    lists.store(Default::default());
+    assert_eq!(go("10.0.0.1", 3, &mut flows), Verdict::Forward);
+    // health is the decider's: down -> on_unhealthy (bypass) for new flows
+    health.set(false);
+    assert_eq!(go("10.0.0.1", 4, &mut flows), Verdict::Forward);
+    assert_eq!(go("10.0.0.1", 1, &mut flows), Verdict::Divert);
+    let t = q.stats().totals();
+    assert_eq!(
+        (t.packets, t.divert, t.bypass, t.drop),
+        (4, 1, 2, 1),
+        "one decision per flow"
+    );
+    // no decider (datapath without the daemon): bridged undecided, as the kernel's bypass
+    assert_eq!(
+        run_with(
+            &p,
+            &none,
+            &dr,
+            None,
+            &mut FlowTable::new(Duration::from_secs(60), 100),
+            &mut frame("10.0.0.9", "192.0.2.1", 1, 80)
+        ),
+        Verdict::Forward
+    );
+}
+
+const DR_RULES: &str = r#"
+[[divert]]
+name = "vip"
+proto = "tcp"
+dport = [80]
+dst = ["192.0.2.80"]
+action = "dr"
+realservers = [{ mac = "02:00:00:00:00:31" }, { mac = "02:00:00:00:00:32" }]
+"#;
+
+/// `dr`: only the destination MAC changes (to the realserver of the flow's bucket), the
+/// frame is bridged (`Verdict::Dr`), the choice is pinned per flow; a bucket change (health)
+/// moves new flows only.
+#[test]
+fn dr_rewrites_the_destination_mac_and_pins_the_realserver() {
+    let p = policy(DR_RULES);
+    let rs1 = [2, 0, 0, 0, 0, 0x31];
+    let rs2 = [2, 0, 0, 0, 0, 0x32];
+    let none = HashSet::new();
+    let all_up = {
+        let mut m = DrBuckets::new();
+        m.insert(
+            "vip".into(),
+            crate::dr::bucket_macs(&p.rules[0], &Default::default(), &Default::default()),
+        );
+        m
+    };
+    let rs2_down = {
+        let mut m = DrBuckets::new();
+        let down = [crate::dr::dr_check_key("vip", 1)].into();
+        m.insert(
+            "vip".into(),
+            crate::dr::bucket_macs(&p.rules[0], &Default::default(), &down),
+        );
+        m
+    };
+    let mut flows = FlowTable::new(Duration::from_secs(60), 1000);
+    let dst_of = |sport: u16, dr: &DrBuckets, flows: &mut FlowTable<Pin>| {
+        let mut f = frame("10.0.0.1", "192.0.2.80", sport, 80);
+        let before = f.clone();
+        let v = run_with(&p, &none, dr, None, flows, &mut f);
+        assert_eq!(v, Verdict::Dr);
+        assert_eq!(&f[..VNET_HDR_LEN], &before[..VNET_HDR_LEN]);
+        assert_eq!(
+            &f[VNET_HDR_LEN + 6..],
+            &before[VNET_HDR_LEN + 6..],
+            "only the destination MAC changes"
+        );
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&f[VNET_HDR_LEN..VNET_HDR_LEN + 6]);
+        mac
+    };
+    let first: Vec<[u8; 6]> = (0..40)
+        .map(|i| dst_of(1000 + i, &all_up, &mut flows))
+        .collect();
+    assert!(first.contains(&rs1) && first.contains(&rs2), "spread");
+    // rs2 goes down: pinned flows stay, new flows all go to rs1
+    for (i, mac) in first.iter().enumerate() {
+        assert_eq!(dst_of(1000 + i as u16, &rs2_down, &mut flows), *mac);
+    }
+    for i in 0..40 {
+        assert_eq!(dst_of(2000 + i, &rs2_down, &mut flows), rs1);
+    }
+    // back up: flows opened during the outage stay on rs1, new ones spread again
+    for i in 0..40 {
+        assert_eq!(dst_of(2000 + i, &all_up, &mut flows), rs1);
+    }
+    let after: Vec<[u8; 6]> = (0..40)
+        .map(|i| dst_of(3000 + i, &all_up, &mut flows))
+        .collect();
+    assert!(after.contains(&rs2));
+    // no MAC known: bridged untouched
+    let mut f = frame("10.0.0.1", "192.0.2.80", 9, 80);
+    let before = f.clone();
+    assert_eq!(
+        run_with(&p, &none, &DrBuckets::new(), None, &mut flows, &mut f),
+        Verdict::Forward
+    );
+    assert_eq!(f, before);
 }

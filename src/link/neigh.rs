@@ -108,3 +108,12 @@ fn probe(addr: IpAddr) {
         let _ = s.send_to(b"brdivert neighbour probe", SocketAddr::new(addr, 9));
     }
 }
+
+/// Blocking [`resolve`]. Not from inside a tokio runtime (from `spawn_blocking` is fine).
+pub fn resolve_blocking(
+    bridge: &str,
+    addrs: &[IpAddr],
+    wait: Duration,
+) -> Result<BTreeMap<IpAddr, [u8; 6]>, LinkError> {
+    super::block_on(resolve(bridge, addrs, wait))
+}

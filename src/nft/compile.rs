@@ -149,6 +149,8 @@ pub fn replies_map(f: IpFamily) -> &'static str {
 }
 
 pub use super::netlink::HEALTH_DOWN_SET;
+/// The `dr` bucket logic lives in [`crate::dr`], shared with the userspace datapath.
+pub use crate::dr::{DR_BUCKETS, DR_HASH_SEED, dr_assignment, dr_check_key, parse_check_key};
 
 /// The forward 5-tuple as the packet at hand sees it.
 pub fn five_tuple(family: IpFamily) -> FlowKey {
@@ -443,8 +445,9 @@ fn queue_candidate_stmts(r: &DivertRule, target: &Target) -> Vec<Stmt> {
     ]
 }
 
-/// The mark (tag + verdict code) of a `divert` decision for queue rule `r`.
-fn divert_mark(l: &MarkLayout, r: &DivertRule) -> u32 {
+/// The mark (tag + verdict code) of a `divert` decision for queue rule `r`; the local-stack
+/// rules of a queue rule match it (under `l.mask()`), whichever datapath decided.
+pub fn divert_mark(l: &MarkLayout, r: &DivertRule) -> u32 {
     l.tag_mark(r.tag) | l.code_mark(CODE_DIVERT)
 }
 
@@ -843,10 +846,6 @@ pub fn local_stack_table(policy: &Policy, target: &Target) -> Table {
     t
 }
 
-/// How many hash buckets a `dr` rule deals out to its realservers. Far more than realservers,
-/// so that a dead realserver's share can be spread over all the others.
-pub const DR_BUCKETS: u32 = 256;
-
 /// The pin maps of `dr` flows (5-tuple → realserver MAC), per family.
 pub fn dr_flows_map(f: IpFamily) -> &'static str {
     match f {
@@ -860,72 +859,14 @@ pub fn dr_buckets_map(r: &DivertRule) -> String {
     set_name(r, "buckets")
 }
 
-/// The health-check key of realserver `i` (0-based) of `dr` rule `rule`: `rule/i+1`. Rule names
-/// cannot hold '/', so [`parse_check_key`] splits it back.
-pub fn dr_check_key(rule: &str, i: usize) -> String {
-    format!("{rule}/{}", i + 1)
-}
-
-/// (rule name, realserver index) of a health-check key; no index for a rule's own check.
-pub fn parse_check_key(key: &str) -> (&str, Option<usize>) {
-    match key.split_once('/') {
-        Some((rule, n)) => (rule, n.parse::<usize>().ok().and_then(|n| n.checked_sub(1))),
-        None => (key, None),
-    }
-}
-
-/// Which realserver each bucket goes to (index into `usable`'s list), given which
-/// realservers can take new flows. Bucket `b` belongs to realserver `b mod N`; while its
-/// owner is unusable, the k-th such orphaned bucket goes to the k-th usable realserver
-/// (round robin). So the buckets of usable realservers never move, and a realserver that
-/// becomes usable again gets exactly its own buckets back. With none usable: `None` for
-/// every bucket.
-pub fn dr_assignment(usable: &[bool]) -> Vec<Option<usize>> {
-    let n = usable.len();
-    let ok: Vec<usize> = (0..n).filter(|&i| usable[i]).collect();
-    let mut k = 0;
-    (0..DR_BUCKETS as usize)
-        .map(|b| {
-            if n == 0 || ok.is_empty() {
-                return None;
-            }
-            let owner = b % n;
-            if usable[owner] {
-                Some(owner)
-            } else {
-                k += 1;
-                Some(ok[(k - 1) % ok.len()])
-            }
-        })
-        .collect()
-}
-
-/// The bucket map of a `dr` rule, as `target` says: realservers with a known MAC (given, or
-/// learned) that are not down take new flows. When every realserver with a MAC is down, they
-/// all keep their buckets (a check failing everywhere is more likely the checker's own
-/// problem than every realserver's); realservers without a MAC never get a bucket, and with
-/// no MAC known at all the map is empty, so the rule's frames are bridged untouched.
+/// The bucket map of a `dr` rule, as `target` says ([`crate::dr::bucket_macs`]: the same
+/// assignment the userspace datapath uses); buckets without a MAC are left out, so with no
+/// MAC known at all the map is empty and the rule's frames are bridged untouched.
 pub fn dr_buckets(r: &DivertRule, target: &Target) -> Set {
-    let macs: Vec<Option<[u8; 6]>> = r
-        .realservers
-        .iter()
-        .map(|rs| {
-            rs.mac
-                .or_else(|| rs.address.and_then(|a| target.neighbours.get(&a).copied()))
-        })
-        .collect();
-    let up: Vec<bool> = (0..macs.len())
-        .map(|i| macs[i].is_some() && !target.dr_down.contains(&dr_check_key(&r.name, i)))
-        .collect();
-    let usable = if up.iter().any(|u| *u) {
-        up
-    } else {
-        macs.iter().map(Option::is_some).collect()
-    };
-    let elements = dr_assignment(&usable)
+    let elements = crate::dr::bucket_macs(r, &target.neighbours, &target.dr_down)
         .into_iter()
         .enumerate()
-        .filter_map(|(b, i)| Some(SetElem::Bucket(b as u32, macs[i?]?)))
+        .filter_map(|(b, mac)| Some(SetElem::Bucket(b as u32, mac?)))
         .collect();
     Set {
         name: dr_buckets_map(r),
@@ -936,10 +877,6 @@ pub fn dr_buckets(r: &DivertRule, target: &Target) -> Set {
         keep: false,
     }
 }
-
-/// Seed of the `dr` flow hash. Fixed, so a reload (or a restart) sends every connection to
-/// the same realserver as before as long as the realserver list is unchanged.
-pub const DR_HASH_SEED: u32 = 0x6272_6476; // "brdv"
 
 /// `action = "dr"`, per family: `<vip match> counter ether daddr set jhash ip saddr . th sport
 /// mod 256 seed S map @<rule>_buckets update @dr_flows4 { <5-tuple> : ether daddr } accept`.
@@ -1454,31 +1391,6 @@ mod tests {
                 vec![("web".to_string(), 0x0001_0000)]
             );
         }
-    }
-
-    #[test]
-    fn dr_assignment_moves_only_the_dead_realservers_buckets() {
-        let all = dr_assignment(&[true, true, true]);
-        assert_eq!(all.len(), DR_BUCKETS as usize);
-        assert!(all.iter().enumerate().all(|(b, i)| *i == Some(b % 3)));
-        let one_down = dr_assignment(&[true, false, true]);
-        for (b, (was, now)) in all.iter().zip(&one_down).enumerate() {
-            if *was == Some(1) {
-                assert_ne!(*now, Some(1), "bucket {b} still on the dead realserver");
-            } else {
-                assert_eq!(was, now, "bucket {b} of a healthy realserver moved");
-            }
-        }
-        // the orphans are shared out evenly
-        let to0 = (0..DR_BUCKETS as usize)
-            .filter(|&b| b % 3 == 1 && one_down[b] == Some(0))
-            .count();
-        let to2 = (0..DR_BUCKETS as usize)
-            .filter(|&b| b % 3 == 1 && one_down[b] == Some(2))
-            .count();
-        assert!(to0.abs_diff(to2) <= 1, "{to0} vs {to2}");
-        assert!(dr_assignment(&[false, false]).iter().all(Option::is_none));
-        assert!(dr_assignment(&[]).iter().all(Option::is_none));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! default ([`DropMode`]). Queues are configured fail-open and copy only the headers.
 //! See docs/queue.md.
 
+pub mod inline;
 pub mod parse;
 pub mod policy;
 pub mod stats;
@@ -26,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub use inline::{INLINE_QUEUE, InlineDecider};
 pub use parse::{Family, FlowKey, Headers, ParseError};
 pub use policy::{
     Fallback, HealthFlag, Lists, ListsHandle, PolicyDecider, PrefixSet, RateLimit, RateLimiter,
