@@ -115,6 +115,8 @@ pub fn target(settings: &Settings, mac: Option<[u8; 6]>, form: Option<QueueForm>
             form: form.unwrap_or(QueueForm::Native),
             verdict_mask: settings.queue.verdict_mask,
         },
+        tproxy_replies: link::tproxy_routing_recorded(&settings.kernel),
+        bridge_addrs: settings.bridge.address.iter().map(|n| n.addr()).collect(),
         ..Default::default()
     }
 }

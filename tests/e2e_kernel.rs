@@ -765,6 +765,32 @@ fn reload_keeps_established_flows(dp: &str) {
     check_transfer(&lab, t6, path6, BR_V6);
 }
 
+/// A reload from a TPROXY policy to one without TPROXY keeps the established TPROXY flow
+/// whole: its server replies still go to the proxy (the kernel datapath keeps the return-path
+/// lookups while brdivert's TPROXY routing stays installed), and the origin saw the client.
+fn reload_keeps_tproxy_flows(dp: &str) {
+    let Some(lab) = lab(dp, Proxy::Squid) else {
+        return;
+    };
+    lab.write_rules("tp", RULES_TPROXY).expect("rules");
+    let _running = apply(&lab);
+    let path = "/slow/t-tproxy-reload";
+    let t = lab
+        .start_transfer(Ns::C1, &format!("http://{UP_V4}:8080{path}"), &[])
+        .expect("curl");
+    wait_origin_saw(&lab, path);
+    lab.write_rules("tp", RULES_WEB_81).expect("rules");
+    let _running = apply(&lab);
+    check_bridged(
+        &lab,
+        Ns::C1,
+        &format!("{UP_V4}:8080"),
+        "/t-after-tp-reload",
+        C1_V4,
+    );
+    check_transfer(&lab, t, path, C1_V4);
+}
+
 /// Flip a rule's health on the datapath under test.
 fn set_health(lab: &Lab, dp: &str, rule: &str, up: bool) {
     if dp == "kernel" {
@@ -854,6 +880,7 @@ macro_rules! datapath_suite {
             datapath_suite!(@tests $dp: intercept_tcp80, other_port_bridged, except_src_bypasses,
                 intercept_ipv6, tproxy_squid, local_vip, vlan_tagged_frames, arp_icmp_udp_bridged, apply_idempotent,
                 bad_rules_refused, flush_leaves_no_trace, reload_keeps_established_flows,
+                reload_keeps_tproxy_flows,
                 health_flip_bypass, health_flip_drop, tproxy_reply_only_diverted_clients);
         }
     };

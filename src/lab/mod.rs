@@ -506,7 +506,14 @@ impl Lab {
         match self.proxy {
             Proxy::Squid => {
                 let conf = self.dir.join("squid.conf").to_string_lossy().into_owned();
-                self.spawn(Ns::Br, "squid", &["squid", "-N", "-f", &conf])?;
+                // Squid names its shared-memory segments (/dev/shm, not per namespace) after
+                // the service name: a lab's own name keeps parallel labs' Squids apart.
+                let service = squid_service(&self.prefix);
+                self.spawn(
+                    Ns::Br,
+                    "squid",
+                    &["squid", "-N", "-n", &service, "-f", &conf],
+                )?;
                 for p in [SQUID_FORWARD, SQUID_INTERCEPT, SQUID_TPROXY] {
                     self.wait_listening(Ns::Br, L4::Tcp, p)
                         .with_context(|| format!("Squid cache.log:\n{}", self.squid_cache_log()))?;
@@ -858,6 +865,24 @@ impl Lab {
     }
 }
 
+/// The Squid service name of lab `prefix` (letters and digits only, as Squid wants).
+fn squid_service(prefix: &str) -> String {
+    let alnum: String = prefix.chars().filter(char::is_ascii_alphanumeric).collect();
+    format!("brd{alnum}")
+}
+
+/// Segments a killed Squid of lab `prefix` left in /dev/shm (a clean exit removes them).
+fn remove_squid_shm(prefix: &str) {
+    let lead = format!("{}-", squid_service(prefix));
+    if let Ok(dir) = fs::read_dir("/dev/shm") {
+        for e in dir.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&lead) {
+                fs::remove_file(e.path()).ok();
+            }
+        }
+    }
+}
+
 /// Kill whatever still runs in the lab's namespaces, delete them and the lab directory.
 fn remove_lab(prefix: &str) -> bool {
     let mut found = false;
@@ -882,6 +907,8 @@ fn remove_lab(prefix: &str) -> bool {
             .status()
             .ok();
     }
+    // every process of the lab is dead now (SIGKILLed Squids leave their segments behind)
+    remove_squid_shm(prefix);
     let dir = lab_dir(prefix);
     if dir.exists() {
         found = true;

@@ -549,6 +549,12 @@ async fn release_port(handle: &Handle, port: &str, bridge: u32) -> Result<(), Li
 /// Install `ip rule fwmark MARK/MASK lookup TABLE priority PRIO` and
 /// `ip route local default dev lo table TABLE` for IPv4 and IPv6 (table and priority from
 /// `kernel`), idempotently, recording what was added under [`state_dir()`].
+/// Has brdivert's TPROXY policy routing been installed (and not flushed)? Then flows pinned to
+/// an earlier tproxy rule may still be running, whatever the current policy says.
+pub fn tproxy_routing_recorded(kernel: &KernelSettings) -> bool {
+    state::routing_state_path(&state_dir(), kernel.route_table).exists()
+}
+
 pub async fn setup_tproxy_routing(
     kernel: &KernelSettings,
     mark: u32,

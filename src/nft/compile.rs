@@ -23,7 +23,9 @@
 //! `socket transparent 1`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::QueueForm;
 use super::{
@@ -46,6 +48,12 @@ pub struct Target {
     pub dr_down: BTreeSet<String>,
     /// How `decide = "queue"` rules queue (used only when the policy has such rules).
     pub queue: QueueTarget,
+    /// Keep the TPROXY return-path lookups although the policy has no tproxy rule: an
+    /// earlier one's flows may still run (brdivert's TPROXY routing is still installed).
+    pub tproxy_replies: bool,
+    /// The host's own addresses on the bridge (`bridge.address`): packets the host sends
+    /// from any other address are a transparent proxy's (see `tproxy_upstream_rules`).
+    pub bridge_addrs: Vec<IpAddr>,
 }
 
 /// How queue rules are compiled: the queue range, the rule form the kernel takes, and the
@@ -92,6 +100,17 @@ impl Target {
         self.mark_mask
     }
 }
+
+/// IPv4 link-local sources (169.254.0.0/16).
+const LINK_LOCAL4: Ipv4Net = match Ipv4Net::new(Ipv4Addr::new(169, 254, 0, 0), 16) {
+    Ok(n) => n,
+    Err(_) => panic!("valid prefix"),
+};
+/// IPv6 link-local sources (fe80::/10).
+const LINK_LOCAL6: Ipv6Net = match Ipv6Net::new(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10) {
+    Ok(n) => n,
+    Err(_) => panic!("valid prefix"),
+};
 
 /// Bridge priority `filter` (-200): at bridge prerouting, before the forwarding decision.
 pub const BRIDGE_PRIORITY: i32 = -200;
@@ -140,11 +159,12 @@ pub fn flows_map(f: IpFamily) -> &'static str {
     }
 }
 
-/// The TPROXY reply-path map of family `f`.
+/// The TPROXY reply-path map of family `f`: the exact 5-tuples of the proxy's upstream
+/// connections, as their replies see them.
 pub fn replies_map(f: IpFamily) -> &'static str {
     match f {
-        IpFamily::V4 => "replies4",
-        IpFamily::V6 => "replies6",
+        IpFamily::V4 => "tpreplies4",
+        IpFamily::V6 => "tpreplies6",
     }
 }
 
@@ -166,27 +186,15 @@ pub fn five_tuple(family: IpFamily) -> FlowKey {
     }
 }
 
-/// client . server . proto . server port, from a client's packet.
-fn peer_fwd(family: IpFamily) -> FlowKey {
+/// The 5-tuple the other direction of the flow sees, read from a packet of this direction.
+fn reversed_five_tuple(family: IpFamily) -> FlowKey {
     FlowKey {
         family,
         fields: vec![
-            KeyField::Saddr,
             KeyField::Daddr,
+            KeyField::Saddr,
             KeyField::L4Proto,
             KeyField::Dport,
-        ],
-    }
-}
-
-/// The same key read from a server's reply.
-fn peer_rev(family: IpFamily) -> FlowKey {
-    FlowKey {
-        family,
-        fields: vec![
-            KeyField::Daddr,
-            KeyField::Saddr,
-            KeyField::L4Proto,
             KeyField::Sport,
         ],
     }
@@ -211,7 +219,8 @@ pub fn health_keys(policy: &Policy, target: &Target) -> Vec<(String, u32)> {
 fn state_sets() -> Vec<Set> {
     let mut v = Vec::new();
     for f in [IpFamily::V4, IpFamily::V6] {
-        for (name, key) in [(flows_map(f), five_tuple(f)), (replies_map(f), peer_fwd(f))] {
+        for name in [flows_map(f), replies_map(f)] {
+            let key = five_tuple(f);
             v.push(Set {
                 name: name.into(),
                 kind: key.kind(),
@@ -281,14 +290,18 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
     for f in [IpFamily::V4, IpFamily::V6] {
         prerouting.push(pin_rule(f, five_tuple(f), flows_map(f), "pinned", target));
     }
-    // TPROXY return path: the origin answers the proxy's spoofed connection (client address,
-    // the proxy's own source port), so the bridge would deliver the reply to the client.
-    // Replies from a server to a client whose flows to that server port a tproxy rule
-    // diverted go to the local stack, where the proxy's transparent socket takes them.
-    for f in [IpFamily::V4, IpFamily::V6] {
+    // TPROXY return path: the origin answers the proxy's spoofed upstream connection
+    // (client address, the proxy's own source port), so the bridge would deliver the reply to
+    // the client. The output chain below records each upstream connection's exact 5-tuple as
+    // its replies see it; those replies go to the local stack, where the proxy's transparent
+    // socket takes them. Exact, so the client's own bridged connections to the same server
+    // and port (after a reload, or while the proxy is down and the rule bypasses) are never
+    // taken. Only while TPROXY is in use: every bridged frame pays for these lookups.
+    let replies = policy.uses_tproxy() || target.tproxy_replies;
+    for f in [IpFamily::V4, IpFamily::V6].into_iter().filter(|_| replies) {
         prerouting.push(pin_rule(
             f,
-            peer_rev(f),
+            five_tuple(f),
             replies_map(f),
             "tproxy reply",
             target,
@@ -427,8 +440,95 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
         }),
         rules: prerouting,
     });
+    // Base chains before the rule chains: `apply` keeps base chains hooked and recreates the
+    // rest, so this order is also the order the kernel lists them in after a re-apply.
+    if replies {
+        let rules = tproxy_upstream_rules(target, &mut t.sets);
+        t.chains.push(Chain {
+            name: "output".into(),
+            base: Some(BaseChain {
+                kind: ChainType::Filter,
+                hook: Hook::Output,
+                priority: BRIDGE_PRIORITY,
+            }),
+            rules,
+        });
+    }
     t.chains.extend(rule_chains);
     t
+}
+
+/// The bridge's output chain while TPROXY is in use: a TCP/UDP packet the host sends into
+/// the bridge from an address that is not its own is a transparent proxy's upstream packet
+/// (it carries the client's address). Its 5-tuple, reversed, goes into the reply-path map
+/// with the TPROXY mark, so exactly that connection's replies are taken to the local stack.
+/// Not restricted to the current rules' ports: a proxy may open upstream connections for a
+/// client connection that an earlier policy's rule diverted.
+fn tproxy_upstream_rules(target: &Target, sets: &mut Vec<Set>) -> Vec<Rule> {
+    // The host's own sources: its addresses on the bridge, and what a host sends from before
+    // or besides them (unspecified, link-local: DHCP, DAD, ND, MLD).
+    let mut own4: Vec<Ipv4Net> = vec![Ipv4Net::from(Ipv4Addr::UNSPECIFIED), LINK_LOCAL4];
+    let mut own6: Vec<Ipv6Net> = vec![Ipv6Net::from(Ipv6Addr::UNSPECIFIED), LINK_LOCAL6];
+    for a in &target.bridge_addrs {
+        match a {
+            IpAddr::V4(a) => own4.push((*a).into()),
+            IpAddr::V6(a) => own6.push((*a).into()),
+        }
+    }
+    let own = [
+        (
+            IpFamily::V4,
+            "own4",
+            SetKind::Ipv4Addr,
+            Ipv4Net::aggregate(&own4)
+                .into_iter()
+                .map(SetElem::V4)
+                .collect::<Vec<_>>(),
+        ),
+        (
+            IpFamily::V6,
+            "own6",
+            SetKind::Ipv6Addr,
+            Ipv6Net::aggregate(&own6)
+                .into_iter()
+                .map(SetElem::V6)
+                .collect(),
+        ),
+    ];
+    let mut rules = Vec::new();
+    for (f, name, kind, elements) in own {
+        sets.push(Set {
+            name: name.into(),
+            kind,
+            interval: true,
+            elements,
+            dynamic: None,
+            keep: false,
+        });
+        // every protocol: the key holds it, so a reply only ever meets its own connection
+        let matches = vec![Match::Addr {
+            family: f,
+            dir: Dir::Src,
+            negate: true,
+            set: name.into(),
+        }];
+        rules.push(Rule {
+            matches,
+            stmts: vec![
+                Stmt::MarkSetMasked {
+                    keep: !target.mark_mask,
+                    value: target.tproxy_mark(),
+                },
+                Stmt::UpdateMark {
+                    key: reversed_five_tuple(f),
+                    set: replies_map(f).into(),
+                },
+                Stmt::Counter,
+            ],
+            comment: Some("tproxy upstream".into()),
+        });
+    }
+    rules
 }
 
 /// A queue rule's main match in the bridge table: tag the frame with the rule (so the IP
@@ -951,12 +1051,6 @@ fn action_stmts(r: &DivertRule, target: &Target, family: IpFamily) -> Vec<Stmt> 
                 key: five_tuple(family),
                 set: flows_map(family).into(),
             });
-            if let Action::Tproxy { .. } = r.action {
-                s.push(Stmt::UpdateMark {
-                    key: peer_fwd(family),
-                    set: replies_map(family).into(),
-                });
-            }
             s.push(Stmt::Accept);
         }
     }
@@ -1214,9 +1308,17 @@ mod tests {
             ]
         );
         let pre = chain(b, "prerouting");
-        // pinned v4, v6, tproxy replies v4, v6, then the rule
+        // pinned v4, v6, then the rule (no tproxy rule: no reply lookups)
+        assert_eq!(pre.rules.len(), 3);
+        assert_eq!(pre.rules[2].stmts, vec![Stmt::Jump("rule_web".into())]);
+        // ... unless an earlier policy's TPROXY routing is still installed
+        let kept = Target {
+            tproxy_replies: true,
+            ..target()
+        };
+        let pre = chain(&bridge_table(&p, &kept), "prerouting").clone();
         assert_eq!(pre.rules.len(), 5);
-        assert_eq!(pre.rules[4].stmts, vec![Stmt::Jump("rule_web".into())]);
+        assert_eq!(pre.rules[2].comment.as_deref(), Some("tproxy reply"));
         assert_eq!(pre.rules[0].matches, vec![Match::Family(IpFamily::V4)]);
         assert!(matches!(
             &pre.rules[0].stmts[0],
@@ -1284,21 +1386,65 @@ mod tests {
         let rs = compile(&p, &target());
         let b = rs.table(Family::Bridge).unwrap();
         let pre = chain(b, "prerouting");
-        // no source-port heuristic any more: replies are found in the replies maps, which only
-        // the divert (after the exemptions) fills, keyed by client . server . proto . port
+        // replies are found by their exact 5-tuple, which the output chain records from the
+        // proxy's upstream packets (sent from an address not the host's own)
         assert_eq!(pre.rules.len(), 5);
         assert!(matches!(
             &pre.rules[2].stmts[0],
-            Stmt::MarkSetMap { key, set } if set == "replies4" && key == &peer_rev(IpFamily::V4)
+            Stmt::MarkSetMap { key, set } if set == "tpreplies4" && key == &five_tuple(IpFamily::V4)
         ));
         let c = chain(b, "rule_tp");
         assert_eq!(c.rules[0].stmts, vec![Stmt::Counter, Stmt::Return]);
-        assert!(c.rules[1].stmts.contains(&Stmt::UpdateMark {
-            key: peer_fwd(IpFamily::V4),
-            set: "replies4".into()
+        assert!(
+            !c.rules[1]
+                .stmts
+                .iter()
+                .any(|s| matches!(s, Stmt::UpdateMark { set, .. } if set == "tpreplies4")),
+            "the divert records nothing for the reply path"
+        );
+        let out = chain(b, "output");
+        assert_eq!(out.rules.len(), 2, "v4 and v6: {:?}", out.rules);
+        // only packets from addresses that are not the host's own
+        assert_eq!(
+            out.rules[0].matches,
+            vec![Match::Addr {
+                family: IpFamily::V4,
+                dir: Dir::Src,
+                negate: true,
+                set: "own4".into()
+            }]
+        );
+        assert!(out.rules[0].stmts.contains(&Stmt::UpdateMark {
+            key: reversed_five_tuple(IpFamily::V4),
+            set: "tpreplies4".into()
         }));
+        let own = Target {
+            bridge_addrs: vec!["10.77.0.254".parse().unwrap(), "fd77::fe".parse().unwrap()],
+            ..target()
+        };
+        let b = bridge_table(&p, &own);
+        let set = |name: &str| {
+            b.sets
+                .iter()
+                .find(|s| s.name == name)
+                .unwrap()
+                .elements
+                .clone()
+        };
+        assert_eq!(
+            set("own4"),
+            ["0.0.0.0/32", "10.77.0.254/32", "169.254.0.0/16"]
+                .map(|n| SetElem::V4(n.parse().unwrap()))
+        );
+        assert_eq!(
+            set("own6"),
+            ["::/128", "fd77::fe/128", "fe80::/10"].map(|n| SetElem::V6(n.parse().unwrap()))
+        );
         // the reversed key has the forward key's type
-        assert_eq!(peer_rev(IpFamily::V6).kind(), peer_fwd(IpFamily::V6).kind());
+        assert_eq!(
+            reversed_five_tuple(IpFamily::V6).kind(),
+            five_tuple(IpFamily::V6).kind()
+        );
         let inet = rs.table(Family::Inet).unwrap();
         let m = chain(inet, "mangle");
         assert_eq!(m.rules.len(), 2, "socket rule + one v4 tproxy rule");
@@ -1333,7 +1479,7 @@ mod tests {
         );
         let pre = chain(&b, "prerouting");
         assert_eq!(
-            pre.rules[5].matches,
+            pre.rules[3].matches,
             vec![
                 Match::EtherSaddr {
                     set: "bad_src_mac".into()
