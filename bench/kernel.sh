@@ -310,7 +310,7 @@ if ((USE_BRDIVERT)) && [[ ,$ONLY, == *,apply,* ]]; then
         # with a concatenated key and a value, which the kernel accepts over netlink): the
         # baseline file leaves those statements and the two pinned-flow rules out.
         if ! inb nft -c -f "$WORK/vips.nft" 2>/dev/null && grep -q 'update @flows' "$WORK/vips.nft"; then
-            sed -i -e '/map @flows[46]\|map @replies[46]/d' -e 's/ update @[a-z0-9]* { [^}]* }//g' "$WORK/vips.nft"
+            sed -i -e '/map @flows[46]\|map @tpreplies[46]/d' -e 's/ update @[a-z0-9]* { [^}]* }//g' "$WORK/vips.nft"
             NFT_SUBST="${NFT_SUBST:+$NFT_SUBST }nft $(nft --version | cut -d' ' -f2) aborts on brdivert's flow-pinning statements (dynamic map update with a concatenated key and a value), so the nft -f file leaves them and the two pinned-flow rules out (the sets and every other rule are identical)."
         fi
         inb nft -c -f "$WORK/vips.nft" 2>"$WORK/nft-check.err" ||
