@@ -116,6 +116,10 @@ pub fn target(settings: &Settings, mac: Option<[u8; 6]>, form: Option<QueueForm>
             verdict_mask: settings.queue.verdict_mask,
         },
         tproxy_replies: link::tproxy_routing_recorded(&settings.kernel),
+        flow_pins: link::pins_may_exist(
+            &settings.bridge.name,
+            Duration::from_secs(compile::PIN_TIMEOUT_S),
+        ),
         bridge_addrs: settings.bridge.address.iter().map(|n| n.addr()).collect(),
         ..Default::default()
     }
@@ -403,6 +407,10 @@ pub async fn install_with(
         link::setup_tproxy_routing(&settings.kernel, t.tproxy_mark(), t.mark_mask)
             .await
             .map_err(anyhow::Error::from)?;
+    }
+    // Diverted flows get pinned: later policies keep the pin lookups for the pins' lifetime.
+    if policy.rules.iter().any(|r| r.action.diverts()) {
+        link::record_pinning(&settings.bridge.name).map_err(anyhow::Error::from)?;
     }
     let rs = ruleset_with(settings, policy, &t);
     tokio::task::spawn_blocking(move || netlink::apply(&rs))

@@ -360,6 +360,14 @@ dst    = ["10.77.0.100/32"]
 action = "local"
 "#;
 
+/// Bridges tcp/8080 explicitly: a policy that diverts nothing.
+const RULES_PASS_8080: &str = r#"[[divert]]
+name   = "p8080"
+proto  = "tcp"
+dport  = [8080]
+action = "pass"
+"#;
+
 /// RULES_WEB after a reload that stops diverting tcp/80.
 const RULES_WEB_81: &str = r#"[[divert]]
 name   = "web"
@@ -765,9 +773,11 @@ fn reload_keeps_established_flows(dp: &str) {
     check_transfer(&lab, t6, path6, BR_V6);
 }
 
-/// A reload from a TPROXY policy to one without TPROXY keeps the established TPROXY flow
-/// whole: its server replies still go to the proxy (the kernel datapath keeps the return-path
-/// lookups while brdivert's TPROXY routing stays installed), and the origin saw the client.
+/// A reload from a TPROXY policy to one that diverts nothing (a `pass` rule for the same port)
+/// keeps the established TPROXY flow whole: its packets are still pinned and its server
+/// replies still go to the proxy (the kernel datapath keeps the pin and return-path lookups
+/// while pins may exist and brdivert's TPROXY routing stays installed); the client's new
+/// connection to the same server and port is bridged, replies included.
 fn reload_keeps_tproxy_flows(dp: &str) {
     let Some(lab) = lab(dp, Proxy::Squid) else {
         return;
@@ -779,7 +789,7 @@ fn reload_keeps_tproxy_flows(dp: &str) {
         .start_transfer(Ns::C1, &format!("http://{UP_V4}:8080{path}"), &[])
         .expect("curl");
     wait_origin_saw(&lab, path);
-    lab.write_rules("tp", RULES_WEB_81).expect("rules");
+    lab.write_rules("tp", RULES_PASS_8080).expect("rules");
     let _running = apply(&lab);
     check_bridged(
         &lab,

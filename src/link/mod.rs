@@ -373,7 +373,9 @@ pub async fn teardown(settings: &Settings) -> Result<(), LinkError> {
 pub async fn teardown_at(settings: &Settings, dir: &Path) -> Result<(), LinkError> {
     let bridge_res = teardown_bridge_at(&settings.bridge.name, dir).await;
     let routing_res = routing::teardown_tproxy_routing_at(&settings.kernel, dir).await;
-    bridge_res.and(routing_res)
+    // the tables (and their pin maps) are gone
+    let pins_res = state::remove(&state::pins_state_path(dir, &settings.bridge.name));
+    bridge_res.and(routing_res).and(pins_res)
 }
 
 async fn teardown_bridge_at(name: &str, dir: &Path) -> Result<(), LinkError> {
@@ -549,6 +551,32 @@ async fn release_port(handle: &Handle, port: &str, bridge: u32) -> Result<(), Li
 /// Install `ip rule fwmark MARK/MASK lookup TABLE priority PRIO` and
 /// `ip route local default dev lo table TABLE` for IPv4 and IPv6 (table and priority from
 /// `kernel`), idempotently, recording what was added under [`state_dir()`].
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Record that a policy which diverts (and so pins) flows is applied to `bridge` now.
+pub fn record_pinning(bridge: &str) -> Result<(), LinkError> {
+    state::save(
+        &state::pins_state_path(&state_dir(), bridge),
+        &state::PinsState {
+            diverted_at: unix_now(),
+        },
+    )
+}
+
+/// May the pin maps of `bridge` still hold flows? True when a diverting policy was applied
+/// less than `max_age` ago (and not flushed since), or when the record cannot be read.
+pub fn pins_may_exist(bridge: &str, max_age: std::time::Duration) -> bool {
+    match state::load::<state::PinsState>(&state::pins_state_path(&state_dir(), bridge)) {
+        Ok(Some(p)) => unix_now().saturating_sub(p.diverted_at) < max_age.as_secs(),
+        Ok(None) => false,
+        Err(_) => true,
+    }
+}
+
 /// Has brdivert's TPROXY policy routing been installed (and not flushed)? Then flows pinned to
 /// an earlier tproxy rule may still be running, whatever the current policy says.
 pub fn tproxy_routing_recorded(kernel: &KernelSettings) -> bool {

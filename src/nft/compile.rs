@@ -51,6 +51,9 @@ pub struct Target {
     /// Keep the TPROXY return-path lookups although the policy has no tproxy rule: an
     /// earlier one's flows may still run (brdivert's TPROXY routing is still installed).
     pub tproxy_replies: bool,
+    /// Keep the pinned-flow lookups although the policy diverts nothing: an earlier policy's
+    /// diverted flows may still be pinned (one was applied less than the pin timeout ago).
+    pub flow_pins: bool,
     /// The host's own addresses on the bridge (`bridge.address`): packets the host sends
     /// from any other address are a transparent proxy's (see `tproxy_upstream_rules`).
     pub bridge_addrs: Vec<IpAddr>,
@@ -286,8 +289,10 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
     // ARP shield first: ARP frames meet nothing else in this table.
     let mut prerouting = arp_shield_rules(policy, target, &mut t.sets);
     // Pinned flows keep the path (mark) they were diverted with, whatever the rules say now;
-    // every packet refreshes its pin.
-    for f in [IpFamily::V4, IpFamily::V6] {
+    // every packet refreshes its pin. Only while flows can be pinned: every bridged frame
+    // pays for the lookup.
+    let pins = policy.rules.iter().any(|r| r.action.diverts()) || target.flow_pins;
+    for f in [IpFamily::V4, IpFamily::V6].into_iter().filter(|_| pins) {
         prerouting.push(pin_rule(f, five_tuple(f), flows_map(f), "pinned", target));
     }
     // TPROXY return path: the origin answers the proxy's spoofed upstream connection
@@ -1478,8 +1483,10 @@ mod tests {
             vec![Stmt::Counter, Stmt::Accept]
         );
         let pre = chain(&b, "prerouting");
+        // nothing diverts, so nothing is pinned: no pin lookups, just the two jumps
+        assert_eq!(pre.rules.len(), 2);
         assert_eq!(
-            pre.rules[3].matches,
+            pre.rules[1].matches,
             vec![
                 Match::EtherSaddr {
                     set: "bad_src_mac".into()
@@ -1492,6 +1499,14 @@ mod tests {
             chain(&b, "rule_bad").rules[1].stmts,
             vec![Stmt::Counter, Stmt::Drop]
         );
+        // ... unless a diverting policy was applied within the pins' lifetime
+        let recent = Target {
+            flow_pins: true,
+            ..target()
+        };
+        let pre = chain(&bridge_table(&p, &recent), "prerouting").clone();
+        assert_eq!(pre.rules.len(), 4);
+        assert_eq!(pre.rules[0].comment.as_deref(), Some("pinned"));
     }
 
     #[test]
