@@ -205,9 +205,11 @@ set_txcsum() { # on|off, on both endpoints
     local n
     for n in $C $S; do ip netns exec "$n" ethtool -K eth0 tx "$1" >/dev/null 2>&1 || die "ethtool -K eth0 tx $1 failed in $n"; done
 }
-features() { # the endpoint features that matter here, as "tx-checksumming on, tso on"
-    inc ethtool -k eth0 | awk -F': ' '/^tx-checksumming:|^tcp-segmentation-offload:/ {
-        sub(/ \[.*/, "", $2); printf "%s%s %s", (n++ ? ", " : ""), ($1 ~ /^tx/ ? "tx-csum" : "tso"), $2 }'
+features() { # the endpoint features that matter here, as "tx-csum on, tso on"
+    # (tx-tcp-segmentation, not ethtool's summary line: newer kernels have feature bits, such
+    # as tx-tcp-accecn-segmentation, that keep an older ethtool's summary "on")
+    inc ethtool -k eth0 | awk -F': ' '/^tx-checksumming:|^[[:space:]]*tx-tcp-segmentation:/ {
+        sub(/ \[.*/, "", $2); printf "%s%s %s", (n++ ? ", " : ""), ($1 ~ /checksumming/ ? "tx-csum" : "tso"), $2 }'
 }
 up() {
     local c=$1
