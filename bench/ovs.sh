@@ -44,8 +44,8 @@ ovs_start() {
     ovs_env ovsdb-tool create "$OVS_DIR/conf.db" "$OVS_SCHEMA"
     ovs_env ip netns exec "$OVS_NS" ovsdb-server "$OVS_DIR/conf.db" \
         --remote="punix:$OVS_DIR/db.sock" --pidfile="$OVS_DIR/ovsdb-server.pid" \
-        --unixctl="$OVS_DIR/ovsdb-server.ctl" --log-file="$OVS_DIR/ovsdb-server.log" \
-        --detach --no-chdir ||
+        --unixctl="$OVS_DIR/ovsdb-server.ctl" --log-file="$OVS_DIR/ovsdb-server.log" -vconsole:off \
+        --detach --no-chdir 2>>"$OVS_DIR/stderr.log" ||
         die "ovsdb-server did not start: $(tail -5 "$OVS_DIR/ovsdb-server.log" 2>/dev/null)"
     ovs_vsctl --no-wait init
     local add=(--no-wait add-br "$br" -- set bridge "$br" datapath_type=netdev fail_mode=standalone)
@@ -53,7 +53,7 @@ ovs_start() {
     ovs_vsctl "${add[@]}"
     ovs_env ip netns exec "$OVS_NS" ovs-vswitchd "unix:$OVS_DIR/db.sock" \
         --pidfile="$OVS_DIR/ovs-vswitchd.pid" --unixctl="$OVS_DIR/ovs-vswitchd.ctl" \
-        --log-file="$OVS_DIR/ovs-vswitchd.log" --detach --no-chdir ||
+        --log-file="$OVS_DIR/ovs-vswitchd.log" -vconsole:off --detach --no-chdir 2>>"$OVS_DIR/stderr.log" ||
         die "ovs-vswitchd did not start: $(tail -5 "$OVS_DIR/ovs-vswitchd.log" 2>/dev/null)"
     OVS_VSWITCHD_PID=$(cat "$OVS_DIR/ovs-vswitchd.pid")
     # The ports are opened by the daemon's first pass over the database: wait for an ofport.

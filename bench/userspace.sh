@@ -24,12 +24,14 @@
 #            received at the server's eth0 (rx_packets delta / SECS)
 #   cps      bench/cps.py: TCP connections/s (connect, server's FIN, close)
 #   cpu_udp  CPU per packet: UDP 64-byte frames at a FIXED rate (--cpu-pps, below every
-#            datapath's capacity), busy CPU of the whole machine (/proc/stat: user + nice +
-#            system + irq + softirq, all CPUs) over the run / frames received at the server,
-#            in ns per frame. Same method for every configuration: the kernel bridge's work
-#            is in softirq and cannot be attributed to a process, so nothing is attributed;
-#            sender and receiver cost the same in every configuration, so differences are
-#            the datapath's. The datapath process's own CPU (user, ovs) is shown beside it.
+#            datapath's capacity), busy CPU of the whole machine over the run (wall time x
+#            CPUs - idle - iowait from /proc/stat; with NO_HZ the idle time is measured at idle
+#            entry/exit, exact, while the busy fields are tick samples that miss most of a
+#            light bursty load) / frames received at the server, in ns per frame. Same method
+#            for every configuration: the kernel bridge's work is in softirq and cannot be
+#            attributed to a process, so nothing is attributed; sender and receiver cost the
+#            same in every configuration, so differences are the datapath's. The datapath
+#            process's own run time (user, ovs; /proc/PID/task/*/schedstat) is shown beside it.
 #   cpu_tcp  the same for TCP at a fixed rate (--cpu-mbit): busy CPU ns per 1448 bytes of
 #            payload received (one MSS-sized packet's worth; with TSO fewer, bigger frames)
 # At a fixed rate the CPU figure is not just the inverse of the throughput (with -b 0 the
@@ -39,7 +41,7 @@
 # Usage: bench/userspace.sh [--rounds N] [--secs S] [--configs LIST] [--only LIST]
 #                           [--cpu-pps N] [--cpu-mbit N] [--bin PATH] [--out FILE]
 #   defaults: 3 rounds, 4 s runs, all five configurations, all metrics, 50000 pps, 500 Mbit/s
-#   (about 2 minutes per round with the defaults)
+#   (about 2 minutes per round with the defaults; 5 rounds of 4 s: about 11 minutes)
 #   --configs LIST  comma-separated subset of kernel,user,ovs,kernel-txoff,user-txoff
 #                   (kernel is always measured: it is the baseline of every ratio)
 #   --only LIST     comma-separated subset of tcp,udp,cps,cpu_udp,cpu_tcp
@@ -187,11 +189,12 @@ up_kernel() {
 }
 down_kernel() { ip -n "$B" link del br0; }
 up_user() {
-    inb env BRDIVERT_BATCH="${BRDIVERT_BATCH:-64}" BRDIVERT_STATE_DIR="$WORK/state" "$BIN" "$WORK/brdivert.toml" 2>"$WORK/dp.log" &
+    # ip netns exec and env exec the binary, so $! is the datapath itself (not a subshell)
+    ip netns exec "$B" env BRDIVERT_BATCH="${BRDIVERT_BATCH:-64}" BRDIVERT_STATE_DIR="$WORK/state" "$BIN" "$WORK/brdivert.toml" 2>"$WORK/dp.log" &
     DP_PID=$!
     for ((i = 0; ; i++)); do
         grep -q running "$WORK/dp.log" 2>/dev/null && break
-        kill -0 "$DP_PID" 2>/dev/null && ((i < 50)) || die "userspace datapath did not start: $(tail -5 "$WORK/dp.log")"
+        kill -0 "$DP_PID" 2>/dev/null && ((i < 50)) || die "userspace datapath did not start: $(grep -v '^ *[0-9]*: \|^ *at ' "$WORK/dp.log" | head -20)"
         sleep 0.1
     done
 }
@@ -233,7 +236,11 @@ wait_path() {
 
 HZ=$(getconf CLK_TCK) NCPU=$(nproc)
 rx() { ins cat /sys/class/net/eth0/statistics/rx_packets; }
-sys_busy() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }   # jiffies
+# Idle + iowait of all CPUs (USER_HZ units). With NO_HZ the kernel measures these at idle
+# entry and exit (get_cpu_idle_time_us), so they are exact; the busy fields (user, system,
+# softirq, ...) are only sampled at the tick (no VIRT_CPU_/IRQ_TIME_ACCOUNTING here), which
+# misses most of a light, bursty load. Busy = wall time x CPUs - idle.
+sys_idle() { awk '/^cpu / { print $5 + $6 }' /proc/stat; }
 dp_pid() {
     case $(base_of "$UP") in
         user) echo "$DP_PID" ;;
@@ -241,11 +248,11 @@ dp_pid() {
         *) echo "" ;;
     esac
 }
-proc_cpu() { # utime + stime of the datapath process, all threads (jiffies); - if none
+proc_cpu() { # run time of the datapath process, all threads, in ns (schedstat: exact); - if none
     local pid
     pid=$(dp_pid)
-    if [[ -n $pid && -r /proc/$pid/stat ]]; then
-        sed 's/.*) //' "/proc/$pid/stat" | awk '{ print $12 + $13 }'
+    if [[ -n $pid && -d /proc/$pid/task ]]; then
+        cat /proc/"$pid"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%.0f\n", s }'
     else
         echo -
     fi
@@ -260,16 +267,16 @@ udp() {
     echo $(((b - a) / SECS))
 }
 cps() { inc python3 "$HERE/cps.py" connect 10.89.0.2 9000 "$SECS" | python3 "$LIB" cps; }
-# CPU at a fixed load: prints "busy_jiffies dp_jiffies wall_seconds" and leaves the iperf3
-# JSON in $WORK/cpu.json; the caller turns it into per-packet figures.
+# CPU at a fixed load: prints "idle_jiffies dp_ns t0 t1 frames_received" and leaves the
+# iperf3 JSON in $WORK/cpu.json; the caller turns it into per-packet figures.
 cpu_run() {
-    local b0 b1 p0 p1 t0 t1 r0 r1
-    b0=$(sys_busy) p0=$(proc_cpu) r0=$(rx) t0=$EPOCHREALTIME
+    local i0 i1 p0 p1 t0 t1 r0 r1
+    p0=$(proc_cpu) r0=$(rx) i0=$(sys_idle) t0=$EPOCHREALTIME
     inc iperf3 -c 10.89.0.2 -t "$SECS" -J "$@" >"$WORK/cpu.json"
-    t1=$EPOCHREALTIME r1=$(rx) p1=$(proc_cpu) b1=$(sys_busy)
+    i1=$(sys_idle) t1=$EPOCHREALTIME r1=$(rx) p1=$(proc_cpu)
     local dp=-
     [[ $p0 == - || $p1 == - ]] || dp=$((p1 - p0))
-    echo "$((b1 - b0)) $dp $t0 $t1 $((r1 - r0))"
+    echo "$((i1 - i0)) $dp $t0 $t1 $((r1 - r0))"
 }
 cpu_udp() { # ns/frame, datapath-process ns/frame, frames/s received, machine busy %
     local m
@@ -282,9 +289,10 @@ cpu_tcp() { # ns per 1448 B received, datapath-process ns per 1448 B, Mbit/s rec
     python3 "$LIB" cpu tcp "$HZ" "$NCPU" "$SECS" $m <"$WORK/cpu.json"
 }
 idle_busy() { # busy % of the machine over 2 s with no traffic (background)
-    local b0 b1
-    b0=$(sys_busy); sleep 2; b1=$(sys_busy)
-    awk -v b="$((b1 - b0))" -v hz="$HZ" -v n="$NCPU" 'BEGIN { printf "%.1f\n", 100 * b / hz / (2 * n) }'
+    local i0 i1 t0 t1
+    i0=$(sys_idle) t0=$EPOCHREALTIME; sleep 2; i1=$(sys_idle) t1=$EPOCHREALTIME
+    awk -v i="$((i1 - i0))" -v t0="$t0" -v t1="$t1" -v hz="$HZ" -v n="$NCPU" \
+        'BEGIN { b = 100 * (1 - i / hz / ((t1 - t0) * n)); printf "%.1f\n", (b < 0 ? 0 : b) }'
 }
 
 # ---------------------------------------------------------------------------------------
@@ -320,16 +328,18 @@ for ((r = 1; r <= ROUNDS; r++)); do
             echo "$r $c cps $n" >>"$SAMPLES"; line+=", $n conn/s"
         fi
         if wants cpu_udp; then
-            read -r ns dpns rate busy < <(cpu_udp); sleep 0.3
-            printf '%s %s cpu_udp %s\n%s %s cpu_udp_dp %s\n%s %s cpu_udp_rate %s\n%s %s cpu_udp_busy %s\n' \
-                "$r" "$c" "$ns" "$r" "$c" "$dpns" "$r" "$c" "$rate" "$r" "$c" "$busy" >>"$SAMPLES"
-            line+=", cpu ${ns} ns/frame at ${rate} frames/s (${busy}% busy)"
+            read -r ns dpns rate busy sent < <(cpu_udp); sleep 0.3
+            for m in "cpu_udp $ns" "cpu_udp_dp $dpns" "cpu_udp_rate $rate" "cpu_udp_sent $sent" "cpu_udp_busy $busy"; do
+                echo "$r $c $m" >>"$SAMPLES"
+            done
+            line+=", cpu ${ns} ns/frame at ${rate} frames/s (sent ${sent}; ${busy}% busy)"
         fi
         if wants cpu_tcp; then
-            read -r ns dpns rate busy < <(cpu_tcp); sleep 0.3
-            printf '%s %s cpu_tcp %s\n%s %s cpu_tcp_dp %s\n%s %s cpu_tcp_rate %s\n%s %s cpu_tcp_busy %s\n' \
-                "$r" "$c" "$ns" "$r" "$c" "$dpns" "$r" "$c" "$rate" "$r" "$c" "$busy" >>"$SAMPLES"
-            line+=", cpu ${ns} ns/1448 B at ${rate} Mbit/s (${busy}% busy)"
+            read -r ns dpns rate busy sent < <(cpu_tcp); sleep 0.3
+            for m in "cpu_tcp $ns" "cpu_tcp_dp $dpns" "cpu_tcp_rate $rate" "cpu_tcp_sent $sent" "cpu_tcp_busy $busy"; do
+                echo "$r $c $m" >>"$SAMPLES"
+            done
+            line+=", cpu ${ns} ns/1448 B at ${rate} Mbit/s (sent ${sent}; ${busy}% busy)"
         fi
         down
         log "$line"

@@ -3,8 +3,8 @@
 
   userspace_lib.py tcp  < iperf3 -J output     print Gbit/s received (or nan)
   userspace_lib.py cps  < cps.py connect line  print connections/s (or nan)
-  userspace_lib.py cpu  udp|tcp HZ NCPU SECS BUSY DP T0 T1 RXFRAMES  < iperf3 -J output
-        print "ns_per_packet dp_ns_per_packet rate busy_percent" of a fixed-rate run
+  userspace_lib.py cpu  udp|tcp HZ NCPU SECS IDLE DP_NS T0 T1 RXFRAMES  < iperf3 -J output
+        print "ns_per_packet dp_ns_per_packet rate busy_percent sent_rate" of a fixed-rate run
   userspace_lib.py summary SAMPLES OUT         write the Markdown report (settings from the
                                                environment userspace.sh exports)
 """
@@ -43,9 +43,11 @@ def metrics():
 SECONDARY = [
     ("cpu_udp_dp", "fixed-rate UDP: datapath process's own CPU (ns per frame)", "{:.0f}"),
     ("cpu_udp_rate", "fixed-rate UDP: frames/s received", "{:.0f}"),
+    ("cpu_udp_sent", "fixed-rate UDP: datagrams/s sent (iperf3)", "{:.0f}"),
     ("cpu_udp_busy", "fixed-rate UDP: machine busy (%)", "{:.1f}"),
     ("cpu_tcp_dp", "fixed-rate TCP: datapath process's own CPU (ns per 1448 B)", "{:.0f}"),
     ("cpu_tcp_rate", "fixed-rate TCP: Mbit/s received", "{:.0f}"),
+    ("cpu_tcp_sent", "fixed-rate TCP: Mbit/s sent (iperf3)", "{:.0f}"),
     ("cpu_tcp_busy", "fixed-rate TCP: machine busy (%)", "{:.1f}"),
 ]
 
@@ -76,30 +78,40 @@ def parse_cps() -> None:
 
 
 def parse_cpu(a) -> None:
-    """A fixed-rate run: busy jiffies of the whole machine (and of the datapath process, or -)
-    over the iperf3 run, divided by the packets it carried."""
+    """A fixed-rate run: busy CPU of the whole machine (wall time x CPUs - idle, idle being
+    exact under NO_HZ) and the datapath process's run time (ns, or -) over the iperf3 run,
+    divided by the packets it carried. Prints "ns dp_ns rate busy% sent_rate"."""
     try:
         kind, hz, ncpu, secs = a[0], int(a[1]), int(a[2]), float(a[3])
-        busy, dp, t0, t1, rxf = int(a[4]), a[5], float(a[6]), float(a[7]), int(a[8])
+        idle, dp, t0, t1, rxf = int(a[4]), a[5], float(a[6]), float(a[7]), int(a[8])
     except Exception:
-        print("nan nan nan nan")
+        print("nan nan nan nan nan")
         return
-    j = read_json_stdin()
-    busy_ns = busy / hz * 1e9
-    dp_ns = NAN if dp == "-" else int(dp) / hz * 1e9
+    j = read_json_stdin() or {}
+    wall = t1 - t0
+    busy_s = max(wall * ncpu - idle / hz, 0.0)
+    busy_ns = busy_s * 1e9
+    dp_ns = NAN if dp == "-" else float(dp)
+    sent = NAN
     if kind == "udp":
         # Frames that reached the server's interface (the few TCP frames of iperf3's control
         # connection included: negligible).
         n, rate = rxf, rxf / secs
+        try:
+            s = j["end"]["sum"]
+            sent = s["packets"] / s["seconds"]
+        except Exception:
+            pass
     else:
         try:
             s = j["end"]["sum_received"]
             n, rate = s["bytes"] / 1448.0, s["bits_per_second"] / 1e6
+            sent = j["end"]["sum_sent"]["bits_per_second"] / 1e6
         except Exception:
             n, rate = 0, NAN
     per = (lambda x: x / n) if n > 0 else (lambda x: NAN)
-    util = 100.0 * busy / hz / ((t1 - t0) * ncpu)
-    print("%.1f %.1f %.0f %.1f" % (per(busy_ns), per(dp_ns), rate, util))
+    util = 100.0 * busy_s / (wall * ncpu)
+    print("%.1f %.1f %.0f %.1f %.0f" % (per(busy_ns), per(dp_ns), rate, util, sent))
 
 
 def med(xs):
@@ -183,8 +195,8 @@ def summary(samples_path: str, out_path: str) -> None:
         w("| " + " | ".join(row) + " |")
     w("")
 
-    if "ovs" in configs:
-        us = [c for c in ("user", "user-txoff") if c in configs]
+    us = [c for c in ("user", "user-txoff") if c in configs]
+    if "ovs" in configs and us:
         w("## brdivert against Open vSwitch (same round)\n")
         w("`user` keeps the endpoints' default offloads (its normal setting), `user-txoff` has "
           "the same endpoint settings as `ovs`. Higher-is-better rows: > 1 = brdivert ahead; CPU "
@@ -250,7 +262,8 @@ def summary(samples_path: str, out_path: str) -> None:
         w("|" + "---|" * len(head))
         rounds = sorted({r for c in configs for r in vals(key, c)})
         for r in rounds:
-            w("| " + " | ".join([str(r)] + [fmt(f, vals(key, c).get(r, NAN)) for c in configs]) + " |")
+            scale = 1e-3 if key == "udp" else 1.0
+            w("| " + " | ".join([str(r)] + [fmt(f, vals(key, c).get(r, NAN), scale) for c in configs]) + " |")
         w("")
     if idle:
         w("Idle machine before each round (busy %, 2 s, no traffic, no datapath): "
@@ -279,21 +292,24 @@ def summary(samples_path: str, out_path: str) -> None:
         "Python client: connect, wait for the server's FIN, close).",
         "CPU per packet: a separate run at a fixed rate (UDP 64-byte frames at --cpu-pps; TCP at "
         "--cpu-mbit, both below what every datapath carries, so every configuration carries the "
-        "same load). Busy CPU of the whole machine from /proc/stat (user + nice + system + irq + "
-        "softirq over all CPUs; idle, iowait and steal excluded) between just before and just "
-        "after the iperf3 client, divided by the packets carried: 64-byte frames received at the "
-        "server (UDP), or bytes of TCP payload received / 1448 (one MSS-sized packet's worth; "
-        "with TSO the frames are fewer and bigger, which is the point). The same for every "
-        "configuration: the kernel bridge's forwarding runs in softirq context on whichever CPU "
-        "the sender's transmit lands, so it cannot be attributed to a process; counting the whole "
-        "machine needs no attribution. Sender, receiver and iperf3's own cost are in every "
-        "figure alike, so the differences between configurations are the datapaths' (and the "
-        "absolute numbers are not the datapath's alone). The datapath process's own CPU "
-        "(utime + stime of all its threads: userspace_bridge or ovs-vswitchd) is shown beside "
-        "it; it excludes the kernel work its sockets cause in softirq. Resolution: one jiffy "
-        f"(1/{e.get('HZ', '100')} s) per CPU; other processes' CPU is included, see the idle "
-        "figures. At -b 0 (the throughput runs) the machine is saturated in every configuration, "
-        "which is why CPU per packet is measured at a fixed rate instead.",
+        "same load). Busy CPU of the whole machine = wall time x CPUs - (idle + iowait) from "
+        "/proc/stat, between just before and just after the iperf3 client; with NO_HZ the kernel "
+        "measures idle time at idle entry and exit, so it is exact, while /proc/stat's busy "
+        "fields (user, system, softirq) are tick samples that miss most of a light, bursty load "
+        "(this kernel has no VIRT_CPU_ACCOUNTING_GEN/IRQ_TIME_ACCOUNTING). Divided by the "
+        "packets carried: 64-byte frames received at the server (UDP), or bytes of TCP payload "
+        "received / 1448 (one MSS-sized packet's worth; with TSO the frames are fewer and "
+        "bigger, which is the point). The same for every configuration: the kernel bridge's "
+        "forwarding runs in softirq context on whichever CPU the sender's transmit lands, so it "
+        "cannot be attributed to a process; counting the whole machine needs no attribution. "
+        "Sender, receiver and iperf3's own cost are in every figure alike, so the differences "
+        "between configurations are the datapaths' (and the absolute numbers are not the "
+        "datapath's alone). The datapath process's own run time (sum over its threads of "
+        "/proc/PID/task/*/schedstat, exact: userspace_bridge or ovs-vswitchd) is shown beside "
+        "it; it excludes kernel work its sockets cause in other tasks' softirq. Resolution: "
+        f"1/{e.get('HZ', '100')} s of idle time per CPU; other processes' CPU is included, see "
+        "the idle figures. At -b 0 (the throughput runs) the machine is saturated in every "
+        "configuration, which is why CPU per packet is measured at a fixed rate instead.",
         "Noise: on this shared 2-CPU VM single runs vary by ±15% and more (see the kernel "
         "datapath's A/A check in docs/performance.md); ratios are taken per round and their "
         "median is reported, with the min–max.",
