@@ -974,17 +974,8 @@ fn q_divert_packets(lab: &Lab) -> u64 {
 fn queue_local_vip_end_to_end() {
     let Some(mut lab) = lab() else { return };
     // the VIP is served on the bridge host; c1 sends VIP frames to the router's MAC
-    lab.exec_ok(
-        Ns::Br,
-        &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
-    )
-    .expect("VIP on lo");
-    lab.spawn_http(Ns::Br, "vip", VIP, 80).expect("VIP service");
-    lab.exec_ok(
-        Ns::C1,
-        &["ip", "route", "add", &format!("{VIP}/32"), "via", UP_V4],
-    )
-    .expect("route to the VIP via the router");
+    lab.serve_vip_on_bridge_host(VIP)
+        .expect("VIP on the bridge host");
     lab.write_rules("vip", RULES_QUEUE_VIP).expect("rules");
     let socket = Daemon::configure(&lab, "");
     let d = Daemon::start(&lab, &socket, "qv");

@@ -270,17 +270,8 @@ fn check_tproxied(lab: &Lab, ns: Ns, url_host: &str, path: &str, client_addr: &s
 /// Service bound to the VIP on the bridge host's `lo`; c1 routes the VIP via the uplink
 /// router, so its frames carry the router's MAC and only the divert brings them up.
 fn setup_vip(lab: &mut Lab) {
-    lab.exec_ok(
-        Ns::Br,
-        &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
-    )
-    .expect("VIP on lo");
-    lab.spawn_http(Ns::Br, "vip", VIP, 80).expect("VIP service");
-    lab.exec_ok(
-        Ns::C1,
-        &["ip", "route", "add", &format!("{VIP}/32"), "via", UP_V4],
-    )
-    .expect("route to the VIP via the router");
+    lab.serve_vip_on_bridge_host(VIP)
+        .expect("VIP on the bridge host");
 }
 
 fn check_vip_local(lab: &Lab) {

@@ -184,22 +184,8 @@ fn dr_spreads_connections_and_keeps_each_on_one_realserver(datapath: &str) {
         lab.wait_listening(ns, brdivert::lab::L4::Tcp, 80)
             .expect("realserver service listens");
     }
-    lab.exec_ok(
-        Ns::Up,
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            VIP,
-            "lladdr",
-            VIP_MAC,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-    )
-    .expect("router's neighbour entry for the VIP");
+    lab.router_neighbour(VIP, VIP_MAC)
+        .expect("router's neighbour entry for the VIP");
 
     lab.write_rules("lvs-dr", &rules()).expect("rules");
     // the kernel datapath by `apply`; the userspace one needs the daemon
@@ -391,22 +377,8 @@ fn dr_health_moves_new_flows_only(datapath: &str) {
         .expect("VIP on lo");
         procs.0.push(service(&lab, ns, name));
     }
-    lab.exec_ok(
-        Ns::Up,
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            VIP,
-            "lladdr",
-            VIP_MAC,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-    )
-    .expect("router's neighbour entry for the VIP");
+    lab.router_neighbour(VIP, VIP_MAC)
+        .expect("router's neighbour entry for the VIP");
     // interval 500ms, fall 2, rise 2
     let health = "health = { interval = \"500ms\", timeout = \"300ms\", fall = 2, rise = 2 }";
     lab.write_rules(

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use brdivert::lab::{C1_V4, Lab, LabOptions, Ns, Proxy, UP_V4, is_root};
+use brdivert::lab::{C1_V4, Lab, LabOptions, Ns, Proxy, is_root};
 
 const BIN: &str = env!("CARGO_BIN_EXE_brdivert");
 const VIP: &str = "10.77.0.100";
@@ -59,17 +59,8 @@ fn local_vip_with_fwmark_reaches_the_directors_stack() {
     .expect("lab");
     // The VIP is the director's (on lo), served there; the client reaches it through the
     // router, so its frames carry the router's MAC and only the divert brings them up.
-    lab.exec_ok(
-        Ns::Br,
-        &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
-    )
-    .expect("VIP on lo");
-    lab.spawn_http(Ns::Br, "vip", VIP, 80).expect("VIP service");
-    lab.exec_ok(
-        Ns::C1,
-        &["ip", "route", "add", &format!("{VIP}/32"), "via", UP_V4],
-    )
-    .expect("route to the VIP via the router");
+    lab.serve_vip_on_bridge_host(VIP)
+        .expect("VIP on the bridge host");
     // Where IPVS would look: the input hook of the director's stack.
     for cmd in [
         "add table inet fwmark_probe",

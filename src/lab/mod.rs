@@ -570,6 +570,42 @@ impl Lab {
         self.dir.join("brdivert.toml")
     }
 
+    /// A VIP owned by the bridge host: `vip/32` on its `lo`, an HTTP service named "vip"
+    /// bound to it on port 80, and c1 routing the VIP via the uplink router, so c1's frames
+    /// for it carry the router's MAC and only a divert brings them to the bridge host.
+    pub fn serve_vip_on_bridge_host(&mut self, vip: &str) -> Result<()> {
+        self.exec_ok(
+            Ns::Br,
+            &["ip", "addr", "add", &format!("{vip}/32"), "dev", "lo"],
+        )?;
+        self.spawn_http(Ns::Br, "vip", vip, 80)?;
+        self.exec_ok(
+            Ns::C1,
+            &["ip", "route", "add", &format!("{vip}/32"), "via", UP_V4],
+        )?;
+        Ok(())
+    }
+
+    /// A permanent neighbour entry on the router (`up`) for `ip` with `mac`.
+    pub fn router_neighbour(&self, ip: &str, mac: &str) -> Result<()> {
+        self.exec_ok(
+            Ns::Up,
+            &[
+                "ip",
+                "neigh",
+                "replace",
+                ip,
+                "lladdr",
+                mac,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+        )?;
+        Ok(())
+    }
+
     /// Write `rules.d/<name>.toml` (replacing it) and return its path.
     pub fn write_rules(&self, name: &str, toml: &str) -> Result<PathBuf> {
         let p = self.dir.join("rules.d").join(format!("{name}.toml"));
