@@ -360,16 +360,7 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
             let set = add_set(&mut t.sets, r, "src_mac", SetKind::EtherAddr, false, elems);
             head.push(Match::EtherSaddr { set });
         }
-        let dport_set = (!r.dport.is_empty()).then(|| {
-            add_set(
-                &mut t.sets,
-                r,
-                "dport",
-                SetKind::InetService,
-                true,
-                port_elems(r),
-            )
-        });
+        let dport_set = (!r.dport.is_empty()).then(|| dport_set(&mut t.sets, r));
         let l4 = l4_match(l4, Dir::Dst, &dport_set);
         // One jump per VLAN id (a rule names a few at most; nft's `vlan id` takes no set
         // here without a typed concatenation), or one for any frame.
@@ -882,16 +873,7 @@ pub fn local_stack_table(policy: &Policy, target: &Target) -> Table {
         let l4 = r.proto.map(l4_of);
         match r.action {
             Action::Redirect { port } => {
-                let dport = (!r.dport.is_empty()).then(|| {
-                    add_set(
-                        &mut t.sets,
-                        r,
-                        "dport",
-                        SetKind::InetService,
-                        true,
-                        port_elems(r),
-                    )
-                });
+                let dport = (!r.dport.is_empty()).then(|| dport_set(&mut t.sets, r));
                 let mut m = vec![tagged];
                 m.extend(l4_match(l4, Dir::Dst, &dport));
                 dstnat.push(Rule {
@@ -901,16 +883,7 @@ pub fn local_stack_table(policy: &Policy, target: &Target) -> Table {
                 });
             }
             Action::Tproxy { addr, port } => {
-                let dport = (!r.dport.is_empty()).then(|| {
-                    add_set(
-                        &mut t.sets,
-                        r,
-                        "dport",
-                        SetKind::InetService,
-                        true,
-                        port_elems(r),
-                    )
-                });
+                let dport = (!r.dport.is_empty()).then(|| dport_set(&mut t.sets, r));
                 for f in r.families() {
                     let family = ip_family(f);
                     let mut m = vec![tagged.clone(), Match::Family(family)];
@@ -1187,8 +1160,12 @@ fn ifname_elems(names: &[String]) -> Vec<SetElem> {
     names.iter().map(|n| SetElem::IfName(n.clone())).collect()
 }
 
-fn port_elems(r: &DivertRule) -> Vec<SetElem> {
-    r.dport.iter().map(|p| SetElem::Ports(p.lo, p.hi)).collect()
+/// The set of `r`'s destination ports (`<rule>_dport`). Single ports go in a hash set (a
+/// cheaper lookup for every TCP/UDP frame the rule's jump tests); ranges need intervals.
+fn dport_set(sets: &mut Vec<Set>, r: &DivertRule) -> String {
+    let interval = r.dport.iter().any(|p| p.lo != p.hi);
+    let elems = r.dport.iter().map(|p| SetElem::Ports(p.lo, p.hi)).collect();
+    add_set(sets, r, "dport", SetKind::InetService, interval, elems)
 }
 
 fn l4_of(p: Proto) -> L4 {
