@@ -8,15 +8,20 @@
 #   direct: plain bridge (no brdivert tables), client -> rs1 address
 #   dr:     `brdivert apply` of one dr rule, client -> VIP
 # Interleaved pairs (order alternates), medians written to bench/results/dr-<date>.md.
-# Usage: bench/dr.sh [--pairs N (default 5)] [--secs S (default 5)] [--brdivert PATH]
+# Usage: bench/dr.sh [--pairs N (default 5)] [--secs S (default 5)] [--brdivert PATH] [--aa]
+#   --aa  add a second "direct" run per round (A/A: the run's own noise)
+# The report gives the median of per-round ratios (each against the same round's direct run)
+# and the ratio of the medians; a run whose client saw connection errors aborts the script.
 # Needs root, nft, iproute2, python3. Traffic stays inside its namespaces.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PAIRS=5 SECS=5 BIN=${BRDIVERT:-target/release/brdivert}
+PAIRS=5 SECS=5 BIN=${BRDIVERT:-target/release/brdivert} AA=0
+CMDLINE="bench/dr.sh${*:+ $*}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --pairs) PAIRS=$2; shift 2 ;; --secs) SECS=$2; shift 2 ;;
-    --brdivert) BIN=$2; shift 2 ;; *) echo "unknown $1" >&2; exit 2 ;;
+    --brdivert) BIN=$2; shift 2 ;; --aa) AA=1; shift ;;
+    *) echo "unknown $1" >&2; exit 2 ;;
   esac
 done
 [ -x "$BIN" ] || { echo "no brdivert binary at $BIN (cargo build --release)" >&2; exit 1; }
@@ -69,25 +74,46 @@ run() { # config -> conn/s
     ip netns exec ${P}br nft flush ruleset; dst=10.89.0.11
   fi
   ip netns exec ${P}cl python3 bench/cps.py connect $dst 80 "$SECS" \
-    | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["conns"] / d["seconds"])'
+    | python3 -c 'import json,sys; d=json.load(sys.stdin)
+if d["errors"]: sys.exit("%d connection errors" % d["errors"])
+print(d["conns"] / d["seconds"])'
 }
 : >"$DIR/samples"
+configs="direct dr"; ((AA)) && configs="direct dr direct2"
+n=$(wc -w <<<"$configs")
 for p in $(seq 1 "$PAIRS"); do
-  if [ $((p % 2)) = 1 ]; then order="direct dr"; else order="dr direct"; fi
-  for c in $order; do v=$(run $c); echo "$c $v" >>"$DIR/samples"; echo "pair $p $c $v conn/s"; done
+  # rotate the order every round
+  set -- $configs; k=$(( (p - 1) % n )); order="${*:k+1} ${*:1:k}"
+  for c in $order; do
+    v=$(run "${c%2}") || { echo "round $p $c failed" >&2; exit 1; }
+    echo "$p $c $v" >>"$DIR/samples"; echo "round $p $c $v conn/s"
+  done
 done
 mkdir -p bench/results
 OUT=bench/results/dr-$(date +%Y%m%d-%H%M%S).md
-python3 - "$DIR/samples" "$OUT" "$PAIRS" "$SECS" <<'PY'
+BUILD=$(git log -1 --format='%h %s' 2>/dev/null || echo unknown)
+python3 - "$DIR/samples" "$OUT" "$PAIRS" "$SECS" "$CMDLINE" "$BIN ($BUILD)" <<'PY'
 import statistics, sys
-s = {}
+rounds = {}
 for line in open(sys.argv[1]):
-    c, v = line.split(); s.setdefault(c, []).append(float(v))
-d, r = statistics.median(s["direct"]), statistics.median(s["dr"])
-text = (f"# dr vs direct, connections/s ({sys.argv[3]} interleaved pairs, {sys.argv[4]} s each)\n\n"
-        f"| config | median conn/s | samples |\n|---|---|---|\n"
-        f"| direct (plain bridge, client -> rs1) | {d:.0f} | {', '.join(f'{x:.0f}' for x in s['direct'])} |\n"
-        f"| dr (VIP, 2 realservers) | {r:.0f} | {', '.join(f'{x:.0f}' for x in s['dr'])} |\n\n"
-        f"ratio dr/direct: {r / d:.3f} (target >= 0.9)\n")
+    p, c, v = line.split(); rounds.setdefault(int(p), {})[c] = float(v)
+cfgs = [c for c in ["direct", "dr", "direct2"] if all(c in r for r in rounds.values())]
+names = {"direct": "direct (plain bridge, client -> rs1)", "dr": "dr (VIP, 2 realservers)",
+         "direct2": "direct again (A/A)"}
+med = {c: statistics.median(r[c] for r in rounds.values()) for c in cfgs}
+def ratio(c):
+    v = sorted(r[c] / r["direct"] for r in rounds.values())
+    return statistics.median(v), v[0], v[-1]
+text = (f"# dr vs direct, connections/s ({sys.argv[3]} interleaved rounds, {sys.argv[4]} s each)\n\n"
+        f"Command: `{sys.argv[5]}`; brdivert: {sys.argv[6]}\n\n"
+        f"| config | median conn/s | samples (by round) |\n|---|---|---|\n")
+for c in cfgs:
+    text += f"| {names[c]} | {med[c]:.0f} | {', '.join(f'{r[c]:.0f}' for _, r in sorted(rounds.items()))} |\n"
+text += "\n| ratio | median of per-round ratios (min-max) | ratio of medians |\n|---|---|---|\n"
+for c in cfgs[1:]:
+    m, lo, hi = ratio(c)
+    text += f"| {c} / direct | **{m:.3f}** ({lo:.2f}-{hi:.2f}) | {med[c] / med['direct']:.3f} |\n"
+m = ratio("dr")[0]
+text += f"\ndr / direct: {m:.3f} -> {'meets' if m >= 0.9 else 'MISSES'} the >= 0.9 target\n"
 open(sys.argv[2], "w").write(text); print(text)
 PY
