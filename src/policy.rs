@@ -1355,5 +1355,21 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     Duration::try_from_secs_f64(secs).ok()
 }
 
+/// The policy of one rule file's `text` (named `r.toml`), for unit tests: no port check,
+/// the default mark bits. Panics on bad input.
+#[cfg(test)]
+pub(crate) fn test_policy(text: &str) -> Policy {
+    let f = crate::rules::parse(std::path::Path::new("r.toml"), text.into())
+        .unwrap_or_else(|e| panic!("{e}"));
+    Policy::build(
+        &[f],
+        &Context {
+            ports: None,
+            mark_mask: 0x00ff_0000,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
 #[cfg(test)]
 mod tests;

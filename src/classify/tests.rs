@@ -1,22 +1,11 @@
 use std::net::IpAddr;
-use std::path::Path;
 
 use proptest::prelude::*;
 
 use super::*;
-use crate::policy::Context;
-use crate::rules;
 
 fn policy(text: &str) -> Policy {
-    let f = rules::parse(Path::new("r.toml"), text.into()).unwrap();
-    Policy::build(
-        &[f],
-        &Context {
-            ports: None,
-            mark_mask: 0x00ff_0000,
-        },
-    )
-    .unwrap()
+    crate::policy::test_policy(text)
 }
 
 fn spec(src: &str, dst: &str, proto: u8, dport: u16) -> FrameSpec {

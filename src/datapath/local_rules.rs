@@ -151,17 +151,12 @@ pub fn remove_at_blocking(settings: &Settings, state_dir: &Path) -> anyhow::Resu
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
     use crate::nft::render;
-    use crate::policy::Context;
-    use crate::rules;
 
     #[test]
     fn tag_chain_marks_by_source_mac() {
-        let f = rules::parse(
-            Path::new("r.toml"),
+        let p = crate::policy::test_policy(
             r#"
 [[divert]]
 name = "web"
@@ -180,18 +175,8 @@ fwmark = 16
 name = "skip"
 src = ["10.0.0.5"]
 action = "pass"
-"#
-            .into(),
-        )
-        .unwrap();
-        let p = Policy::build(
-            &[f],
-            &Context {
-                ports: None,
-                mark_mask: 0x00ff_0000,
-            },
-        )
-        .unwrap();
+"#,
+        );
         let target = Target {
             bridge_mac: [2, 0, 0, 0, 0, 1],
             mark_mask: 0x00ff_0000,
@@ -228,21 +213,10 @@ action = "pass"
     /// local-stack rules of a queue rule match (`nft::compile::divert_mark`).
     #[test]
     fn queue_rules_get_the_divert_verdict_mark() {
-        let f = rules::parse(
-            Path::new("r.toml"),
+        let p = crate::policy::test_policy(
             "[[divert]]\nname = \"web\"\nproto = \"tcp\"\ndport = [80]\n\
-             action = \"redirect\"\nport = 3129\ndecide = \"queue\"\n"
-                .into(),
-        )
-        .unwrap();
-        let p = Policy::build(
-            &[f],
-            &Context {
-                ports: None,
-                mark_mask: 0x00ff_0000,
-            },
-        )
-        .unwrap();
+             action = \"redirect\"\nport = 3129\ndecide = \"queue\"\n",
+        );
         let target = Target {
             mark_mask: 0x00ff_0000,
             ..Default::default()

@@ -1,6 +1,5 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::frame::{VNET_F_NEEDS_CSUM, tag_mac};
@@ -8,19 +7,9 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::classify::FrameSpec;
-use crate::policy::Context;
-use crate::rules;
 
 fn policy(text: &str) -> Policy {
-    let f = rules::parse(Path::new("r.toml"), text.into()).unwrap();
-    Policy::build(
-        &[f],
-        &Context {
-            ports: None,
-            mark_mask: 0x00ff_0000,
-        },
-    )
-    .unwrap()
+    crate::policy::test_policy(text)
 }
 
 const LOCAL: [u8; 6] = [2, 0, 0, 0, 0, 0xfe];

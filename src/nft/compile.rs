@@ -1193,11 +1193,7 @@ pub fn describe_tproxy(addr: Option<IpAddr>, port: u16) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
-    use crate::policy::Context;
-    use crate::rules;
 
     fn target() -> Target {
         Target {
@@ -1208,15 +1204,7 @@ mod tests {
     }
 
     fn policy(text: &str) -> Policy {
-        let f = rules::parse(Path::new("r.toml"), text.into()).unwrap();
-        Policy::build(
-            &[f],
-            &Context {
-                ports: None,
-                mark_mask: 0x00ff_0000,
-            },
-        )
-        .unwrap()
+        crate::policy::test_policy(text)
     }
 
     fn set<'a>(t: &'a Table, name: &str) -> &'a Set {

@@ -1158,29 +1158,13 @@ impl NfSocket {
         let mut names = Vec::new();
         let mut buf = vec![0u8; 1 << 16];
         loop {
-            // SAFETY: `buf` is writable for its length.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    0,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(ApplyError::Io {
-                    op: "recv",
-                    source: e,
-                });
-            }
+            let n = self
+                .recv(&mut buf, 0)
+                .map_err(|source| ApplyError::Io { op: "recv", source })?;
             if n == 0 {
                 break;
             }
-            match parse_dump(&buf[..n as usize], table, name_attr, &mut names) {
+            match parse_dump(&buf[..n], table, name_attr, &mut names) {
                 DumpPart::More => {}
                 DumpPart::Done => break,
                 DumpPart::Error(e) if e == libc::ENOENT => break,
@@ -1236,34 +1220,39 @@ impl NfSocket {
         let mut errors = Vec::new();
         let mut buf = vec![0u8; 1 << 16];
         loop {
+            let n = match self.recv(&mut buf, libc::MSG_DONTWAIT) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(source) => return Err(ApplyError::Io { op: "recv", source }),
+            };
+            if n == 0 {
+                break;
+            }
+            parse_acks(&buf[..n], &mut errors);
+        }
+        Ok(errors)
+    }
+
+    /// One `recv(2)` into `buf`, retried when a signal interrupts it.
+    fn recv(&self, buf: &mut [u8], flags: i32) -> io::Result<usize> {
+        loop {
             // SAFETY: `buf` is writable for its length.
             let n = unsafe {
                 libc::recv(
                     self.fd.as_raw_fd(),
                     buf.as_mut_ptr() as *mut libc::c_void,
                     buf.len(),
-                    libc::MSG_DONTWAIT,
+                    flags,
                 )
             };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    break;
-                }
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(ApplyError::Io {
-                    op: "recv",
-                    source: e,
-                });
+            if n >= 0 {
+                return Ok(n as usize);
             }
-            if n == 0 {
-                break;
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
             }
-            parse_acks(&buf[..n as usize], &mut errors);
         }
-        Ok(errors)
     }
 }
 
