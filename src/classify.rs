@@ -146,18 +146,23 @@ pub enum Decision {
 pub fn classify(policy: &Policy, iif: &str, p: &PacketInfo) -> Decision {
     for (i, r) in policy.rules.iter().enumerate() {
         if rule_matches(r, iif, p) {
-            return match r.action {
-                Action::Pass => Decision::Pass { rule: i },
-                Action::Drop => Decision::Drop { rule: i },
-                action => Decision::Divert {
-                    rule: i,
-                    tag: r.tag,
-                    action,
-                },
-            };
+            return taken_by(i, r);
         }
     }
     Decision::Bridge
+}
+
+/// The decision for a packet rule `i` (`r`) takes.
+pub fn taken_by(i: usize, r: &DivertRule) -> Decision {
+    match r.action {
+        Action::Pass => Decision::Pass { rule: i },
+        Action::Drop => Decision::Drop { rule: i },
+        action => Decision::Divert {
+            rule: i,
+            tag: r.tag,
+            action,
+        },
+    }
 }
 
 /// Does rule `r` take this packet (exemptions already applied)?

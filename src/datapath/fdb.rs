@@ -156,14 +156,9 @@ impl Fdb {
 
     /// [`Fdb::expire`] at most once a second.
     pub fn sweep(&mut self, now: Instant) {
-        if self
-            .last_sweep
-            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
-        {
-            return;
+        if super::due_once_a_second(&mut self.last_sweep, now) {
+            self.expire(now);
         }
-        self.last_sweep = Some(now);
-        self.expire(now);
     }
 
     /// Remove dynamic entries older than the aging time; how many went.

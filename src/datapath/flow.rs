@@ -113,14 +113,9 @@ impl<T: Copy> FlowTable<T> {
 
     /// Drop idle flows (at most once a second).
     pub fn sweep(&mut self, now: Instant) {
-        if self
-            .last_sweep
-            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
-        {
-            return;
+        if super::due_once_a_second(&mut self.last_sweep, now) {
+            self.expire(now);
         }
-        self.last_sweep = Some(now);
-        self.expire(now);
     }
 
     fn expire(&mut self, now: Instant) {

@@ -580,29 +580,26 @@ fn nd_shield(policy: &Policy, ip6: &[u8]) -> Option<Verdict> {
     })
 }
 
+/// True at most once a second (`last` remembers when): the pace of the FDB's and the flow
+/// table's sweeps.
+pub(crate) fn due_once_a_second(last: &mut Option<Instant>, now: Instant) -> bool {
+    if last.is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1)) {
+        return false;
+    }
+    *last = Some(now);
+    true
+}
+
 /// The policy's decision for a packet that arrived on `iif`, including the TPROXY return
 /// path (the origin's replies to a TPROXY'd flow go to the proxy's socket too). Rules are
 /// tried in order, each rule's reply match right after its own match, as in the kernel
 /// datapath's bridge table; the matching itself is `classify::rule_matches`.
 pub fn decide(policy: &Policy, iif: &str, p: &PacketInfo) -> Decision {
     for (i, r) in policy.rules.iter().enumerate() {
-        if classify::rule_matches(r, iif, p) {
-            return match r.action {
-                Action::Pass => Decision::Pass { rule: i },
-                Action::Drop => Decision::Drop { rule: i },
-                action => Decision::Divert {
-                    rule: i,
-                    tag: r.tag,
-                    action,
-                },
-            };
-        }
-        if matches!(r.action, Action::Tproxy { .. }) && reply_matches(r, iif, p) {
-            return Decision::Divert {
-                rule: i,
-                tag: r.tag,
-                action: r.action,
-            };
+        if classify::rule_matches(r, iif, p)
+            || (matches!(r.action, Action::Tproxy { .. }) && reply_matches(r, iif, p))
+        {
+            return classify::taken_by(i, r);
         }
     }
     Decision::Bridge
