@@ -13,8 +13,9 @@ import ipaddress
 import json
 import math
 import random
-import statistics
 import sys
+
+from bench_common import med, parse_cps, read_json_stdin
 
 CONFIG_LABELS = {
     "bare": "bare bridge",
@@ -57,13 +58,6 @@ def gen_vips(path: str, n_vips: int, n_except: int) -> None:
         f.write("except_src = [\n%s,\n]\n" % fmt(ex_net, ex))
 
 
-def read_json_stdin():
-    try:
-        return json.load(sys.stdin)
-    except Exception:
-        return None
-
-
 def parse_tcp() -> None:
     j = read_json_stdin()
     try:
@@ -92,28 +86,12 @@ def parse_udp(rx_frames: int) -> None:
         print("nan nan")
 
 
-def parse_cps() -> None:
-    try:
-        line = sys.stdin.read().strip().splitlines()[-1]
-        j = json.loads(line)
-        if j["errors"] > 0.01 * max(j["conns"], 1):
-            print(f"cps: {j['errors']} errors for {j['conns']} connections", file=sys.stderr)
-        print(j["cps"])
-    except Exception:
-        print("nan")
-
-
 def nftsets() -> None:
     j = read_json_stdin() or {}
     for o in j.get("nftables", []):
         s = o.get("set")
         if s:
             print(s["family"], s["table"], s["name"], len(s.get("elem", [])))
-
-
-def med(xs):
-    xs = [x for x in xs if not math.isnan(x)]
-    return statistics.median(xs) if xs else math.nan
 
 
 def summary(samples_path, apply_path, meta_path, out_path) -> None:

@@ -10,8 +10,9 @@
 import json
 import math
 import os
-import statistics
 import sys
+
+from bench_common import med
 
 LABELS = {
     "bare": "bare bridge",
@@ -45,11 +46,6 @@ def parse_status() -> None:
     keys = ["packets", "divert", "bypass", "drop", "errors", "queue_drops",
             "latency_p50_us", "latency_p99_us", "latency_count"]
     print(" ".join("nan" if q.get(k) is None else str(q[k]) for k in keys))
-
-
-def med(xs):
-    xs = [x for x in xs if not math.isnan(x)]
-    return statistics.median(xs) if xs else math.nan
 
 
 def summary(samples_path: str, out_path: str) -> None:

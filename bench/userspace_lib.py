@@ -12,8 +12,9 @@
 import json
 import math
 import os
-import statistics
 import sys
+
+from bench_common import med, parse_cps, read_json_stdin
 
 NAN = float("nan")
 LABELS = {
@@ -52,27 +53,10 @@ SECONDARY = [
 ]
 
 
-def read_json_stdin():
-    try:
-        return json.load(sys.stdin)
-    except Exception:
-        return None
-
-
 def parse_tcp() -> None:
     j = read_json_stdin()
     try:
         print("%.2f" % (j["end"]["sum_received"]["bits_per_second"] / 1e9))
-    except Exception:
-        print("nan")
-
-
-def parse_cps() -> None:
-    try:
-        j = json.loads(sys.stdin.read().strip().splitlines()[-1])
-        if j["errors"] > 0.01 * max(j["conns"], 1):
-            print(f"cps: {j['errors']} errors for {j['conns']} connections", file=sys.stderr)
-        print(j["cps"])
     except Exception:
         print("nan")
 
@@ -112,11 +96,6 @@ def parse_cpu(a) -> None:
     per = (lambda x: x / n) if n > 0 else (lambda x: NAN)
     util = 100.0 * busy_s / (wall * ncpu)
     print("%.1f %.1f %.0f %.1f %.0f" % (per(busy_ns), per(dp_ns), rate, util, sent))
-
-
-def med(xs):
-    xs = [x for x in xs if not math.isnan(x)]
-    return statistics.median(xs) if xs else NAN
 
 
 def fmt(f, v, scale=1.0):

@@ -57,13 +57,7 @@ action = "local"
 "#;
 
 /// Line 5 is bad (unknown action).
-const RULES_BAD: &str = r#"[[divert]]
-name   = "broken"
-proto  = "tcp"
-dport  = [80]
-action = "redirectt"
-port   = 3129
-"#;
+const RULES_BAD: &str = brdivert::lab::RULES_BAD;
 
 fn lab() -> Option<Lab> {
     lab_on("kernel")

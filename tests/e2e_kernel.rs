@@ -391,13 +391,7 @@ action = "drop"
 "#;
 
 /// Line 5 is bad (unknown action).
-const RULES_BAD: &str = r#"[[divert]]
-name   = "broken"
-proto  = "tcp"
-dport  = [80]
-action = "redirectt"
-port   = 3129
-"#;
+const RULES_BAD: &str = brdivert::lab::RULES_BAD;
 
 // ---------------------------------------------------------------------------------------
 // the brdivert suite, per datapath

@@ -972,6 +972,16 @@ action = "redirect"
 port   = 3129
 "#;
 
+/// A rule file the test suites use to check refusals: line 5 is bad (unknown action
+/// `redirectt`, column 10).
+pub const RULES_BAD: &str = r#"[[divert]]
+name   = "broken"
+proto  = "tcp"
+dport  = [80]
+action = "redirectt"
+port   = 3129
+"#;
+
 /// Rules the test suites share: tcp/80 from the clients to Squid intercept, with the second
 /// client (c2) exempt over IPv4 and IPv6.
 pub const RULES_WEB_EXEMPT_C2: &str = r#"[[divert]]
