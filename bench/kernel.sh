@@ -97,60 +97,22 @@ cleanup() {
         ip netns exec "$NSB" env BRDIVERT_STATE_DIR="$WORK/state" \
             "$BRDIVERT" flush -c "$WORK/settings-vips.toml" >/dev/null 2>&1
     fi
-    # Processes this script started inside its own namespaces (by PID, nothing else).
-    for ns in "$NSC" "$NSB" "$NSS"; do
-        for pid in $(ip netns pids "$ns" 2>/dev/null); do kill "$pid" 2>/dev/null; done
-    done
-    sleep 0.2
-    for ns in "$NSC" "$NSB" "$NSS"; do
-        for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null; done
-        ip netns del "$ns" 2>/dev/null
-    done
+    topology_stop_processes
+    topology_down
     rm -rf "$WORK"
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-inb() { ip netns exec "$NSB" "$@"; }
-inc() { ip netns exec "$NSC" "$@"; }
-ins() { ip netns exec "$NSS" "$@"; }
+source "$HERE/topology.sh"   # inb/inc/ins, topology_up/_stop_processes/_down
 
 # ---------------------------------------------------------------------------------------
 # topology
 
-log "namespaces $NSC / $NSB / $NSS, bridge $BR, work dir $WORK"
-for ns in "$NSC" "$NSB" "$NSS"; do
-    ip netns add "$ns"
-    ip -n "$ns" link set lo up
-done
-ip link add eth0 netns "$NSC" type veth peer name pc netns "$NSB"
-ip link add eth0 netns "$NSS" type veth peer name ps netns "$NSB"
-ip -n "$NSB" link add "$BR" type bridge stp_state 0 forward_delay 0
-for p in pc ps; do
-    ip -n "$NSB" link set "$p" master "$BR"
-    ip -n "$NSB" link set "$p" up
-done
-ip -n "$NSB" addr add "$BRADDR" dev "$BR"
-ip -n "$NSB" link set "$BR" up
-ip -n "$NSC" addr add "$CLI/24" dev eth0
-ip -n "$NSS" addr add "$SRV/24" dev eth0
-ip -n "$NSC" link set eth0 up
-ip -n "$NSS" link set eth0 up
-
-# br_netfilter off in the bridge ns for every configuration (brdivert does the same).
-for f in bridge-nf-call-iptables bridge-nf-call-ip6tables; do
-    if inb test -e "/proc/sys/net/bridge/$f"; then
-        inb sh -c "echo 0 > /proc/sys/net/bridge/$f"
-    fi
-done
+topology_up
 BRNF=$(inb sh -c 'cat /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null || echo "absent"')
 
-for i in $(seq 1 50); do
-    inc ping -c1 -W1 -q "$SRV" >/dev/null 2>&1 && break
-    ((i < 50)) || die "client cannot reach server through the bridge"
-    sleep 0.1
-done
 
 # Servers, pinned to CPU 1; clients run on CPU 0.
 ins taskset -c 1 iperf3 -s -p "$IPERF_PORT" >"$WORK/iperf3-server.log" 2>&1 &

@@ -112,15 +112,8 @@ cleanup() {
         ip netns exec "$NSB" env BRDIVERT_STATE_DIR="$WORK/state" \
             "$BRDIVERT" flush -c "$WORK/settings-queue.toml" >/dev/null 2>&1
     fi
-    # Processes this script started inside its own namespaces (by PID, nothing else).
-    for ns in "$NSC" "$NSB" "$NSS"; do
-        for pid in $(ip netns pids "$ns" 2>/dev/null); do kill "$pid" 2>/dev/null; done
-    done
-    sleep 0.2
-    for ns in "$NSC" "$NSB" "$NSS"; do
-        for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null; done
-        ip netns del "$ns" 2>/dev/null
-    done
+    topology_stop_processes
+    topology_down
     if ((rc != 0)) && [[ -f $WORK/daemon.log ]]; then
         echo "--- last lines of the daemon's log:" >&2
         tail -20 "$WORK/daemon.log" >&2
@@ -131,51 +124,22 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-inb() { ip netns exec "$NSB" "$@"; }
-inc() { ip netns exec "$NSC" "$@"; }
-ins() { ip netns exec "$NSS" "$@"; }
+source "$HERE/topology.sh"   # inb/inc/ins, topology_up/_stop_processes/_down
 
 # ---------------------------------------------------------------------------------------
 # topology
 
-log "namespaces $NSC / $NSB / $NSS, bridge $BR, work dir $WORK"
-for ns in "$NSC" "$NSB" "$NSS"; do
-    ip netns add "$ns"
-    ip -n "$ns" link set lo up
-done
-ip link add eth0 netns "$NSC" type veth peer name pc netns "$NSB"
-ip link add eth0 netns "$NSS" type veth peer name ps netns "$NSB"
-ip -n "$NSB" link add "$BR" type bridge stp_state 0 forward_delay 0
-for p in pc ps; do
-    ip -n "$NSB" link set "$p" master "$BR"
-    ip -n "$NSB" link set "$p" up
-done
-ip -n "$NSB" addr add "$BRADDR" dev "$BR"
+# br_netfilter: topology_up turns the namespace sysctls off (as brdivert leaves them); the
+# queue configuration turns on the bridge's own nf_call_iptables/ip6tables, and flush turns
+# them back off.
+topology_up
 ip -n "$NSB" addr add "$VIP/32" dev lo
-ip -n "$NSB" link set "$BR" up
-ip -n "$NSC" addr add "$CLI/24" dev eth0
-ip -n "$NSS" addr add "$SRV/24" dev eth0
-ip -n "$NSC" link set eth0 up
-ip -n "$NSS" link set eth0 up
 ip -n "$NSC" route add "$VIP/32" via "$SRV"
-
-# br_netfilter: namespace sysctls off (as brdivert leaves them); the queue configuration turns
-# on the bridge's own nf_call_iptables/ip6tables, and flush turns them back off.
-for f in bridge-nf-call-iptables bridge-nf-call-ip6tables; do
-    if inb test -e "/proc/sys/net/bridge/$f"; then
-        inb sh -c "echo 0 > /proc/sys/net/bridge/$f"
-    fi
-done
 bridge_nf() { # the bridge's own nf_call_iptables (0/1)
     inb ip -d -j link show "$BR" | python3 -c \
         'import json,sys; print(json.load(sys.stdin)[0]["linkinfo"]["info_data"].get("nf_call_iptables", "?"))'
 }
 
-for i in $(seq 1 50); do
-    inc ping -c1 -W1 -q "$SRV" >/dev/null 2>&1 && break
-    ((i < 50)) || die "client cannot reach server through the bridge"
-    sleep 0.1
-done
 
 # Servers pinned to CPU 1; clients run on CPU 0. The VIP's server runs on the bridge host.
 ins taskset -c 1 iperf3 -s -p "$IPERF_PORT" >"$WORK/iperf3-server.log" 2>&1 &
