@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::diag::Refused;
 use crate::link;
 use crate::nft::compile::{self, QueueTarget, Target};
-use crate::nft::{Family, QueueForm, Ruleset, TABLE_NAME, netlink, render};
+use crate::nft::{Family, QueueForm, Ruleset, TABLE_NAME, netlink, pins, render};
 use crate::policy::{Action, Decide, Policy};
 use crate::probe;
 use crate::settings::{Datapath, Settings};
@@ -116,10 +116,7 @@ pub fn target(settings: &Settings, mac: Option<[u8; 6]>, form: Option<QueueForm>
             verdict_mask: settings.queue.verdict_mask,
         },
         tproxy_replies: link::tproxy_routing_recorded(&settings.kernel),
-        flow_pins: link::pins_may_exist(
-            &settings.bridge.name,
-            Duration::from_secs(compile::PIN_TIMEOUT_S),
-        ),
+        earlier_pins: pins::earlier_pins(&settings.bridge.name),
         bridge_addrs: settings.bridge.address.iter().map(|n| n.addr()).collect(),
         ..Default::default()
     }
@@ -408,11 +405,15 @@ pub async fn install_with(
             .await
             .map_err(anyhow::Error::from)?;
     }
-    // Diverted flows get pinned: later policies keep the pin lookups for the pins' lifetime.
-    if policy.rules.iter().any(|r| r.action.diverts()) {
-        link::record_pinning(&settings.bridge.name).map_err(anyhow::Error::from)?;
-    }
+    // What this policy pins, before it can pin anything: later policies keep the lookups
+    // its flows need for the pins' lifetime.
+    pins::record_applied(&settings.bridge.name, policy).map_err(anyhow::Error::from)?;
+    let compiling = std::time::Instant::now();
     let rs = ruleset_with(settings, policy, &t);
+    tracing::debug!(
+        "compiled in {:.1} ms",
+        compiling.elapsed().as_secs_f64() * 1e3
+    );
     tokio::task::spawn_blocking(move || netlink::apply(&rs))
         .await
         .map_err(anyhow::Error::from)?
@@ -437,8 +438,17 @@ fn block_on<T>(fut: impl Future<Output = Result<T, Failure>>) -> Result<T, Failu
 
 /// `brdivert apply`: set up the bridge and apply the rules once (kernel datapath).
 pub fn apply(settings_path: &std::path::Path) -> Result<String, Failure> {
+    let started = std::time::Instant::now();
     let (settings, policy) = load(settings_path)?;
+    tracing::debug!(
+        "settings and rule files loaded in {:.1} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
     let info = block_on(install(&settings, &policy))?;
+    tracing::debug!(
+        "applied in {:.1} ms in all",
+        started.elapsed().as_secs_f64() * 1e3
+    );
     Ok(format!(
         "applied {} rules to bridge {} ({}; {} ports)",
         info.rules,

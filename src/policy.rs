@@ -291,6 +291,20 @@ pub struct DivertRule {
 }
 
 impl DivertRule {
+    /// The frames the rule's jump in the bridge table takes into its chain, as a comparable
+    /// string: ingress ports, source MACs, VLANs, protocol and destination ports. Two rules
+    /// with the same scope see the same frames in their chains (see `nft::pins`).
+    pub fn scope(&self) -> String {
+        let mut from = self.from.clone();
+        from.sort();
+        let mut src_mac = self.src_mac.clone();
+        src_mac.sort();
+        format!(
+            "from={from:?} src_mac={src_mac:?} vlan={:?} proto={:?} dport={:?}",
+            self.vlan, self.proto, self.dport
+        )
+    }
+
     /// The IP families this rule can match.
     pub fn families(&self) -> Vec<Family> {
         FAMILIES

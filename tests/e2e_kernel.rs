@@ -180,6 +180,17 @@ fn nft_ruleset(lab: &Lab) -> String {
         .expect("nft list ruleset")
 }
 
+/// The bridge table's prerouting chain as `nft list` shows it.
+fn prerouting(lab: &Lab) -> String {
+    let ruleset = nft_ruleset(lab);
+    ruleset
+        .split("chain prerouting")
+        .nth(1)
+        .and_then(|c| c.split("chain ").next())
+        .unwrap_or_default()
+        .to_string()
+}
+
 // ---------------------------------------------------------------------------------------
 // checks shared by the brdivert suite and the hand-made reference
 
@@ -365,6 +376,18 @@ name   = "web"
 from   = ["port-c1", "port-c2"]
 proto  = "tcp"
 dport  = [81]
+action = "redirect"
+port   = 3129
+"#;
+
+/// RULES_WEB after a reload that exempts client 1 too: the same ports, so the same frames
+/// reach the rule's chain (its scope), where the pinned flows are looked up first.
+const RULES_WEB_EXEMPT_C1: &str = r#"[[divert]]
+name   = "web"
+from   = ["port-c1", "port-c2"]
+proto  = "tcp"
+dport  = [80]
+except_src = ["10.77.0.1", "fd77::1", "10.77.0.3", "fd77::3"]
 action = "redirect"
 port   = 3129
 "#;
@@ -746,6 +769,14 @@ fn reload_keeps_established_flows(dp: &str) {
     }
     lab.write_rules("web", RULES_WEB_81).expect("rules");
     let _running = apply(&lab);
+    if dp == "kernel" {
+        // port-80 flows reach no rule's chain now: their pins are looked up for every frame
+        assert!(
+            prerouting(&lab).contains("@flows4"),
+            "{}",
+            nft_ruleset(&lab)
+        );
+    }
     check_bridged(&lab, Ns::C1, UP_V4, "/t-after-reload", C1_V4);
     check_bridged(
         &lab,
@@ -756,6 +787,34 @@ fn reload_keeps_established_flows(dp: &str) {
     );
     check_transfer(&lab, t, path, BR_V4);
     check_transfer(&lab, t6, path6, BR_V6);
+}
+
+/// A reload that exempts a client keeps its established diverted flow (pinned) on its path
+/// through Squid, while its new connection is bridged. The rule's ports are unchanged, so the
+/// kernel datapath looks the pins up only in the rule's chain (before the exemption), not
+/// for every frame: this checks that placement.
+fn reload_keeps_flows_of_exempted_clients(dp: &str) {
+    let Some(lab) = lab(dp, Proxy::Squid) else {
+        return;
+    };
+    lab.write_rules("web", RULES_WEB).expect("rules");
+    let _running = apply(&lab);
+    let path = "/slow/t-exempt-reload";
+    let t = lab
+        .start_transfer(Ns::C1, &format!("http://{UP_V4}{path}"), &[])
+        .expect("curl");
+    wait_origin_saw(&lab, path);
+    lab.write_rules("web", RULES_WEB_EXEMPT_C1).expect("rules");
+    let _running = apply(&lab);
+    if dp == "kernel" {
+        assert!(
+            !prerouting(&lab).contains("@flows4"),
+            "pins looked up for every frame although the scope is unchanged:\n{}",
+            nft_ruleset(&lab)
+        );
+    }
+    check_bridged(&lab, Ns::C1, UP_V4, "/t-after-exempt-reload", C1_V4);
+    check_transfer(&lab, t, path, BR_V4);
 }
 
 /// A reload from a TPROXY policy to one that diverts nothing (a `pass` rule for the same port)
@@ -875,7 +934,7 @@ macro_rules! datapath_suite {
             datapath_suite!(@tests $dp: intercept_tcp80, other_port_bridged, except_src_bypasses,
                 intercept_ipv6, tproxy_squid, local_vip, vlan_tagged_frames, arp_icmp_udp_bridged, apply_idempotent,
                 bad_rules_refused, flush_leaves_no_trace, reload_keeps_established_flows,
-                reload_keeps_tproxy_flows,
+                reload_keeps_flows_of_exempted_clients, reload_keeps_tproxy_flows,
                 health_flip_bypass, health_flip_drop, tproxy_reply_only_diverted_clients);
         }
     };

@@ -8,7 +8,7 @@
 //! `NAME: except_src` / `NAME: except_dst` return exempted packets (counted as "exempted").
 //! `NAME: down` (the health flip's bypass/drop rule) counts as "unhealthy". A comment
 //! without `: ` that names no rule (the flow-pinning rule `pinned`) is kept under its own
-//! name ([`PINNED`]). Other comments (`NAME: reply`, `NAME: health`, the `inet` table's
+//! name ([`PINNED`]), and so are the rule chains' pin lookups (`NAME: pinned`). Other comments (`NAME: reply`, `NAME: health`, the `inet` table's
 //! rules) are not summed, so a packet is counted once.
 
 use std::collections::BTreeMap;
@@ -58,8 +58,11 @@ pub struct KernelRule {
     pub counter: Option<Count>,
 }
 
-/// The comment of the flow-pinning rule (packets of established, pinned flows).
+/// The comment of the flow-pinning rules (packets of established, pinned flows): alone at
+/// the head of prerouting, `NAME: pinned` at the head of a rule's chain.
 pub const PINNED: &str = "pinned";
+/// The same for `dr` flows.
+pub const DR_PINNED: &str = "dr pinned";
 
 const NETLINK_NETFILTER: i32 = 12;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -99,6 +102,9 @@ pub fn summarize(rules: &[KernelRule]) -> BTreeMap<String, RuleCounts> {
                 out.entry(name.to_string()).or_default().exempted += c;
             } else if what == "down" {
                 out.entry(name.to_string()).or_default().unhealthy += c;
+            } else if what == PINNED || what == DR_PINNED {
+                // a rule chain's pin lookups count with the rest of the pinned flows
+                out.entry(what.to_string()).or_default().diverted += c;
             }
         } else {
             out.entry(comment.clone()).or_default().diverted += c;
@@ -373,6 +379,8 @@ mod tests {
             k("vip: down", c(4)),
             k("vip: health", c(40)),
             k("pinned", c(9)),
+            k("web: pinned", c(20)),
+            k("vip: pinned", c(7)),
         ];
         let s = summarize(&rules);
         assert_eq!(s["web"].diverted.packets, 15);
@@ -380,6 +388,6 @@ mod tests {
         assert_eq!(s["web"].exempted.bytes, 300);
         assert_eq!(s["vip"].diverted.packets, 3);
         assert_eq!(s["vip"].unhealthy.packets, 4);
-        assert_eq!(s[PINNED].diverted.packets, 9);
+        assert_eq!(s[PINNED].diverted.packets, 9 + 20 + 7);
     }
 }

@@ -548,41 +548,15 @@ async fn release_port(handle: &Handle, port: &str, bridge: u32) -> Result<(), Li
 // ---------------------------------------------------------------------------------------
 // TPROXY routing
 
-/// Install `ip rule fwmark MARK/MASK lookup TABLE priority PRIO` and
-/// `ip route local default dev lo table TABLE` for IPv4 and IPv6 (table and priority from
-/// `kernel`), idempotently, recording what was added under [`state_dir()`].
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// Record that a policy which diverts (and so pins) flows is applied to `bridge` now.
-pub fn record_pinning(bridge: &str) -> Result<(), LinkError> {
-    state::save(
-        &state::pins_state_path(&state_dir(), bridge),
-        &state::PinsState {
-            diverted_at: unix_now(),
-        },
-    )
-}
-
-/// May the pin maps of `bridge` still hold flows? True when a diverting policy was applied
-/// less than `max_age` ago (and not flushed since), or when the record cannot be read.
-pub fn pins_may_exist(bridge: &str, max_age: std::time::Duration) -> bool {
-    match state::load::<state::PinsState>(&state::pins_state_path(&state_dir(), bridge)) {
-        Ok(Some(p)) => unix_now().saturating_sub(p.diverted_at) < max_age.as_secs(),
-        Ok(None) => false,
-        Err(_) => true,
-    }
-}
-
 /// Has brdivert's TPROXY policy routing been installed (and not flushed)? Then flows pinned to
 /// an earlier tproxy rule may still be running, whatever the current policy says.
 pub fn tproxy_routing_recorded(kernel: &KernelSettings) -> bool {
     state::routing_state_path(&state_dir(), kernel.route_table).exists()
 }
 
+/// Install `ip rule fwmark MARK/MASK lookup TABLE priority PRIO` and
+/// `ip route local default dev lo table TABLE` for IPv4 and IPv6 (table and priority from
+/// `kernel`), idempotently, recording what was added under [`state_dir()`].
 pub async fn setup_tproxy_routing(
     kernel: &KernelSettings,
     mark: u32,

@@ -38,14 +38,6 @@ pub fn pins_state_path(dir: &Path, bridge: &str) -> PathBuf {
     dir.join(format!("pins-{bridge}.json"))
 }
 
-/// When a policy that pins the flows it diverts was last applied to a bridge: until the pins'
-/// timeout has passed since, its flows may still be in the bridge table's pin maps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PinsState {
-    /// seconds since the Unix epoch
-    pub diverted_at: u64,
-}
-
 /// `DIR/tproxy-<table>.json`.
 pub fn routing_state_path(dir: &Path, table: u32) -> PathBuf {
     dir.join(format!("tproxy-{table}.json"))

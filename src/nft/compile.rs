@@ -28,6 +28,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::QueueForm;
+use super::pins::{self, EarlierPins, PinMap};
 use super::{
     BaseChain, Chain, ChainType, Dir, Dynamic, Family, FlowKey, Hook, IpFamily, KeyField, L4,
     MapData, Match, Rule, Ruleset, Set, SetElem, SetKind, Stmt, TABLE_NAME, Table,
@@ -51,9 +52,9 @@ pub struct Target {
     /// Keep the TPROXY return-path lookups although the policy has no tproxy rule: an
     /// earlier one's flows may still run (brdivert's TPROXY routing is still installed).
     pub tproxy_replies: bool,
-    /// Keep the pinned-flow lookups although the policy diverts nothing: an earlier policy's
-    /// diverted flows may still be pinned (one was applied less than the pin timeout ago).
-    pub flow_pins: bool,
+    /// What earlier policies may have left pinned (the pin record): decides where the
+    /// pin maps are looked up ([`super::pins`]).
+    pub earlier_pins: EarlierPins,
     /// The host's own addresses on the bridge (`bridge.address`): packets the host sends
     /// from any other address are a transparent proxy's (see `tproxy_upstream_rules`).
     pub bridge_addrs: Vec<IpAddr>,
@@ -251,7 +252,8 @@ fn state_sets() -> Vec<Set> {
 
 /// A packet whose `key` is in `map` is diverted with the mark recorded there (and refreshes
 /// its entry): what keeps a flow on the path it was first given, across reloads.
-fn pin_rule(f: IpFamily, key: FlowKey, map: &str, comment: &str, target: &Target) -> Rule {
+fn pin_rule(f: IpFamily, map: &str, comment: String, target: &Target) -> Rule {
+    let key = five_tuple(f);
     let mut stmts = vec![
         Stmt::MarkSetMap {
             key: key.clone(),
@@ -268,7 +270,7 @@ fn pin_rule(f: IpFamily, key: FlowKey, map: &str, comment: &str, target: &Target
     Rule {
         matches: vec![Match::Family(f)],
         stmts,
-        comment: Some(comment.into()),
+        comment: Some(comment),
     }
 }
 
@@ -288,12 +290,18 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
     };
     // ARP shield first: ARP frames meet nothing else in this table.
     let mut prerouting = arp_shield_rules(policy, target, &mut t.sets);
-    // Pinned flows keep the path (mark) they were diverted with, whatever the rules say now;
-    // every packet refreshes its pin. Only while flows can be pinned: every bridged frame
-    // pays for the lookup.
-    let pins = policy.rules.iter().any(|r| r.action.diverts()) || target.flow_pins;
-    for f in [IpFamily::V4, IpFamily::V6].into_iter().filter(|_| pins) {
-        prerouting.push(pin_rule(f, five_tuple(f), flows_map(f), "pinned", target));
+    // Pinned flows keep the path they were given, whatever the rules say now; every packet
+    // refreshes its pin. Looked up in each rule's chain, or for every frame while an earlier
+    // policy's flows may reach no rule chain now (see `pins`).
+    let flow_pins = pins::lookups(policy, &target.earlier_pins, PinMap::Flows);
+    let dr_pins = pins::lookups(policy, &target.earlier_pins, PinMap::Dr);
+    for f in [IpFamily::V4, IpFamily::V6] {
+        if flow_pins.everywhere {
+            prerouting.push(pin_rule(f, flows_map(f), "pinned".into(), target));
+        }
+        if dr_pins.everywhere {
+            prerouting.push(dr_pin_rule(f, "dr pinned".into()));
+        }
     }
     // TPROXY return path: the origin answers the proxy's spoofed upstream connection
     // (client address, the proxy's own source port), so the bridge would deliver the reply to
@@ -304,40 +312,13 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
     // taken. Only while TPROXY is in use: every bridged frame pays for these lookups.
     let replies = policy.uses_tproxy() || target.tproxy_replies;
     for f in [IpFamily::V4, IpFamily::V6].into_iter().filter(|_| replies) {
-        prerouting.push(pin_rule(
-            f,
-            five_tuple(f),
-            replies_map(f),
-            "tproxy reply",
-            target,
-        ));
+        prerouting.push(pin_rule(f, replies_map(f), "tproxy reply".into(), target));
     }
-    // dr: flows pinned to a realserver stay there (only with dr rules: every bridged frame
-    // pays for these lookups)
-    let dr_rules: Vec<&DivertRule> = policy
-        .rules
-        .iter()
-        .filter(|r| r.action == Action::Dr)
-        .collect();
-    if !dr_rules.is_empty() {
-        for f in [IpFamily::V4, IpFamily::V6] {
-            t.sets.push(Set {
-                name: dr_flows_map(f).into(),
-                kind: five_tuple(f).kind(),
-                interval: false,
-                elements: Vec::new(),
-                dynamic: Some(Dynamic {
-                    map: Some(MapData::Ether),
-                    size: PIN_MAP_SIZE,
-                    timeout_s: PIN_TIMEOUT_S,
-                }),
-                keep: true,
-            });
-            prerouting.push(dr_pin_rule(f));
-        }
-        for r in dr_rules {
-            t.sets.push(dr_buckets(r, target));
-        }
+    if dr_pins.any() {
+        t.sets.extend(dr_flows_maps());
+    }
+    for r in policy.rules.iter().filter(|r| r.action == Action::Dr) {
+        t.sets.push(dr_buckets(r, target));
     }
     let mut rule_chains = Vec::new();
     for r in &policy.rules {
@@ -381,7 +362,17 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
             });
         }
 
+        // pinned flows first: they keep their path whatever the rule says now
         let mut chain = Vec::new();
+        for f in [IpFamily::V4, IpFamily::V6] {
+            if flow_pins.in_rule_chains && !flow_pins.everywhere {
+                let comment = format!("{}: pinned", r.name);
+                chain.push(pin_rule(f, flows_map(f), comment, target));
+            }
+            if dr_pins.in_rule_chains && !dr_pins.everywhere {
+                chain.push(dr_pin_rule(f, format!("{}: dr pinned", r.name)));
+            }
+        }
         for f in r.families() {
             let fam = ip_family(f);
             let xsrc = prefix_set(&mut t.sets, r, "except_src", &r.except_src, f);
@@ -932,6 +923,22 @@ pub fn dr_flows_map(f: IpFamily) -> &'static str {
     }
 }
 
+/// The `dr` pin maps: run-time state like the divert pin maps, kept across applies.
+fn dr_flows_maps() -> impl Iterator<Item = Set> {
+    [IpFamily::V4, IpFamily::V6].into_iter().map(|f| Set {
+        name: dr_flows_map(f).into(),
+        kind: five_tuple(f).kind(),
+        interval: false,
+        elements: Vec::new(),
+        dynamic: Some(Dynamic {
+            map: Some(MapData::Ether),
+            size: PIN_MAP_SIZE,
+            timeout_s: PIN_TIMEOUT_S,
+        }),
+        keep: true,
+    })
+}
+
 /// The bucket map of a `dr` rule (bucket → realserver MAC).
 pub fn dr_buckets_map(r: &DivertRule) -> String {
     set_name(r, "buckets")
@@ -988,7 +995,7 @@ fn dr_rule(r: &DivertRule, family: IpFamily, matches: &[Match]) -> Rule {
 
 /// A `dr` flow already pinned keeps its realserver: `ether daddr set <5-tuple> map
 /// @dr_flows4`, refreshing the pin.
-fn dr_pin_rule(f: IpFamily) -> Rule {
+fn dr_pin_rule(f: IpFamily, comment: String) -> Rule {
     Rule {
         matches: vec![Match::Family(f)],
         stmts: vec![
@@ -1003,7 +1010,7 @@ fn dr_pin_rule(f: IpFamily) -> Rule {
             Stmt::Counter,
             Stmt::Accept,
         ],
-        comment: Some("dr pinned".into()),
+        comment: Some(comment),
     }
 }
 
@@ -1194,6 +1201,7 @@ pub fn describe_tproxy(addr: Option<IpAddr>, port: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nft::pins::PinScope;
 
     fn target() -> Target {
         Target {
@@ -1219,6 +1227,19 @@ mod tests {
             .iter()
             .find(|c| c.name == name)
             .unwrap_or_else(|| panic!("no chain {name}"))
+    }
+
+    /// A rule's chain without the pin lookups at its head (`NAME: pinned`, `NAME: dr pinned`).
+    fn rule_chain(t: &Table, rule: &str) -> Chain {
+        let mut c = chain(t, &format!("rule_{rule}")).clone();
+        let pins = [format!("{rule}: pinned"), format!("{rule}: dr pinned")];
+        let n = c
+            .rules
+            .iter()
+            .take_while(|r| r.comment.as_ref().is_some_and(|k| pins.contains(k)))
+            .count();
+        c.rules.drain(..n);
+        c
     }
 
     #[test]
@@ -1247,7 +1268,7 @@ mod tests {
             b.sets.iter().all(|s| s.name != "web_except_src6"),
             "no empty sets"
         );
-        let c = chain(b, "rule_web");
+        let c = rule_chain(b, "web");
         // v4: exemption then divert; v6: divert only
         assert_eq!(c.rules.len(), 3);
         assert_eq!(c.rules[0].stmts, vec![Stmt::Counter, Stmt::Return]);
@@ -1278,22 +1299,26 @@ mod tests {
             ]
         );
         let pre = chain(b, "prerouting");
-        // pinned v4, v6, then the rule (no tproxy rule: no reply lookups)
-        assert_eq!(pre.rules.len(), 3);
-        assert_eq!(pre.rules[2].stmts, vec![Stmt::Jump("rule_web".into())]);
-        // ... unless an earlier policy's TPROXY routing is still installed
+        // just the rule's jump (no tproxy rule: no reply lookups); its chain looks up the
+        // pinned flows first, v4 and v6
+        assert_eq!(pre.rules.len(), 1);
+        assert_eq!(pre.rules[0].stmts, vec![Stmt::Jump("rule_web".into())]);
+        let pinned = &chain(b, "rule_web").rules[..2];
+        assert_eq!(pinned[0].comment.as_deref(), Some("web: pinned"));
+        assert_eq!(pinned[0].matches, vec![Match::Family(IpFamily::V4)]);
+        assert!(matches!(
+            &pinned[0].stmts[0],
+            Stmt::MarkSetMap { set, .. } if set == "flows4"
+        ));
+        assert_eq!(pinned[1].matches, vec![Match::Family(IpFamily::V6)]);
+        // ... and the reply lookups while an earlier policy's TPROXY routing is installed
         let kept = Target {
             tproxy_replies: true,
             ..target()
         };
         let pre = chain(&bridge_table(&p, &kept), "prerouting").clone();
-        assert_eq!(pre.rules.len(), 5);
-        assert_eq!(pre.rules[2].comment.as_deref(), Some("tproxy reply"));
-        assert_eq!(pre.rules[0].matches, vec![Match::Family(IpFamily::V4)]);
-        assert!(matches!(
-            &pre.rules[0].stmts[0],
-            Stmt::MarkSetMap { set, .. } if set == "flows4"
-        ));
+        assert_eq!(pre.rules.len(), 3);
+        assert_eq!(pre.rules[0].comment.as_deref(), Some("tproxy reply"));
         assert!(b.sets.iter().filter(|s| s.keep).count() == 5);
         let inet = rs.table(Family::Inet).unwrap();
         let dnat = chain(inet, "dstnat");
@@ -1315,7 +1340,7 @@ mod tests {
         let p =
             policy("[[divert]]\nname = \"web\"\nproto = \"tcp\"\ndport = 80\naction = \"local\"\n");
         let b = bridge_table(&p, &target());
-        let c = chain(&b, "rule_web");
+        let c = rule_chain(&b, "web");
         assert_eq!(c.rules[0].matches, vec![Match::Family(IpFamily::V4)]);
         assert_eq!(c.rules[1].matches, vec![Match::Family(IpFamily::V6)]);
     }
@@ -1326,7 +1351,7 @@ mod tests {
             "[[divert]]\nname = \"v\"\ndst = \"10.0.0.100\"\naction = \"local\"\nfwmark = 16\n",
         );
         let b = bridge_table(&p, &target());
-        let c = chain(&b, "rule_v");
+        let c = rule_chain(&b, "v");
         assert_eq!(
             c.rules[0].stmts,
             vec![
@@ -1358,12 +1383,12 @@ mod tests {
         let pre = chain(b, "prerouting");
         // replies are found by their exact 5-tuple, which the output chain records from the
         // proxy's upstream packets (sent from an address not the host's own)
-        assert_eq!(pre.rules.len(), 5);
+        assert_eq!(pre.rules.len(), 3);
         assert!(matches!(
-            &pre.rules[2].stmts[0],
+            &pre.rules[0].stmts[0],
             Stmt::MarkSetMap { key, set } if set == "tpreplies4" && key == &five_tuple(IpFamily::V4)
         ));
-        let c = chain(b, "rule_tp");
+        let c = rule_chain(b, "tp");
         assert_eq!(c.rules[0].stmts, vec![Stmt::Counter, Stmt::Return]);
         assert!(
             !c.rules[1]
@@ -1444,7 +1469,7 @@ mod tests {
         );
         let b = bridge_table(&p, &target());
         assert_eq!(
-            chain(&b, "rule_ssh").rules[0].stmts,
+            rule_chain(&b, "ssh").rules[0].stmts,
             vec![Stmt::Counter, Stmt::Accept]
         );
         let pre = chain(&b, "prerouting");
@@ -1461,17 +1486,52 @@ mod tests {
             ]
         );
         assert_eq!(
-            chain(&b, "rule_bad").rules[1].stmts,
+            rule_chain(&b, "bad").rules[1].stmts,
             vec![Stmt::Counter, Stmt::Drop]
         );
-        // ... unless a diverting policy was applied within the pins' lifetime
-        let recent = Target {
-            flow_pins: true,
+        // ... unless an earlier policy's flows may still be pinned: with the scope of one of
+        // these rules, in that rule's chains, first ...
+        let covered = Target {
+            earlier_pins: EarlierPins {
+                scopes: [PinScope {
+                    map: PinMap::Flows,
+                    scope: p.rules[1].scope(),
+                }]
+                .into(),
+                unknown: false,
+            },
             ..target()
         };
-        let pre = chain(&bridge_table(&p, &recent), "prerouting").clone();
+        let b = bridge_table(&p, &covered);
+        assert_eq!(chain(&b, "prerouting").rules.len(), 2);
+        for name in ["ssh", "bad"] {
+            let c = chain(&b, &format!("rule_{name}"));
+            let pinned = format!("{name}: pinned");
+            assert_eq!(c.rules[0].comment.as_deref(), Some(pinned.as_str()));
+            assert_eq!(c.rules[1].comment.as_deref(), Some(pinned.as_str()));
+        }
+        // ... and with a scope no rule has now, for every frame
+        let elsewhere = Target {
+            earlier_pins: EarlierPins {
+                scopes: [PinScope {
+                    map: PinMap::Flows,
+                    scope: "tcp/80".into(),
+                }]
+                .into(),
+                unknown: false,
+            },
+            ..target()
+        };
+        let b = bridge_table(&p, &elsewhere);
+        let pre = chain(&b, "prerouting");
         assert_eq!(pre.rules.len(), 4);
         assert_eq!(pre.rules[0].comment.as_deref(), Some("pinned"));
+        assert!(
+            rule_chain(&b, "bad")
+                .rules
+                .iter()
+                .all(|r| r.comment.as_deref() != Some("bad: pinned"))
+        );
     }
 
     #[test]
@@ -1483,7 +1543,7 @@ mod tests {
                  health = {{ connect = \"127.0.0.1:3129\" }}\non_unhealthy = \"{on}\"\n"
             ));
             let b = bridge_table(&p, &target());
-            let c = chain(&b, "rule_web");
+            let c = rule_chain(&b, "web");
             // tag, down check, divert (v4 only: dst is v4)
             assert_eq!(c.rules.len(), 3);
             assert_eq!(c.rules[0].matches, c.rules[2].matches);
@@ -1528,7 +1588,7 @@ mod tests {
         );
         let mut t = target();
         let b = bridge_table(&p, &t);
-        let c = chain(&b, "rule_vip");
+        let c = rule_chain(&b, "vip");
         assert_eq!(c.rules.len(), 1, "v4 only");
         assert_eq!(
             c.rules[0].stmts[1],
@@ -1549,11 +1609,17 @@ mod tests {
                 set: "dr_flows4".into()
             }
         );
-        let pre = chain(&b, "prerouting");
+        // dr flows keep their realserver: looked up first in the rule's chain only (the
+        // realservers' replies never meet the lookup)
+        assert_eq!(
+            chain(&b, "rule_vip").rules[0].comment.as_deref(),
+            Some("vip: dr pinned")
+        );
         assert!(
-            pre.rules
+            chain(&b, "prerouting")
+                .rules
                 .iter()
-                .any(|r| r.comment.as_deref() == Some("dr pinned"))
+                .all(|r| r.comment.as_deref() != Some("dr pinned"))
         );
         assert!(set(&b, "dr_flows6").keep);
         // the second realserver's MAC is unknown: every bucket goes to the first
@@ -1612,7 +1678,7 @@ mod tests {
         let b = rs.table(Family::Bridge).unwrap();
         // the bridge only tags (tag bits set, verdict bits cleared) and bridges on
         assert_eq!(
-            chain(b, "rule_web").rules[0].stmts,
+            rule_chain(b, "web").rules[0].stmts,
             vec![
                 Stmt::Counter,
                 Stmt::MarkSetMasked {

@@ -10,6 +10,7 @@
 pub mod compile;
 pub mod ext;
 pub mod netlink;
+pub mod pins;
 pub mod render;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

@@ -73,12 +73,20 @@ impl ApplyError {
 /// chain in before the old one is unhooked, and a packet passing in between meets neither
 /// rule set: measured as a reset diverted connection in about 1 of 800 reloads under load.
 pub fn apply(rs: &Ruleset) -> Result<(), ApplyError> {
+    let started = std::time::Instant::now();
     let mut tx = Transaction::new();
     for t in &rs.tables {
         let existing = list_table(t.family, &t.name)?;
         tx.refill_table(t, &existing)?;
     }
-    tx.commit()
+    let built = started.elapsed();
+    tx.commit()?;
+    tracing::debug!(
+        "ruleset applied: batch built in {:.1} ms, kernel commit {:.1} ms",
+        built.as_secs_f64() * 1e3,
+        (started.elapsed() - built).as_secs_f64() * 1e3
+    );
+    Ok(())
 }
 
 /// Name of the set of rule tags whose health check failed (`bridge brdivert`).
