@@ -173,6 +173,14 @@ set_config() {
             inb nft flush ruleset
             ;;
         one|vips)
+            # From a flushed brdivert (no pin record left by the other configuration), so each
+            # policy is measured as it runs, not in the hours after a reload that changed
+            # which frames the rules select (then every frame meets the pin lookup too:
+            # docs/architecture.md section 5).
+            if ((APPLIED)); then
+                bd flush -c "$WORK/settings-vips.toml" >"$WORK/last-flush.log" 2>&1 ||
+                    die "brdivert flush failed: $(cat "$WORK/last-flush.log")"
+            fi
             inb nft flush ruleset
             bd apply -c "$WORK/settings-$1.toml" >"$WORK/last-apply.log" 2>&1 ||
                 die "brdivert apply ($1) failed: $(cat "$WORK/last-apply.log")"
