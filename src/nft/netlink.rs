@@ -106,7 +106,7 @@ pub fn set_rule_health(tag_mark: u32, up: bool) -> Result<(), ApplyError> {
         key_type(SetKind::Mark),
         0,
     );
-    ns.add(&RawElem {
+    ns.add(RawElem {
         key: tag_mark.to_ne_bytes().to_vec(),
         flags: 0,
         open: false,
@@ -139,16 +139,14 @@ pub fn replace_map_elements(set: &Set) -> Result<(), ApplyError> {
         0,
     );
     for e in set_elements(set)? {
-        ns.add(&e);
+        ns.add(e);
     }
     let mut tx = Transaction::new();
     let what = format!("elements of map bridge {TABLE_NAME} {}", set.name);
     ext::flush_set_to(&mut tx.batch, nfproto(family), TABLE_NAME, &set.name);
     tx.what.push(format!("flush of {what}"));
-    if !set.elements.is_empty() {
-        ns.elems_to(&mut tx.batch, false);
-        tx.what.push(what);
-    }
+    let n = ns.elems_to(&mut tx.batch, false);
+    tx.what.extend(std::iter::repeat_n(what, n));
     tx.commit()
 }
 
@@ -499,7 +497,7 @@ fn build_set(t: &Table, s: &Set, id: u32) -> Result<ext::NamedSet, ApplyError> {
         ns.set_map_data(map_data_type(MapData::Ether));
     }
     for e in set_elements(s)? {
-        ns.add(&e);
+        ns.add(e);
     }
     Ok(ns)
 }
