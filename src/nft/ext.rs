@@ -834,9 +834,9 @@ mod tests {
     fn elem(i: u32) -> RawElem {
         RawElem {
             key: i.to_be_bytes().to_vec(),
-            flags: if i % 2 == 1 { 1 } else { 0 },
+            flags: u32::from(!i.is_multiple_of(2)),
             open: i == 7,
-            data: (i % 3 == 0).then(|| vec![2, 0, 0, 0, 0, i as u8]),
+            data: i.is_multiple_of(3).then(|| vec![2, 0, 0, 0, 0, i as u8]),
         }
     }
 
