@@ -374,7 +374,8 @@ pub async fn install(settings: &Settings, policy: &Policy) -> Result<Installed, 
 }
 
 /// [`install`], with the `dr` realservers whose health checks say down (their keys, see
-/// [`compile::dr_check_key`]) kept out of the bucket maps from the first packet.
+/// [`compile::dr_check_key`]: rule and realserver address or MAC) kept out of the bucket
+/// maps from the first packet.
 pub async fn install_with(
     settings: &Settings,
     policy: &Policy,

@@ -165,6 +165,24 @@ impl Daemon {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// `brdivert <args> --socket …`: its stdout, panicking (with the daemon's log) on failure.
+    fn ask(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(BIN)
+            .args(args)
+            .args(["--socket", &self.socket.to_string_lossy()])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("brdivert client");
+        assert!(
+            out.status.success(),
+            "brdivert {args:?}: {}{}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }
 
 fn dr_spreads_connections_and_keeps_each_on_one_realserver(datapath: &str) {
@@ -381,15 +399,16 @@ fn dr_health_moves_new_flows_only(datapath: &str) {
         .expect("router's neighbour entry for the VIP");
     // interval 500ms, fall 2, rise 2
     let health = "health = { interval = \"500ms\", timeout = \"300ms\", fall = 2, rise = 2 }";
-    lab.write_rules(
-        "lvs-dr",
-        &format!(
+    let health_rules = |order: [&str; 2]| {
+        format!(
             "[[divert]]\nname = \"lvs-dr\"\nproto = \"tcp\"\ndport = 80\ndst = \"{VIP}\"\n\
-             action = \"dr\"\nrealservers = [\n  {{ address = \"{C1_V4}\", {health} }},\n  \
-             {{ address = \"{C2_V4}\", {health} }},\n]\n"
-        ),
-    )
-    .expect("rules");
+             action = \"dr\"\nrealservers = [\n  {{ address = \"{}\", {health} }},\n  \
+             {{ address = \"{}\", {health} }},\n]\n",
+            order[0], order[1]
+        )
+    };
+    lab.write_rules("lvs-dr", &health_rules([C1_V4, C2_V4]))
+        .expect("rules");
     let daemon = Daemon::start(&lab);
     let daemon_log = || daemon.log();
     // kernel: the bucket map (userspace: its buckets are not visible from outside; the
@@ -477,6 +496,22 @@ fn dr_health_moves_new_flows_only(datapath: &str) {
         let (i, name) = (it.next().unwrap_or("").to_string(), it.next().unwrap_or(""));
         assert_eq!(name, "rs1", "{a}");
         outage.push(i);
+    }
+    // a reload that reorders the realservers keeps rs2 down: its health is keyed by its
+    // address, not by its place in the list (an index key handed rs2's "down" to rs1)
+    lab.write_rules("lvs-dr", &health_rules([C2_V4, C1_V4]))
+        .expect("rules");
+    let reloaded = daemon.ask(&["reload"]);
+    let reordered = burst(&mut s, 10);
+    assert!(
+        reordered.iter().all(|n| n == "rs1"),
+        "new connections after a reload that reordered the realservers (rs2 still down): \
+         {reordered:?}\n{reloaded}\nbuckets:\n{}\nlog:\n{}",
+        buckets(&lab),
+        daemon_log()
+    );
+    if kernel {
+        assert!(!buckets(&lab).contains(C2_MAC), "{}", buckets(&lab));
     }
 
     // rs2 comes back: after rise checks it takes new flows again

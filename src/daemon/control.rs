@@ -312,10 +312,14 @@ pub fn format_status(s: &Status) -> String {
     if !s.health.is_empty() {
         let _ = writeln!(o, "health:");
         for h in &s.health {
+            let name = match &h.realserver {
+                Some(rs) => format!("{} realserver {rs}", h.rule),
+                None => h.rule.clone(),
+            };
             let _ = writeln!(
                 o,
                 "  {:<16} {:<22} {} since {} ({} down, {} up transitions)",
-                h.rule,
+                name,
                 h.target,
                 if h.up { "UP" } else { "DOWN" },
                 when(h.since),

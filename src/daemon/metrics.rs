@@ -442,6 +442,7 @@ mod tests {
             counters_error: None,
             health: vec![HealthInfo {
                 rule: "web".into(),
+                realserver: None,
                 target: "127.0.0.1:3129".into(),
                 up: false,
                 to_down: 1,

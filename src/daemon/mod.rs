@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinHandle;
 
-use crate::dr::{dr_check_key, parse_check_key};
+use crate::dr::{find_realserver, parse_check_key, realserver_checks};
 use crate::ops::{self, Failure};
 use crate::policy::{Family, Health, Policy};
 use crate::settings::Settings;
@@ -71,6 +71,10 @@ impl ReloadResult {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HealthInfo {
     pub rule: String,
+    /// A `dr` realserver's check: the realserver (its address, else its MAC;
+    /// [`crate::dr::realserver_id`]). `None` for a rule's own target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub realserver: Option<String>,
     pub target: String,
     pub up: bool,
     /// Transitions to down and to up since the daemon started.
@@ -152,7 +156,8 @@ pub struct State {
     pub reloads_refused: u64,
     pub reloads_failed: u64,
     pub last_success: Option<f64>,
-    /// Health by check key: a rule's name, or `rule/N` for realserver N of a dr rule.
+    /// Health by check key: a rule's name, or `rule/<address or MAC>` for a realserver of a
+    /// dr rule ([`crate::dr::dr_check_key`]).
     pub health: BTreeMap<String, HealthInfo>,
     /// MACs learned for dr realservers given by address (at each install, and again when one
     /// comes back up).
@@ -260,6 +265,7 @@ impl HealthSink for Sink {
         let mut st = sh.state();
         let e = st.health.entry(rule.to_string()).or_insert(HealthInfo {
             rule: parse_check_key(rule).0.to_string(),
+            realserver: parse_check_key(rule).1.map(str::to_string),
             target: target.to_string(),
             up,
             to_down: 0,
@@ -295,8 +301,8 @@ impl HealthSink for Sink {
             q.set_health(rule, up);
         }
         let flip = sh.flip.clone();
-        if let (rule, Some(i)) = parse_check_key(rule) {
-            let rule = rule.to_string();
+        if let (rule, Some(id)) = parse_check_key(rule) {
+            let (rule, id) = (rule.to_string(), id.to_string());
             let sh = sh.clone();
             tokio::spawn(async move {
                 // a realserver back up may have a new MAC (replaced box): learn it again
@@ -304,7 +310,7 @@ impl HealthSink for Sink {
                     .rules
                     .iter()
                     .find(|r| r.name == rule)
-                    .and_then(|r| r.realservers.get(i))
+                    .and_then(|r| find_realserver(r, &id))
                     .filter(|rs| rs.mac.is_none())
                     .and_then(|rs| rs.address);
                 if let (true, Some(a)) = (up, addr) {
@@ -351,10 +357,8 @@ fn sync_health(shared: &Arc<Shared>, st: &mut State) {
         .filter(|r| r.action.diverts())
         .filter_map(|r| r.health.clone().map(|h| (r.name.clone(), h)))
         .chain(st.policy.rules.iter().flat_map(|r| {
-            r.realservers
-                .iter()
-                .enumerate()
-                .filter_map(|(i, rs)| rs.health.clone().map(|h| (dr_check_key(&r.name, i), h)))
+            // keyed by the realserver's identity: a reorder keeps its checker and state
+            realserver_checks(r).map(|(k, h)| (k, h.clone()))
         }))
         .collect();
     st.health_tasks.retain(|name, (h, task)| {
@@ -443,7 +447,8 @@ pub async fn reload(shared: &Arc<Shared>, trigger: &str) -> ReloadResult {
                     BTreeMap::new()
                 }
             };
-            // dr realservers down now stay out of the new bucket maps (same rule and index)
+            // dr realservers down now stay out of the new bucket maps (same rule, same address
+            // or MAC, wherever the new list puts them)
             let down = dr_down(&shared.state());
             match install(shared.userspace.clone(), &settings, &policy, &down).await {
                 Err(Failure::Input(r)) => {
