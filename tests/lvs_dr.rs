@@ -166,6 +166,29 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// `brdivert status --json`: the dr rule `lvs-dr`'s row.
+    fn dr_status(&self) -> brdivert::daemon::control::DrStatus {
+        let json = self.ask(&["status", "--json"]);
+        let st: brdivert::daemon::control::Status =
+            serde_json::from_str(&json).unwrap_or_else(|e| panic!("status --json: {e}:\n{json}"));
+        st.dr
+            .into_iter()
+            .find(|d| d.rule == "lvs-dr")
+            .unwrap_or_else(|| panic!("no dr row in status:\n{json}"))
+    }
+
+    /// (realserver, buckets) of `lvs-dr` in `status --json`, sorted by realserver.
+    fn bucket_shares(&self) -> Vec<(String, u32)> {
+        let mut v: Vec<(String, u32)> = self
+            .dr_status()
+            .realservers
+            .into_iter()
+            .map(|r| (r.realserver, r.buckets))
+            .collect();
+        v.sort();
+        v
+    }
+
     /// `brdivert <args> --socket …`: its stdout, panicking (with the daemon's log) on failure.
     fn ask(&self, args: &[&str]) -> String {
         let out = std::process::Command::new(BIN)
@@ -275,8 +298,32 @@ fn dr_spreads_connections_and_keeps_each_on_one_realserver(datapath: &str) {
         "VIP flows in the director's conntrack:\n{conntrack}"
     );
     eprintln!("{datapath}: connections per realserver: {per_rs:?}");
+    if let Some(d) = &daemon {
+        // both realservers answered: rs2's MAC was learned through the TAP's neighbour table;
+        // status shows each holding half the buckets, and the frames the datapath forwarded
+        let row = d.dr_status();
+        let shares: Vec<(&str, u32)> = row
+            .realservers
+            .iter()
+            .map(|r| (r.realserver.as_str(), r.buckets))
+            .collect();
+        assert_eq!(shares, [(C1_MAC, 128), (C2_V4, 128)], "{row:?}");
+        // two request/response rounds per connection: at least 4 frames each towards them
+        let forwarded = row.dr_forwarded.unwrap_or(0);
+        assert!(
+            forwarded >= 4 * CONNECTIONS as u64,
+            "dr_forwarded {forwarded} after {CONNECTIONS} connections: {row:?}"
+        );
+        let text = d.ask(&["status"]);
+        assert!(
+            text.contains(&format!(
+                "  lvs-dr: {forwarded} frames forwarded to realservers"
+            )) && text.contains(&format!("realserver {C2_V4:<24} 128 buckets, MAC {C2_MAC}")),
+            "{text}"
+        );
+        eprintln!("{text}");
+    }
     if !kernel {
-        // both realservers answered: rs2's MAC was learned through the TAP's neighbour table
         return;
     }
     // the bucket map holds both MACs (rs2's learned from the neighbour table), and the
@@ -486,6 +533,9 @@ fn dr_health_moves_new_flows_only(datapath: &str) {
     if kernel {
         assert!(!buckets(&lab).contains(C2_MAC), "{}", buckets(&lab));
     }
+    // status: rs2 holds no bucket now, rs1 all of them
+    let down_shares = vec![(C1_V4.to_string(), 256), (C2_V4.to_string(), 0)];
+    assert_eq!(daemon.bucket_shares(), down_shares);
     // the established connection on rs1 is untouched
     assert_eq!(s.ask(&format!("send {}", on["rs1"])), "rs1");
     // connections opened during the outage (on rs1, some from rs2's buckets)
@@ -513,6 +563,7 @@ fn dr_health_moves_new_flows_only(datapath: &str) {
     if kernel {
         assert!(!buckets(&lab).contains(C2_MAC), "{}", buckets(&lab));
     }
+    assert_eq!(daemon.bucket_shares(), down_shares);
 
     // rs2 comes back: after rise checks it takes new flows again
     procs.0.insert(1, service(&lab, Ns::C2, "rs2"));
@@ -523,6 +574,10 @@ fn dr_health_moves_new_flows_only(datapath: &str) {
         "rs2 back after rise: {after:?}\nbuckets:\n{}\nlog:\n{}",
         buckets(&lab),
         daemon_log()
+    );
+    assert_eq!(
+        daemon.bucket_shares(),
+        [(C1_V4.to_string(), 128), (C2_V4.to_string(), 128)]
     );
     // and nothing established moved: the rs1 connection and those of the outage (pinned)
     assert_eq!(s.ask(&format!("send {}", on["rs1"])), "rs1");
