@@ -42,7 +42,7 @@ pub enum Command {
         #[arg(long, env = "BRDIVERT_SOCKET")]
         socket: Option<PathBuf>,
     },
-    /// Show the running daemon's rules, counters, health and last reload
+    /// Show the running daemon's rules, counters, health, dr bucket shares and last reload
     Status {
         /// Machine-readable JSON
         #[arg(long)]

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use crate::policy::DivertRule;
+use crate::policy::{DivertRule, Health, Realserver};
 
 /// How many hash buckets a `dr` rule deals out to its realservers. Far more than realservers,
 /// so that a dead realserver's share can be spread over all the others.
@@ -24,18 +24,45 @@ pub const DR_BUCKETS: u32 = 256;
 /// the same realserver as before as long as the realserver list is unchanged.
 pub const DR_HASH_SEED: u32 = 0x6272_6476; // "brdv"
 
-/// The health-check key of realserver `i` (0-based) of `dr` rule `rule`: `rule/i+1`. Rule names
-/// cannot hold '/', so [`parse_check_key`] splits it back.
-pub fn dr_check_key(rule: &str, i: usize) -> String {
-    format!("{rule}/{}", i + 1)
+/// A realserver's identity in health-check keys and in `status`: its address when the rule
+/// gives one, else its MAC. Stable across reloads that reorder, add or remove other
+/// realservers (an index would hand one realserver's health to another). A rule lists every
+/// address and every MAC once, so no two realservers of a rule share an identity, and neither
+/// an address nor a MAC (`02:00:00:00:00:31`) can contain '/'.
+pub fn realserver_id(rs: &Realserver) -> String {
+    match (rs.address, rs.mac) {
+        (Some(a), _) => a.to_string(),
+        (None, Some(m)) => crate::policy::mac_text(&m),
+        // refused by the policy; never a valid address or MAC, so never down
+        (None, None) => "?".into(),
+    }
 }
 
-/// (rule name, realserver index) of a health-check key; no index for a rule's own check.
-pub fn parse_check_key(key: &str) -> (&str, Option<usize>) {
+/// The health-check key of realserver `rs` of `dr` rule `rule`: `rule/<id>`
+/// ([`realserver_id`], e.g. `lvs-dr/10.0.0.31`). Rule names cannot hold '/', so
+/// [`parse_check_key`] splits it back.
+pub fn dr_check_key(rule: &str, rs: &Realserver) -> String {
+    format!("{rule}/{}", realserver_id(rs))
+}
+
+/// (rule name, realserver identity) of a health-check key; no identity for a rule's own check.
+pub fn parse_check_key(key: &str) -> (&str, Option<&str>) {
     match key.split_once('/') {
-        Some((rule, n)) => (rule, n.parse::<usize>().ok().and_then(|n| n.checked_sub(1))),
+        Some((rule, id)) => (rule, Some(id)),
         None => (key, None),
     }
+}
+
+/// The realserver of `dr` rule `r` whose identity is `id` ([`realserver_id`]).
+pub fn find_realserver<'a>(r: &'a DivertRule, id: &str) -> Option<&'a Realserver> {
+    r.realservers.iter().find(|rs| realserver_id(rs) == id)
+}
+
+/// The health checks of `dr` rule `r`'s realservers: (check key, the check), in list order.
+pub fn realserver_checks(r: &DivertRule) -> impl Iterator<Item = (String, &Health)> {
+    r.realservers
+        .iter()
+        .filter_map(|rs| Some((dr_check_key(&r.name, rs), rs.health.as_ref()?)))
 }
 
 /// Which realserver each bucket goes to (index into `usable`'s list), given which
@@ -64,27 +91,39 @@ pub fn dr_assignment(usable: &[bool]) -> Vec<Option<usize>> {
         .collect()
 }
 
-/// The MAC of each bucket of `dr` rule `r` ([`DR_BUCKETS`] entries): realservers with a known
-/// MAC (given, or learned: `neighbours`) that are not `down` (health-check keys,
-/// [`dr_check_key`]) take new flows. When every realserver with a MAC is down, they all keep
-/// their buckets (a check failing everywhere is more likely the checker's own problem than
-/// every realserver's); realservers without a MAC never get a bucket, and with no MAC known
-/// at all every bucket is `None` (the rule's frames are bridged untouched).
-pub fn bucket_macs(
+/// The MAC of each realserver of `dr` rule `r`: given in the rule, or learned for its address
+/// (`neighbours`); `None` while unknown.
+pub fn realserver_macs(
     r: &DivertRule,
     neighbours: &BTreeMap<IpAddr, [u8; 6]>,
-    down: &BTreeSet<String>,
 ) -> Vec<Option<[u8; 6]>> {
-    let macs: Vec<Option<[u8; 6]>> = r
-        .realservers
+    r.realservers
         .iter()
         .map(|rs| {
             rs.mac
                 .or_else(|| rs.address.and_then(|a| neighbours.get(&a).copied()))
         })
-        .collect();
-    let up: Vec<bool> = (0..macs.len())
-        .map(|i| macs[i].is_some() && !down.contains(&dr_check_key(&r.name, i)))
+        .collect()
+}
+
+/// The realserver (index into `r.realservers`) of each bucket of `dr` rule `r`
+/// ([`DR_BUCKETS`] entries): realservers with a known MAC (given, or learned: `neighbours`)
+/// that are not `down` (health-check keys, [`dr_check_key`]) take new flows. When every
+/// realserver with a MAC is down, they all keep their buckets (a check failing everywhere is
+/// more likely the checker's own problem than every realserver's); realservers without a MAC
+/// never get a bucket, and with no MAC known at all every bucket is `None` (the rule's frames
+/// are bridged untouched).
+pub fn bucket_owners(
+    r: &DivertRule,
+    neighbours: &BTreeMap<IpAddr, [u8; 6]>,
+    down: &BTreeSet<String>,
+) -> Vec<Option<usize>> {
+    let macs = realserver_macs(r, neighbours);
+    let up: Vec<bool> = r
+        .realservers
+        .iter()
+        .zip(&macs)
+        .map(|(rs, mac)| mac.is_some() && !down.contains(&dr_check_key(&r.name, rs)))
         .collect();
     let usable = if up.iter().any(|u| *u) {
         up
@@ -92,9 +131,35 @@ pub fn bucket_macs(
         macs.iter().map(Option::is_some).collect()
     };
     dr_assignment(&usable)
+}
+
+/// The MAC of each bucket of `dr` rule `r` ([`bucket_owners`]' realserver's MAC).
+pub fn bucket_macs(
+    r: &DivertRule,
+    neighbours: &BTreeMap<IpAddr, [u8; 6]>,
+    down: &BTreeSet<String>,
+) -> Vec<Option<[u8; 6]>> {
+    let macs = realserver_macs(r, neighbours);
+    bucket_owners(r, neighbours, down)
         .into_iter()
         .map(|i| i.and_then(|i| macs[i]))
         .collect()
+}
+
+/// How many of the [`DR_BUCKETS`] buckets each realserver of `dr` rule `r` holds
+/// ([`bucket_owners`]), in list order.
+pub fn bucket_shares(
+    r: &DivertRule,
+    neighbours: &BTreeMap<IpAddr, [u8; 6]>,
+    down: &BTreeSet<String>,
+) -> Vec<u32> {
+    let mut n = vec![0u32; r.realservers.len()];
+    for i in bucket_owners(r, neighbours, down).into_iter().flatten() {
+        if let Some(c) = n.get_mut(i) {
+            *c += 1;
+        }
+    }
+    n
 }
 
 /// The userspace datapath's bucket of a flow from `src` port `sport`: FNV-1a over the
@@ -150,10 +215,73 @@ mod tests {
         assert!(dr_assignment(&[]).iter().all(Option::is_none));
     }
 
+    fn dr_policy(realservers: &str) -> crate::policy::Policy {
+        crate::policy::test_policy(&format!(
+            "[[divert]]\nname = \"vip\"\nproto = \"tcp\"\ndport = 80\ndst = \"192.0.2.80\"\n\
+             action = \"dr\"\nrealservers = [{realservers}]\n"
+        ))
+    }
+
     #[test]
-    fn check_keys_round_trip() {
-        assert_eq!(parse_check_key(&dr_check_key("vip", 0)), ("vip", Some(0)));
+    fn check_keys_name_the_realserver_and_round_trip() {
+        let p = dr_policy(
+            "{ mac = \"02:00:00:00:00:31\" }, { address = \"2001:db8::32\", mac = \"02:00:00:00:00:32\" }",
+        );
+        let r = &p.rules[0];
+        let k0 = dr_check_key("vip", &r.realservers[0]);
+        let k1 = dr_check_key("vip", &r.realservers[1]);
+        assert_eq!(k0, "vip/02:00:00:00:00:31");
+        // the address when given (an IPv6 address's ':' are fine, only '/' splits)
+        assert_eq!(k1, "vip/2001:db8::32");
+        assert_eq!(parse_check_key(&k1), ("vip", Some("2001:db8::32")));
+        assert_eq!(
+            find_realserver(r, parse_check_key(&k0).1.unwrap()),
+            Some(&r.realservers[0])
+        );
+        assert_eq!(find_realserver(r, "10.0.0.1"), None);
         assert_eq!(parse_check_key("web"), ("web", None));
+    }
+
+    /// A reload that reorders the realservers keeps each one's down state: the key names the
+    /// realserver, not its place in the list (index keys moved rs1's "down" to rs2).
+    #[test]
+    fn reordering_realservers_keeps_down_state_on_the_right_realserver() {
+        let rs1 = "{ mac = \"02:00:00:00:00:31\", health = { connect = \"192.0.2.31:80\" } }";
+        let rs2 = "{ address = \"192.0.2.32\", health = {} }";
+        let before = dr_policy(&format!("{rs1}, {rs2}"));
+        let after = dr_policy(&format!("{rs2}, {rs1}"));
+        let mac2 = [2, 0, 0, 0, 0, 0x32];
+        let neighbours: BTreeMap<IpAddr, [u8; 6]> = [("192.0.2.32".parse().unwrap(), mac2)].into();
+        // rs1's checker (the daemon keys it as realserver_checks says) reports down
+        let (k1, _) = realserver_checks(&before.rules[0])
+            .next()
+            .expect("rs1's check");
+        let down: BTreeSet<String> = [k1].into();
+        for p in [&before, &after] {
+            let r = &p.rules[0];
+            let macs = bucket_macs(r, &neighbours, &down);
+            assert!(
+                macs.iter().all(|m| *m == Some(mac2)),
+                "rs1 is down, rs2 takes every bucket, whatever the order: {:?}",
+                &macs[..4]
+            );
+            let shares = bucket_shares(r, &neighbours, &down);
+            let at2 = r
+                .realservers
+                .iter()
+                .position(|rs| rs.mac.is_none())
+                .unwrap();
+            assert_eq!(shares[at2], DR_BUCKETS);
+            assert_eq!(shares.iter().sum::<u32>(), DR_BUCKETS);
+        }
+        // the daemon's checkers are keyed the same in both orders, so they keep running
+        let keys = |p: &crate::policy::Policy| -> BTreeSet<String> {
+            realserver_checks(&p.rules[0]).map(|(k, _)| k).collect()
+        };
+        assert_eq!(keys(&before), keys(&after));
+        // all up: an even split
+        let shares = bucket_shares(&after.rules[0], &neighbours, &BTreeSet::new());
+        assert_eq!(shares, vec![DR_BUCKETS / 2, DR_BUCKETS / 2]);
     }
 
     #[test]

@@ -226,6 +226,9 @@ pub fn check(settings_path: &std::path::Path) -> Result<String, Failure> {
             r.origin,
             fams.join("+")
         );
+        for line in plan_details(r) {
+            let _ = writeln!(out, "    {line}");
+        }
     }
     if policy.uses_queue() {
         let q = &t.queue;
@@ -260,6 +263,61 @@ pub fn check(settings_path: &std::path::Path) -> Result<String, Failure> {
         );
     }
     Ok(out)
+}
+
+/// What `check` lists under a rule: its health check and what happens while it is down, or
+/// (a `dr` rule) each realserver: how its MAC is known, the buckets it owns while all are
+/// up, and its health check.
+pub fn plan_details(r: &crate::policy::DivertRule) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(h) = &r.health {
+        let down = match r.on_unhealthy {
+            crate::policy::OnUnhealthy::Bypass => "bridged to their destination",
+            crate::policy::OnUnhealthy::Drop => "dropped",
+        };
+        out.push(format!(
+            "health: {}; while down, new flows are {down}",
+            describe_health(h)
+        ));
+    }
+    let n = r.realservers.len();
+    for (i, rs) in r.realservers.iter().enumerate() {
+        // named by its address, else its MAC (as its health state is keyed)
+        let mac = match (rs.address, rs.mac) {
+            (Some(_), Some(m)) => format!(" (MAC {})", crate::policy::mac_text(&m)),
+            (Some(_), None) => " (MAC learned from the neighbour table)".into(),
+            (None, _) => String::new(),
+        };
+        // bucket b belongs to realserver b mod N while all are up (dr::dr_assignment)
+        let owned = (0..crate::dr::DR_BUCKETS as usize)
+            .filter(|b| b % n == i)
+            .count();
+        let health = match &rs.health {
+            Some(h) => format!("health: {}", describe_health(h)),
+            None => "no health check (takes new flows while its MAC is known)".into(),
+        };
+        out.push(format!(
+            "realserver {}{mac}: {owned} of {} buckets while all are up; {health}",
+            crate::dr::realserver_id(rs),
+            crate::dr::DR_BUCKETS
+        ));
+    }
+    out
+}
+
+/// `TCP connect 10.0.0.31:80 every 2s (timeout 1s), down after 3 failures, up after 2
+/// successes`.
+pub fn describe_health(h: &crate::policy::Health) -> String {
+    format!(
+        "TCP connect {} every {:?} (timeout {:?}), down after {} failure{}, up after {} success{}",
+        h.connect,
+        h.interval,
+        h.timeout,
+        h.fall,
+        if h.fall == 1 { "" } else { "s" },
+        h.rise,
+        if h.rise == 1 { "" } else { "es" }
+    )
 }
 
 /// `brdivert render`: the nft text `apply` would load.
@@ -371,7 +429,8 @@ pub async fn install(settings: &Settings, policy: &Policy) -> Result<Installed, 
 }
 
 /// [`install`], with the `dr` realservers whose health checks say down (their keys, see
-/// [`compile::dr_check_key`]) kept out of the bucket maps from the first packet.
+/// [`compile::dr_check_key`]: rule and realserver address or MAC) kept out of the bucket
+/// maps from the first packet.
 pub async fn install_with(
     settings: &Settings,
     policy: &Policy,

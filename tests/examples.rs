@@ -113,3 +113,79 @@ fn dr_accepted_with_userspace_datapath() {
     assert!(out.status.success(), "{err}");
     assert!(!err.contains("kernel datapath only"), "{err}");
 }
+
+/// `check` lists each `dr` realserver under its rule: named by its address (else its MAC),
+/// its buckets while all are up, and its health check (target, interval, timeout, fall,
+/// rise); a diverting rule's own health check too.
+#[test]
+fn check_lists_dr_realservers_and_health_checks() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/lvs-dr-on-bridge.toml");
+    let out = check(&p);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for rs in ["02:00:00:00:00:31", "02:00:00:00:00:32"] {
+        assert!(
+            text.contains(&format!(
+                "\n    realserver {rs}: 128 of 256 buckets while all are up; no health check (takes new flows while its MAC is known)\n"
+            )),
+            "{text}"
+        );
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = dir.path().join("dr.toml");
+    std::fs::write(
+        &rules,
+        r#"[[divert]]
+name        = "lvs-dr"
+proto       = "tcp"
+dport       = [80, 443]
+dst         = ["10.0.0.81", "2001:db8::81"]
+action      = "dr"
+realservers = [
+  { mac = "02:00:00:00:00:31", health = { connect = "10.0.0.31:80", interval = "500ms", fall = 1 } },
+  { address = "10.0.0.32", health = { timeout = "300ms", rise = 1 } },
+  { address = "2001:db8::33", mac = "02:00:00:00:00:33" },
+]
+
+[[divert]]
+name = "vip"
+proto = "tcp"
+dport = 80
+dst = "10.0.0.80"
+action = "local"
+health = { connect = "10.0.0.80:80" }
+on_unhealthy = "drop"
+"#,
+    )
+    .expect("write rules");
+    let out = check(&rules);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = [
+        "  lvs-dr (",
+        "    realserver 02:00:00:00:00:31: 86 of 256 buckets while all are up; health: TCP connect 10.0.0.31:80 every 500ms (timeout 1s), down after 1 failure, up after 2 successes",
+        "    realserver 10.0.0.32 (MAC learned from the neighbour table): 85 of 256 buckets while all are up; health: TCP connect 10.0.0.32:80 every 2s (timeout 300ms), down after 3 failures, up after 1 success",
+        "    realserver 2001:db8::33 (MAC 02:00:00:00:00:33): 85 of 256 buckets while all are up; no health check (takes new flows while its MAC is known)",
+        "  vip (",
+        "    health: TCP connect 10.0.0.80:80 every 2s (timeout 1s), down after 3 failures, up after 2 successes; while down, new flows are dropped",
+    ];
+    // in this order, each right under the one before
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with(want[0]))
+        .unwrap_or_else(|| panic!("no lvs-dr rule line:\n{text}"));
+    for (i, w) in want.iter().enumerate().skip(1) {
+        let got = lines.get(at + i).copied().unwrap_or_default();
+        if w.ends_with('(') {
+            assert!(got.starts_with(w), "line {i}: {got:?}, want {w:?}\n{text}");
+        } else {
+            assert_eq!(got, *w, "line {i}\n{text}");
+        }
+    }
+}

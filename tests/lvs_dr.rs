@@ -7,17 +7,20 @@
 //!
 //! Topology (the lab's): `up` is the router *and* the client; `c1` and `c2` are the
 //! realservers (VIP on `lo`, default route via the router); `br` is the bridge (director)
-//! running no service at all for the VIP.
+//! running no service at all for the VIP. The spread check runs over IPv4 and IPv6 (the lab's
+//! fd77::/64 segment; the realservers' IPv6 default route is the router too).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use brdivert::lab::{
-    C1_MAC, C1_V4, C2_MAC, C2_V4, Lab, LabOptions, Ns, Proxy, find_program, is_root,
+    C1_MAC, C1_V4, C2_MAC, C2_V4, C2_V6, Lab, LabOptions, Ns, Proxy, find_program, is_root,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_brdivert");
 const VIP: &str = "10.77.0.100";
+/// The IPv6 VIP, on the lab's IPv6 segment (fd77::/64) as the IPv4 one is on its subnet.
+const VIP6: &str = "fd77::100";
 /// The router's neighbour entry for the VIP: a MAC nobody has. Without the dr rule the bridge
 /// would flood such frames and no realserver would take them (not their MAC).
 const VIP_MAC: &str = "02:77:00:00:00:80";
@@ -33,9 +36,14 @@ class H(socketserver.StreamRequestHandler):
             self.wfile.write((name + "\n").encode())
             self.wfile.flush()
 class S(socketserver.ThreadingTCPServer):
+    address_family = socket.AF_INET6
     allow_reuse_address = True
     daemon_threads = True
-S(("0.0.0.0", 80), H).serve_forever()
+    def server_bind(self):
+        # one socket for both families (the IPv4 and the IPv6 VIP)
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+S(("::", 80), H).serve_forever()
 "#;
 
 /// The client: N connections, two request/response rounds on each; prints one line per
@@ -57,11 +65,41 @@ for i in range(n):
         print("ERR", repr(e), flush=True)
 "#;
 
+/// The VIP and rs2's address of one IP family's check.
+#[derive(Debug, Clone, Copy)]
+struct Fam {
+    vip: &'static str,
+    /// the VIP as /proc/net/nf_conntrack prints it (IPv6: every group, 4 digits)
+    vip_conntrack: &'static str,
+    prefix_len: u8,
+    rs2: &'static str,
+    /// how the kernel dr rule of this family matches the VIP
+    nft_daddr: &'static str,
+}
+
+const V4: Fam = Fam {
+    vip: VIP,
+    vip_conntrack: VIP,
+    prefix_len: 32,
+    rs2: C2_V4,
+    nft_daddr: "ip daddr @lvs-dr_dst4",
+};
+
+/// rs2 given by its IPv6 address: its MAC is learned by neighbour discovery.
+const V6: Fam = Fam {
+    vip: VIP6,
+    vip_conntrack: "fd77:0000:0000:0000:0000:0000:0000:0100",
+    prefix_len: 128,
+    rs2: C2_V6,
+    nft_daddr: "ip6 daddr @lvs-dr_dst6",
+};
+
 /// rs1 by its MAC, rs2 by its address (its MAC learned from the bridge's neighbour table).
-fn rules() -> String {
+fn rules(f: Fam) -> String {
     format!(
-        "[[divert]]\nname = \"lvs-dr\"\nproto = \"tcp\"\ndport = 80\ndst = \"{VIP}\"\n\
-         action = \"dr\"\nrealservers = [{{ mac = \"{C1_MAC}\" }}, {{ address = \"{C2_V4}\" }}]\n"
+        "[[divert]]\nname = \"lvs-dr\"\nproto = \"tcp\"\ndport = 80\ndst = \"{}\"\n\
+         action = \"dr\"\nrealservers = [{{ mac = \"{C1_MAC}\" }}, {{ address = \"{}\" }}]\n",
+        f.vip, f.rs2
     )
 }
 
@@ -71,7 +109,18 @@ macro_rules! dr_tests {
         mod $dp {
             #[test]
             fn dr_spreads_connections_and_keeps_each_on_one_realserver() {
-                super::dr_spreads_connections_and_keeps_each_on_one_realserver(stringify!($dp));
+                super::dr_spreads_connections_and_keeps_each_on_one_realserver(
+                    stringify!($dp),
+                    super::V4,
+                );
+            }
+
+            #[test]
+            fn dr_over_ipv6_spreads_connections_and_keeps_each_on_one_realserver() {
+                super::dr_spreads_connections_and_keeps_each_on_one_realserver(
+                    stringify!($dp),
+                    super::V6,
+                );
             }
 
             #[test]
@@ -165,29 +214,81 @@ impl Daemon {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// `brdivert status --json`: the dr rule `lvs-dr`'s row.
+    fn dr_status(&self) -> brdivert::daemon::control::DrStatus {
+        let json = self.ask(&["status", "--json"]);
+        let st: brdivert::daemon::control::Status =
+            serde_json::from_str(&json).unwrap_or_else(|e| panic!("status --json: {e}:\n{json}"));
+        st.dr
+            .into_iter()
+            .find(|d| d.rule == "lvs-dr")
+            .unwrap_or_else(|| panic!("no dr row in status:\n{json}"))
+    }
+
+    /// (realserver, buckets) of `lvs-dr` in `status --json`, sorted by realserver.
+    fn bucket_shares(&self) -> Vec<(String, u32)> {
+        let mut v: Vec<(String, u32)> = self
+            .dr_status()
+            .realservers
+            .into_iter()
+            .map(|r| (r.realserver, r.buckets))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// `brdivert <args> --socket …`: its stdout, panicking (with the daemon's log) on failure.
+    fn ask(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(BIN)
+            .args(args)
+            .args(["--socket", &self.socket.to_string_lossy()])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("brdivert client");
+        assert!(
+            out.status.success(),
+            "brdivert {args:?}: {}{}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }
 
-fn dr_spreads_connections_and_keeps_each_on_one_realserver(datapath: &str) {
+/// The spread check of one family (`V4`, `V6`): the realservers hold the VIP on `lo` and keep
+/// the router as their gateway (the lab's default routes, IPv4 and IPv6); the router reaches
+/// the VIP through a permanent neighbour entry.
+fn dr_spreads_connections_and_keeps_each_on_one_realserver(datapath: &str, fam: Fam) {
     let Some(mut lab) = lab_on(datapath) else {
         return;
     };
     let kernel = datapath == "kernel";
+    let vip = fam.vip;
 
     for (ns, name) in [(Ns::C1, "rs1"), (Ns::C2, "rs2")] {
         lab.exec_ok(
             ns,
-            &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{vip}/{}", fam.prefix_len),
+                "dev",
+                "lo",
+            ],
         )
         .expect("VIP on the realserver's lo");
-        lab.spawn(ns, name, &["python3", "-c", SERVICE_PY, name, VIP])
+        lab.spawn(ns, name, &["python3", "-c", SERVICE_PY, name, vip])
             .expect("realserver service");
         lab.wait_listening(ns, brdivert::lab::L4::Tcp, 80)
             .expect("realserver service listens");
     }
-    lab.router_neighbour(VIP, VIP_MAC)
+    lab.router_neighbour(vip, VIP_MAC)
         .expect("router's neighbour entry for the VIP");
 
-    lab.write_rules("lvs-dr", &rules()).expect("rules");
+    lab.write_rules("lvs-dr", &rules(fam)).expect("rules");
     // the kernel datapath by `apply`; the userspace one needs the daemon
     let daemon = if kernel {
         if let Err(e) = lab.apply(Path::new(BIN)) {
@@ -208,7 +309,7 @@ fn dr_spreads_connections_and_keeps_each_on_one_realserver(datapath: &str) {
                 "python3",
                 "-c",
                 CLIENT_PY,
-                VIP,
+                vip,
                 &CONNECTIONS.to_string(),
             ],
         )
@@ -253,12 +354,39 @@ fn dr_spreads_connections_and_keeps_each_on_one_realserver(datapath: &str) {
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
     assert!(
-        !conntrack.contains(VIP),
+        !conntrack.contains(fam.vip_conntrack),
         "VIP flows in the director's conntrack:\n{conntrack}"
     );
-    eprintln!("{datapath}: connections per realserver: {per_rs:?}");
+    eprintln!("{datapath} {vip}: connections per realserver: {per_rs:?}");
+    if let Some(d) = &daemon {
+        // both realservers answered: rs2's MAC was learned through the TAP's neighbour table;
+        // status shows each holding half the buckets, and the frames the datapath forwarded
+        let row = d.dr_status();
+        let shares: Vec<(&str, u32)> = row
+            .realservers
+            .iter()
+            .map(|r| (r.realserver.as_str(), r.buckets))
+            .collect();
+        assert_eq!(shares, [(C1_MAC, 128), (fam.rs2, 128)], "{row:?}");
+        // two request/response rounds per connection: at least 4 frames each towards them
+        let forwarded = row.dr_forwarded.unwrap_or(0);
+        assert!(
+            forwarded >= 4 * CONNECTIONS as u64,
+            "dr_forwarded {forwarded} after {CONNECTIONS} connections: {row:?}"
+        );
+        let text = d.ask(&["status"]);
+        assert!(
+            text.contains(&format!(
+                "  lvs-dr: {forwarded} frames forwarded to realservers"
+            )) && text.contains(&format!(
+                "realserver {:<24} 128 buckets, MAC {C2_MAC}",
+                fam.rs2
+            )),
+            "{text}"
+        );
+        eprintln!("{text}");
+    }
     if !kernel {
-        // both realservers answered: rs2's MAC was learned through the TAP's neighbour table
         return;
     }
     // the bucket map holds both MACs (rs2's learned from the neighbour table), and the
@@ -271,7 +399,7 @@ fn dr_spreads_connections_and_keeps_each_on_one_realserver(datapath: &str) {
     }
     let dr_rule = ruleset
         .lines()
-        .find(|l| l.contains("map @lvs-dr_buckets"))
+        .find(|l| l.contains("map @lvs-dr_buckets") && l.contains(fam.nft_daddr))
         .unwrap_or_else(|| panic!("no dr rule:\n{ruleset}"));
     assert!(
         !dr_rule.contains("counter packets 0 "),
@@ -381,15 +509,16 @@ fn dr_health_moves_new_flows_only(datapath: &str) {
         .expect("router's neighbour entry for the VIP");
     // interval 500ms, fall 2, rise 2
     let health = "health = { interval = \"500ms\", timeout = \"300ms\", fall = 2, rise = 2 }";
-    lab.write_rules(
-        "lvs-dr",
-        &format!(
+    let health_rules = |order: [&str; 2]| {
+        format!(
             "[[divert]]\nname = \"lvs-dr\"\nproto = \"tcp\"\ndport = 80\ndst = \"{VIP}\"\n\
-             action = \"dr\"\nrealservers = [\n  {{ address = \"{C1_V4}\", {health} }},\n  \
-             {{ address = \"{C2_V4}\", {health} }},\n]\n"
-        ),
-    )
-    .expect("rules");
+             action = \"dr\"\nrealservers = [\n  {{ address = \"{}\", {health} }},\n  \
+             {{ address = \"{}\", {health} }},\n]\n",
+            order[0], order[1]
+        )
+    };
+    lab.write_rules("lvs-dr", &health_rules([C1_V4, C2_V4]))
+        .expect("rules");
     let daemon = Daemon::start(&lab);
     let daemon_log = || daemon.log();
     // kernel: the bucket map (userspace: its buckets are not visible from outside; the
@@ -467,6 +596,9 @@ fn dr_health_moves_new_flows_only(datapath: &str) {
     if kernel {
         assert!(!buckets(&lab).contains(C2_MAC), "{}", buckets(&lab));
     }
+    // status: rs2 holds no bucket now, rs1 all of them
+    let down_shares = vec![(C1_V4.to_string(), 256), (C2_V4.to_string(), 0)];
+    assert_eq!(daemon.bucket_shares(), down_shares);
     // the established connection on rs1 is untouched
     assert_eq!(s.ask(&format!("send {}", on["rs1"])), "rs1");
     // connections opened during the outage (on rs1, some from rs2's buckets)
@@ -478,6 +610,23 @@ fn dr_health_moves_new_flows_only(datapath: &str) {
         assert_eq!(name, "rs1", "{a}");
         outage.push(i);
     }
+    // a reload that reorders the realservers keeps rs2 down: its health is keyed by its
+    // address, not by its place in the list (an index key handed rs2's "down" to rs1)
+    lab.write_rules("lvs-dr", &health_rules([C2_V4, C1_V4]))
+        .expect("rules");
+    let reloaded = daemon.ask(&["reload"]);
+    let reordered = burst(&mut s, 10);
+    assert!(
+        reordered.iter().all(|n| n == "rs1"),
+        "new connections after a reload that reordered the realservers (rs2 still down): \
+         {reordered:?}\n{reloaded}\nbuckets:\n{}\nlog:\n{}",
+        buckets(&lab),
+        daemon_log()
+    );
+    if kernel {
+        assert!(!buckets(&lab).contains(C2_MAC), "{}", buckets(&lab));
+    }
+    assert_eq!(daemon.bucket_shares(), down_shares);
 
     // rs2 comes back: after rise checks it takes new flows again
     procs.0.insert(1, service(&lab, Ns::C2, "rs2"));
@@ -488,6 +637,10 @@ fn dr_health_moves_new_flows_only(datapath: &str) {
         "rs2 back after rise: {after:?}\nbuckets:\n{}\nlog:\n{}",
         buckets(&lab),
         daemon_log()
+    );
+    assert_eq!(
+        daemon.bucket_shares(),
+        [(C1_V4.to_string(), 128), (C2_V4.to_string(), 128)]
     );
     // and nothing established moved: the rs1 connection and those of the outage (pinned)
     assert_eq!(s.ask(&format!("send {}", on["rs1"])), "rs1");

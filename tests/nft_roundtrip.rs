@@ -1085,7 +1085,9 @@ fn dr_forms_roundtrip() {
         mark_mask: 0x00ff_0000,
         ..Default::default()
     };
-    target.dr_down.insert(dr_check_key("dr", 0));
+    target
+        .dr_down
+        .insert(dr_check_key("dr", &policy.rules[0].realservers[0]));
     let buckets = dr_buckets(&policy.rules[0], &target);
     ns.run(|| netlink::replace_map_elements(&buckets))
         .expect("replace");
@@ -1110,7 +1112,8 @@ fn dr_forms_roundtrip() {
 
     // no MAC known at all: an empty map (the rule's frames are bridged untouched)
     let mut none = Target::default();
-    none.dr_down.insert(dr_check_key("dr", 0));
+    none.dr_down
+        .insert(dr_check_key("dr", &policy.rules[0].realservers[0]));
     let mut empty = dr_buckets(&policy.rules[0], &none);
     empty.elements.retain(|_| false);
     ns.run(|| netlink::replace_map_elements(&empty))

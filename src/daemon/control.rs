@@ -66,6 +66,34 @@ pub struct ReloadCounts {
     pub last_success: Option<f64>,
 }
 
+/// One realserver of a `dr` rule in `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrRealserverStatus {
+    /// Its address, else its MAC ([`crate::dr::realserver_id`]).
+    pub realserver: String,
+    /// Its MAC, given or learned; `None` while unknown (it then holds no buckets).
+    pub mac: Option<String>,
+    /// How many of the rule's [`crate::dr::DR_BUCKETS`] buckets it holds now: new flows
+    /// hashing to them go to it.
+    pub buckets: u32,
+    /// Its health check's verdict; `None` when it has no check.
+    pub up: Option<bool>,
+}
+
+/// A `dr` rule in `status`: its realservers' bucket shares now, and (userspace datapath)
+/// the frames it forwarded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrStatus {
+    pub rule: String,
+    pub realservers: Vec<DrRealserverStatus>,
+    /// Frames of this rule's flows the userspace datapath sent to a realserver (every frame,
+    /// not only first ones) since the daemon started. `None` on the kernel datapath, whose
+    /// rule counter counts the first packet of each flow (`diverted`) and the later ones
+    /// under `dr pinned`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dr_forwarded: Option<u64>,
+}
+
 /// What `brdivert status` shows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -82,6 +110,9 @@ pub struct Status {
     /// Set when the kernel's counters could not be read (the totals then miss them).
     pub counters_error: Option<String>,
     pub health: Vec<HealthInfo>,
+    /// `dr` rules: bucket shares per realserver, forwarded frames.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dr: Vec<DrStatus>,
     /// NFQUEUE decisions, while the policy has `decide = "queue"` rules.
     #[serde(default)]
     pub queue: Option<super::queue::QueueStatus>,
@@ -312,16 +343,51 @@ pub fn format_status(s: &Status) -> String {
     if !s.health.is_empty() {
         let _ = writeln!(o, "health:");
         for h in &s.health {
+            let name = match &h.realserver {
+                Some(rs) => format!("{} realserver {rs}", h.rule),
+                None => h.rule.clone(),
+            };
             let _ = writeln!(
                 o,
                 "  {:<16} {:<22} {} since {} ({} down, {} up transitions)",
-                h.rule,
+                name,
                 h.target,
                 if h.up { "UP" } else { "DOWN" },
                 when(h.since),
                 h.to_down,
                 h.to_up
             );
+        }
+    }
+    if !s.dr.is_empty() {
+        let _ = writeln!(
+            o,
+            "dr (buckets of {} each realserver holds now):",
+            crate::dr::DR_BUCKETS
+        );
+        for d in &s.dr {
+            match d.dr_forwarded {
+                Some(n) => {
+                    let _ = writeln!(o, "  {}: {n} frames forwarded to realservers", d.rule);
+                }
+                None => {
+                    let _ = writeln!(o, "  {}:", d.rule);
+                }
+            }
+            for rs in &d.realservers {
+                let _ = writeln!(
+                    o,
+                    "    realserver {:<24} {:>3} buckets, MAC {}, {}",
+                    rs.realserver,
+                    rs.buckets,
+                    rs.mac.as_deref().unwrap_or("unknown"),
+                    match rs.up {
+                        Some(true) => "health UP",
+                        Some(false) => "health DOWN",
+                        None => "not health-checked",
+                    }
+                );
+            }
         }
     }
     if let Some(q) = &s.queue {
@@ -368,6 +434,81 @@ pub fn format_status(s: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn status_with(dr: Vec<DrStatus>) -> Status {
+        Status {
+            version: "0.1.0".into(),
+            pid: 1,
+            settings: "/etc/brdivert/brdivert.toml".into(),
+            bridge: "br0".into(),
+            uptime_seconds: 3.0,
+            started: 0.0,
+            rules: Vec::new(),
+            pinned: Default::default(),
+            counters_error: None,
+            health: Vec::new(),
+            dr,
+            queue: None,
+            last_reload: None,
+            reloads: ReloadCounts {
+                ok: 0,
+                refused: 0,
+                failed: 0,
+                last_success: None,
+            },
+        }
+    }
+
+    /// The dr section: per rule its forwarded frames (userspace) and per realserver its
+    /// buckets, MAC and health; the JSON round-trips and omits what is not there.
+    #[test]
+    fn status_shows_dr_buckets_and_forwarded_frames() {
+        let rs = |id: &str, mac: Option<&str>, buckets, up| DrRealserverStatus {
+            realserver: id.into(),
+            mac: mac.map(str::to_string),
+            buckets,
+            up,
+        };
+        let s = status_with(vec![
+            DrStatus {
+                rule: "lvs-dr".into(),
+                realservers: vec![
+                    rs("10.0.0.31", Some("02:00:00:00:00:31"), 256, Some(true)),
+                    rs("10.0.0.32", Some("02:00:00:00:00:32"), 0, Some(false)),
+                    rs("2001:db8::33", None, 0, None),
+                ],
+                dr_forwarded: Some(1234),
+            },
+            DrStatus {
+                rule: "kernel-dr".into(),
+                realservers: vec![rs(
+                    "02:00:00:00:00:41",
+                    Some("02:00:00:00:00:41"),
+                    256,
+                    None,
+                )],
+                dr_forwarded: None,
+            },
+        ]);
+        let text = format_status(&s);
+        let want = "dr (buckets of 256 each realserver holds now):\n\
+            \x20 lvs-dr: 1234 frames forwarded to realservers\n\
+            \x20   realserver 10.0.0.31                256 buckets, MAC 02:00:00:00:00:31, health UP\n\
+            \x20   realserver 10.0.0.32                  0 buckets, MAC 02:00:00:00:00:32, health DOWN\n\
+            \x20   realserver 2001:db8::33               0 buckets, MAC unknown, not health-checked\n\
+            \x20 kernel-dr:\n\
+            \x20   realserver 02:00:00:00:00:41        256 buckets, MAC 02:00:00:00:00:41, not health-checked\n";
+        assert!(text.contains(want), "{text}");
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains("\"dr_forwarded\":1234"), "{json}");
+        assert_eq!(json.matches("dr_forwarded").count(), 1, "{json}");
+        let back: Status = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+        // no dr rules: no section, no key
+        let plain = status_with(Vec::new());
+        assert!(!format_status(&plain).contains("dr ("));
+        assert!(!serde_json::to_string(&plain).unwrap().contains("\"dr\""));
+    }
 
     #[test]
     fn dates() {

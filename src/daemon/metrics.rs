@@ -215,6 +215,40 @@ pub fn render(st: &Status) -> String {
     }
     family(
         &mut o,
+        "brdivert_dr_buckets",
+        "gauge",
+        "Hash buckets (of 256) of a dr rule the realserver holds now; new flows hashing to them go to it.",
+    );
+    for d in &st.dr {
+        for rs in &d.realservers {
+            let _ = writeln!(
+                o,
+                "brdivert_dr_buckets{{rule=\"{}\",realserver=\"{}\"}} {}",
+                esc(&d.rule),
+                esc(&rs.realserver),
+                rs.buckets
+            );
+        }
+    }
+    if st.dr.iter().any(|d| d.dr_forwarded.is_some()) {
+        family(
+            &mut o,
+            "brdivert_dr_forwarded_frames_total",
+            "counter",
+            "Frames of a dr rule's flows the userspace datapath sent to a realserver.",
+        );
+        for d in &st.dr {
+            if let Some(n) = d.dr_forwarded {
+                let _ = writeln!(
+                    o,
+                    "brdivert_dr_forwarded_frames_total{{rule=\"{}\"}} {n}",
+                    esc(&d.rule)
+                );
+            }
+        }
+    }
+    family(
+        &mut o,
         "brdivert_reloads_total",
         "counter",
         "Reloads by result: ok, refused (bad input, nothing changed), failed (system error).",
@@ -442,11 +476,22 @@ mod tests {
             counters_error: None,
             health: vec![HealthInfo {
                 rule: "web".into(),
+                realserver: None,
                 target: "127.0.0.1:3129".into(),
                 up: false,
                 to_down: 1,
                 to_up: 0,
                 since: 0.0,
+            }],
+            dr: vec![crate::daemon::control::DrStatus {
+                rule: "lvs-dr".into(),
+                realservers: vec![crate::daemon::control::DrRealserverStatus {
+                    realserver: "10.0.0.31".into(),
+                    mac: Some("02:00:00:00:00:31".into()),
+                    buckets: 256,
+                    up: Some(true),
+                }],
+                dr_forwarded: Some(42),
             }],
             queue: Some(crate::daemon::queue::QueueStatus {
                 queues: vec![0],
@@ -481,6 +526,14 @@ mod tests {
         assert!(samples.contains(&(
             "brdivert_queue_verdict_latency_seconds{quantile=\"0.99\"}".to_string(),
             50e-6
+        )));
+        assert!(samples.contains(&(
+            "brdivert_dr_buckets{rule=\"lvs-dr\",realserver=\"10.0.0.31\"}".to_string(),
+            256.0
+        )));
+        assert!(samples.contains(&(
+            "brdivert_dr_forwarded_frames_total{rule=\"lvs-dr\"}".to_string(),
+            42.0
         )));
         assert!(parse_exposition("bad line").is_err());
         assert!(parse_exposition("x{a=\"1} 2").is_err());

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinHandle;
 
-use crate::dr::{dr_check_key, parse_check_key};
+use crate::dr::{find_realserver, parse_check_key, realserver_checks};
 use crate::ops::{self, Failure};
 use crate::policy::{Family, Health, Policy};
 use crate::settings::Settings;
@@ -71,6 +71,10 @@ impl ReloadResult {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HealthInfo {
     pub rule: String,
+    /// A `dr` realserver's check: the realserver (its address, else its MAC;
+    /// [`crate::dr::realserver_id`]). `None` for a rule's own target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub realserver: Option<String>,
     pub target: String,
     pub up: bool,
     /// Transitions to down and to up since the daemon started.
@@ -134,7 +138,11 @@ impl HealthFlip for NftFlip {
 
 /// Health-check keys of the `dr` realservers that are down now.
 fn dr_down(st: &State) -> BTreeSet<String> {
-    st.health
+    dr_down_of(&st.health)
+}
+
+fn dr_down_of(health: &BTreeMap<String, HealthInfo>) -> BTreeSet<String> {
+    health
         .iter()
         .filter(|(k, h)| !h.up && parse_check_key(k).1.is_some())
         .map(|(k, _)| k.clone())
@@ -152,7 +160,8 @@ pub struct State {
     pub reloads_refused: u64,
     pub reloads_failed: u64,
     pub last_success: Option<f64>,
-    /// Health by check key: a rule's name, or `rule/N` for realserver N of a dr rule.
+    /// Health by check key: a rule's name, or `rule/<address or MAC>` for a realserver of a
+    /// dr rule ([`crate::dr::dr_check_key`]).
     pub health: BTreeMap<String, HealthInfo>,
     /// MACs learned for dr realservers given by address (at each install, and again when one
     /// comes back up).
@@ -260,6 +269,7 @@ impl HealthSink for Sink {
         let mut st = sh.state();
         let e = st.health.entry(rule.to_string()).or_insert(HealthInfo {
             rule: parse_check_key(rule).0.to_string(),
+            realserver: parse_check_key(rule).1.map(str::to_string),
             target: target.to_string(),
             up,
             to_down: 0,
@@ -295,8 +305,8 @@ impl HealthSink for Sink {
             q.set_health(rule, up);
         }
         let flip = sh.flip.clone();
-        if let (rule, Some(i)) = parse_check_key(rule) {
-            let rule = rule.to_string();
+        if let (rule, Some(id)) = parse_check_key(rule) {
+            let (rule, id) = (rule.to_string(), id.to_string());
             let sh = sh.clone();
             tokio::spawn(async move {
                 // a realserver back up may have a new MAC (replaced box): learn it again
@@ -304,7 +314,7 @@ impl HealthSink for Sink {
                     .rules
                     .iter()
                     .find(|r| r.name == rule)
-                    .and_then(|r| r.realservers.get(i))
+                    .and_then(|r| find_realserver(r, &id))
                     .filter(|rs| rs.mac.is_none())
                     .and_then(|rs| rs.address);
                 if let (true, Some(a)) = (up, addr) {
@@ -351,10 +361,8 @@ fn sync_health(shared: &Arc<Shared>, st: &mut State) {
         .filter(|r| r.action.diverts())
         .filter_map(|r| r.health.clone().map(|h| (r.name.clone(), h)))
         .chain(st.policy.rules.iter().flat_map(|r| {
-            r.realservers
-                .iter()
-                .enumerate()
-                .filter_map(|(i, rs)| rs.health.clone().map(|h| (dr_check_key(&r.name, i), h)))
+            // keyed by the realserver's identity: a reorder keeps its checker and state
+            realserver_checks(r).map(|(k, h)| (k, h.clone()))
         }))
         .collect();
     st.health_tasks.retain(|name, (h, task)| {
@@ -443,7 +451,8 @@ pub async fn reload(shared: &Arc<Shared>, trigger: &str) -> ReloadResult {
                     BTreeMap::new()
                 }
             };
-            // dr realservers down now stay out of the new bucket maps (same rule and index)
+            // dr realservers down now stay out of the new bucket maps (same rule, same address
+            // or MAC, wherever the new list puts them)
             let down = dr_down(&shared.state());
             match install(shared.userspace.clone(), &settings, &policy, &down).await {
                 Err(Failure::Input(r)) => {
@@ -595,6 +604,47 @@ pub fn rule_rows(st: &State, kernel: &BTreeMap<String, RuleCounts>) -> Vec<contr
         .collect()
 }
 
+/// Per `dr` rule of `policy`: each realserver's share of the buckets now (computed from the
+/// inputs the datapath's buckets are built from: the MACs learned, the health checks that
+/// say down; [`crate::dr::bucket_shares`]), its MAC and health; `forwarded` is the userspace
+/// datapath's frames per rule name (`None`: kernel datapath).
+pub fn dr_rows(
+    policy: &Policy,
+    neighbours: &BTreeMap<IpAddr, [u8; 6]>,
+    health: &BTreeMap<String, HealthInfo>,
+    forwarded: Option<&BTreeMap<String, u64>>,
+) -> Vec<control::DrStatus> {
+    let down = dr_down_of(health);
+    policy
+        .rules
+        .iter()
+        .filter(|r| r.action == crate::policy::Action::Dr)
+        .map(|r| {
+            let shares = crate::dr::bucket_shares(r, neighbours, &down);
+            let macs = crate::dr::realserver_macs(r, neighbours);
+            control::DrStatus {
+                rule: r.name.clone(),
+                realservers: r
+                    .realservers
+                    .iter()
+                    .zip(shares)
+                    .zip(macs)
+                    .map(|((rs, buckets), mac)| control::DrRealserverStatus {
+                        realserver: crate::dr::realserver_id(rs),
+                        mac: mac.as_ref().map(crate::policy::mac_text),
+                        buckets,
+                        up: health
+                            .get(&crate::dr::dr_check_key(&r.name, rs))
+                            .map(|h| h.up)
+                            .or(rs.health.as_ref().map(|_| true)),
+                    })
+                    .collect(),
+                dr_forwarded: forwarded.map(|f| f.get(&r.name).copied().unwrap_or(0)),
+            }
+        })
+        .collect()
+}
+
 /// Current kernel counters, read with reloads held off (so a swap cannot happen between
 /// reading them and adding the base).
 pub async fn snapshot(shared: &Arc<Shared>) -> control::Status {
@@ -604,6 +654,11 @@ pub async fn snapshot(shared: &Arc<Shared>) -> control::Status {
         Ok(Err(e)) => (BTreeMap::new(), Some(e.to_string())),
         Err(e) => (BTreeMap::new(), Some(e.to_string())),
     };
+    // the userspace datapath's frames per rule (its dr rules' frames sent to realservers)
+    let forwarded: Option<BTreeMap<String, u64>> = shared
+        .userspace
+        .as_ref()
+        .map(|u| u.rule_frames().into_iter().collect());
     let st = shared.state();
     let mut pinned = st
         .base
@@ -624,6 +679,7 @@ pub async fn snapshot(shared: &Arc<Shared>) -> control::Status {
         pinned,
         counters_error: err,
         health: st.health.values().cloned().collect(),
+        dr: dr_rows(&st.policy, &st.neighbours, &st.health, forwarded.as_ref()),
         // (the userspace datapath's inline decider stays in place without queue rules)
         queue: shared
             .queue
@@ -834,5 +890,81 @@ async fn serve(config: &Path, settings: Settings, policy: Policy) -> Result<Stri
             "kernel rules kept (the kernel keeps forwarding and diverting); `brdivert flush` removes them"
         );
         Ok(String::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(key: &str, up: bool) -> HealthInfo {
+        HealthInfo {
+            rule: parse_check_key(key).0.into(),
+            realserver: parse_check_key(key).1.map(str::to_string),
+            target: "192.0.2.1:80".into(),
+            up,
+            to_down: 0,
+            to_up: 0,
+            since: 0.0,
+        }
+    }
+
+    /// `status`'s dr rows: the bucket shares follow the health state and the MACs learned,
+    /// keyed by realserver (so a reordered list shows the same realserver down).
+    #[test]
+    fn dr_rows_show_bucket_shares_by_health_and_mac() {
+        let rules = |order: [&str; 2]| {
+            crate::policy::test_policy(&format!(
+                "[[divert]]\nname = \"vip\"\nproto = \"tcp\"\ndport = 80\ndst = \"192.0.2.80\"\n\
+                 action = \"dr\"\nrealservers = [{}, {}]\n",
+                order[0], order[1]
+            ))
+        };
+        let rs1 = "{ mac = \"02:00:00:00:00:31\", health = { connect = \"192.0.2.31:80\" } }";
+        let rs2 = "{ address = \"192.0.2.32\", health = {} }";
+        let p = rules([rs1, rs2]);
+        let mac2 = [2, 0, 0, 0, 0, 0x32];
+        let neighbours: BTreeMap<IpAddr, [u8; 6]> = [("192.0.2.32".parse().unwrap(), mac2)].into();
+        let mut health = BTreeMap::new();
+        for rs in &p.rules[0].realservers {
+            let k = crate::dr::dr_check_key("vip", rs);
+            health.insert(k.clone(), info(&k, true));
+        }
+        let forwarded: BTreeMap<String, u64> = [("vip".to_string(), 7)].into();
+        let rows = dr_rows(&p, &neighbours, &health, Some(&forwarded));
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].dr_forwarded, Some(7));
+        let shares: Vec<(String, u32, Option<bool>)> = rows[0]
+            .realservers
+            .iter()
+            .map(|r| (r.realserver.clone(), r.buckets, r.up))
+            .collect();
+        assert_eq!(
+            shares,
+            vec![
+                ("02:00:00:00:00:31".into(), 128, Some(true)),
+                ("192.0.2.32".into(), 128, Some(true)),
+            ]
+        );
+        assert_eq!(
+            rows[0].realservers[1].mac.as_deref(),
+            Some("02:00:00:00:00:32")
+        );
+        // rs2 down, and the list reordered: rs2 still the one without buckets
+        health.insert("vip/192.0.2.32".into(), info("vip/192.0.2.32", false));
+        let p = rules([rs2, rs1]);
+        let rows = dr_rows(&p, &neighbours, &health, None);
+        assert_eq!(rows[0].dr_forwarded, None);
+        let r = &rows[0].realservers;
+        assert_eq!(
+            (r[0].realserver.as_str(), r[0].buckets, r[0].up),
+            ("192.0.2.32", 0, Some(false))
+        );
+        assert_eq!((r[1].buckets, r[1].up), (256, Some(true)));
+        // rs2's MAC unknown: no buckets, shown without a MAC
+        let rows = dr_rows(&p, &BTreeMap::new(), &BTreeMap::new(), None);
+        let r = &rows[0].realservers;
+        assert_eq!((r[0].buckets, r[0].mac.as_deref()), (0, None));
+        assert_eq!(r[1].buckets, 256);
     }
 }

@@ -112,6 +112,15 @@ impl Userspace {
         })
     }
 
+    /// Frames each rule decided since the start, by rule name (for a `dr` rule: the frames
+    /// sent to its realservers); empty once stopped.
+    pub fn rule_frames(&self) -> Vec<(String, u64)> {
+        lock(&self.dp)
+            .as_ref()
+            .map(|dp| dp.stats().rules)
+            .unwrap_or_default()
+    }
+
     /// Stop forwarding, remove the TAP (with the threads) and the local-stack rules.
     pub fn stop(&self, settings: &Settings) -> anyhow::Result<()> {
         if let Some(dp) = lock(&self.dp).take() {

@@ -565,7 +565,7 @@ fn dr_rewrites_the_destination_mac_and_pins_the_realserver() {
     };
     let rs2_down = {
         let mut m = DrBuckets::new();
-        let down = [crate::dr::dr_check_key("vip", 1)].into();
+        let down = [crate::dr::dr_check_key("vip", &p.rules[0].realservers[1])].into();
         m.insert(
             "vip".into(),
             crate::dr::bucket_macs(&p.rules[0], &Default::default(), &down),

@@ -1641,10 +1641,12 @@ mod tests {
             .filter(|e| matches!(e, SetElem::Bucket(_, m) if *m == mac2))
             .count();
         assert_eq!(n2, DR_BUCKETS as usize / 2);
-        t.dr_down.insert(dr_check_key("vip", 1));
+        t.dr_down
+            .insert(dr_check_key("vip", &p.rules[0].realservers[1]));
         assert!(all_first(&dr_buckets(&p.rules[0], &t)));
         // every realserver down: all keep their buckets
-        t.dr_down.insert(dr_check_key("vip", 0));
+        t.dr_down
+            .insert(dr_check_key("vip", &p.rules[0].realservers[0]));
         assert_eq!(dr_buckets(&p.rules[0], &t), s);
         // policies without dr pay nothing
         let plain =
@@ -1655,7 +1657,7 @@ mod tests {
                 .iter()
                 .all(|s| !s.name.starts_with("dr_"))
         );
-        assert_eq!(parse_check_key("vip/2"), ("vip", Some(1)));
+        assert_eq!(parse_check_key("vip/10.0.0.32"), ("vip", Some("10.0.0.32")));
         assert_eq!(parse_check_key("web"), ("web", None));
     }
 
