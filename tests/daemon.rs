@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use brdivert::daemon::control::Status;
 use brdivert::daemon::metrics::parse_exposition;
 use brdivert::lab::{
-    BR_V4, L4, Lab, LabOptions, Ns, Proxy, UP_V4, find_program, in_netns, is_root,
+    BR_V4, BRIDGE, L4, Lab, LabOptions, Ns, Proxy, UP_V4, find_program, in_netns, is_root,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_brdivert");
@@ -1128,4 +1128,65 @@ fn queue_decisions_inline_on_the_userspace_datapath() {
         "{}",
         text(&out)
     );
+}
+
+/// The bridge table's prerouting chain as `nft list` shows it.
+fn prerouting(lab: &Lab) -> String {
+    let t = lab
+        .exec_ok(Ns::Br, &["nft", "list", "table", "bridge", "brdivert"])
+        .unwrap_or_default();
+    t.split("chain prerouting")
+        .nth(1)
+        .and_then(|c| c.split("chain ").next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// After a reload that changed which frames the rules select, every frame meets the pin
+/// lookup until the earlier policy's pins have expired; then the daemon installs the running
+/// policy again (trigger "pin timeout"), without that lookup. The record here says an
+/// earlier policy (port 81) was replaced 3 h minus 4 s ago.
+#[test]
+fn pin_lookups_for_every_frame_expire() {
+    let Some(lab) = lab() else { return };
+    lab.write_rules("web", RULES_WEB).expect("rules");
+    let socket = Daemon::configure(&lab, "");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let until = now + 4 - brdivert::nft::compile::PIN_TIMEOUT_S;
+    let record = format!(
+        r#"{{"current": [], "earlier": [{{"map": "flows", "scope": "tcp/81 of an earlier policy", "until": {until}}}]}}"#
+    );
+    let state = lab.dir().join("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    std::fs::write(
+        brdivert::link::state::pins_state_path(&state, BRIDGE),
+        record,
+    )
+    .expect("pin record");
+    let d = Daemon::start(&lab, &socket, "pins");
+    assert!(prerouting(&lab).contains("@flows4"), "{}", prerouting(&lab));
+    intercepted(&lab, "/d-pins-before");
+    wait_until(
+        "the per-frame pin lookup dropped",
+        Duration::from_secs(15),
+        || !prerouting(&lab).contains("@flows4"),
+    );
+    let s = d.status();
+    let last = s.last_reload.expect("a reload");
+    assert_eq!(
+        (last.result.as_str(), last.trigger.as_str()),
+        ("ok", "pin timeout")
+    );
+    // the rule's chain still looks pinned flows up, and intercept still works
+    intercepted(&lab, "/d-pins-after");
+    let t = lab
+        .exec_ok(
+            Ns::Br,
+            &["nft", "list", "chain", "bridge", "brdivert", "rule_web"],
+        )
+        .expect("nft");
+    assert!(t.contains("web: pinned"), "{t}");
 }

@@ -396,18 +396,57 @@ fn refused_message(r: &crate::diag::Refused) -> String {
 }
 
 /// Reload: validate, read counters, swap in one transaction, record the result.
+/// The trigger of a re-install of the running settings and policy (no files read): the
+/// lookups of pinned flows for every frame that an earlier policy needed have expired.
+pub const PINS_EXPIRED: &str = "pin timeout";
+
+/// Kernel datapath: after a reload that changed which frames the rules select, every frame
+/// meets the pin lookup until the earlier policy's pins have expired (see `nft::pins`).
+/// Then the running policy is installed again, which drops that lookup; without this it
+/// would stay until the next reload.
+async fn expire_pin_lookups(shared: Arc<Shared>) {
+    const CHECK_EVERY: u64 = 600;
+    loop {
+        let (bridge, policy) = {
+            let st = shared.state();
+            (st.settings.bridge.name.clone(), st.policy.clone())
+        };
+        let expires = tokio::task::spawn_blocking(move || {
+            crate::nft::pins::everywhere_expires(&policy, &crate::nft::pins::earlier_pins(&bridge))
+        })
+        .await
+        .ok()
+        .flatten();
+        let now = unix_now() as u64;
+        let wait = expires.map_or(CHECK_EVERY, |at| at.saturating_sub(now) + 1);
+        tokio::time::sleep(std::time::Duration::from_secs(wait.min(CHECK_EVERY))).await;
+        if expires.is_some_and(|at| unix_now() as u64 >= at) {
+            reload(&shared, PINS_EXPIRED).await;
+        }
+    }
+}
+
 pub async fn reload(shared: &Arc<Shared>, trigger: &str) -> ReloadResult {
     let _guard = shared.reload_lock.lock().await;
     if let Err(e) = shared.notifier.reloading() {
         tracing::debug!("sd_notify RELOADING: {e}");
     }
     let path = shared.config.clone();
-    let loaded = tokio::task::spawn_blocking(move || {
-        let fp = watch::fingerprint(&path);
-        let r = ops::load(&path);
-        (fp, r)
-    })
-    .await;
+    let loaded = if trigger == PINS_EXPIRED {
+        // the running settings and policy again, not whatever the files say now
+        let st = shared.state();
+        Ok((
+            st.fingerprint.clone(),
+            Ok((st.settings.clone(), st.policy.clone())),
+        ))
+    } else {
+        tokio::task::spawn_blocking(move || {
+            let fp = watch::fingerprint(&path);
+            let r = ops::load(&path);
+            (fp, r)
+        })
+        .await
+    };
     let (fp, loaded) = match loaded {
         Ok(x) => x,
         Err(e) => (
@@ -810,6 +849,9 @@ async fn serve(config: &Path, settings: Settings, policy: Policy) -> Result<Stri
         tokio::spawn(control::serve(control_listener, shared.clone())),
         tokio::spawn(metrics::serve(metrics_listener, shared.clone())),
     ];
+    if shared.userspace.is_none() {
+        tasks.push(tokio::spawn(expire_pin_lookups(shared.clone())));
+    }
     if settings.daemon.watch {
         tasks.push(tokio::spawn(watch::run(
             shared.clone(),

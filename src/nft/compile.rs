@@ -1493,10 +1493,13 @@ mod tests {
         // these rules, in that rule's chains, first ...
         let covered = Target {
             earlier_pins: EarlierPins {
-                scopes: [PinScope {
-                    map: PinMap::Flows,
-                    scope: p.rules[1].scope(),
-                }]
+                scopes: [(
+                    PinScope {
+                        map: PinMap::Flows,
+                        scope: p.rules[1].scope(),
+                    },
+                    u64::MAX,
+                )]
                 .into(),
                 unknown: false,
             },
@@ -1513,10 +1516,13 @@ mod tests {
         // ... and with a scope no rule has now, for every frame
         let elsewhere = Target {
             earlier_pins: EarlierPins {
-                scopes: [PinScope {
-                    map: PinMap::Flows,
-                    scope: "tcp/80".into(),
-                }]
+                scopes: [(
+                    PinScope {
+                        map: PinMap::Flows,
+                        scope: "tcp/80".into(),
+                    },
+                    u64::MAX,
+                )]
                 .into(),
                 unknown: false,
             },

@@ -17,7 +17,7 @@
 //! The record (`pins-<bridge>.json` in the state dir, removed by `flush`) keeps the scopes
 //! of the policy applied now and of earlier ones, with when they were last in force.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -74,8 +74,9 @@ pub fn pin_scopes(policy: &Policy) -> BTreeSet<PinScope> {
 /// What the record says about flows earlier policies may have left pinned on a bridge.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EarlierPins {
-    /// Scopes of the policy in force and of policies replaced less than the pins' timeout ago.
-    pub scopes: BTreeSet<PinScope>,
+    /// Scopes of the policy in force and of policies replaced less than the pins' timeout
+    /// ago, with when their flows' pins may have expired (seconds since the epoch).
+    pub scopes: BTreeMap<PinScope, u64>,
     /// The record could not be read (or is of an older brdivert): any flow may be pinned.
     pub unknown: bool,
 }
@@ -99,14 +100,33 @@ impl PinLookups {
 /// The lookups of `map` that `policy` needs, given what earlier policies may have pinned.
 pub fn lookups(policy: &Policy, earlier: &EarlierPins, map: PinMap) -> PinLookups {
     let pins_now = policy.rules.iter().any(|r| PinMap::of(r) == Some(map));
-    let earlier_scopes: Vec<&PinScope> = earlier.scopes.iter().filter(|s| s.map == map).collect();
-    let unknown = earlier.unknown;
-    let covered = |s: &PinScope| policy.rules.iter().any(|r| r.scope() == s.scope);
-    let everywhere = unknown || earlier_scopes.iter().any(|s| !covered(s));
+    let earlier_here = earlier.scopes.keys().any(|s| s.map == map);
     PinLookups {
-        in_rule_chains: pins_now || !earlier_scopes.is_empty() || unknown,
-        everywhere,
+        in_rule_chains: pins_now || earlier_here || earlier.unknown,
+        everywhere: earlier.unknown || uncovered(policy, earlier).any(|(s, _)| s.map == map),
     }
+}
+
+/// Earlier scopes that no rule of `policy` has: their flows reach no rule chain.
+fn uncovered<'a>(
+    policy: &'a Policy,
+    earlier: &'a EarlierPins,
+) -> impl Iterator<Item = (&'a PinScope, u64)> + 'a {
+    earlier
+        .scopes
+        .iter()
+        .filter(|(s, _)| !policy.rules.iter().any(|r| r.scope() == s.scope))
+        .map(|(s, until)| (s, *until))
+}
+
+/// When the lookups for every frame that `policy` needs now may go (seconds since the
+/// epoch): when the last uncovered earlier scope's pins have expired. `None` when there are
+/// none, or when the record is unreadable (they stay until the next apply).
+pub fn everywhere_expires(policy: &Policy, earlier: &EarlierPins) -> Option<u64> {
+    if earlier.unknown {
+        return None;
+    }
+    uncovered(policy, earlier).map(|(_, expires)| expires).max()
 }
 
 /// The record file's content.
@@ -165,7 +185,11 @@ pub fn earlier_pins_at(dir: &Path, bridge: &str, timeout: Duration) -> EarlierPi
                 .is_some_and(|at| now.saturating_sub(at) < timeout.as_secs());
             let r = r.aged(now, timeout);
             EarlierPins {
-                scopes: r.earlier.into_iter().map(|e| e.scope).collect(),
+                scopes: r
+                    .earlier
+                    .into_iter()
+                    .map(|e| (e.scope, e.until.saturating_add(timeout.as_secs())))
+                    .collect(),
                 unknown: legacy,
             }
         }
@@ -272,16 +296,18 @@ action = "pass"
         assert!(!lookups(&web80, &none, PinMap::Dr).any());
         // the same scope, now exempting or passing: still only in the rule chains
         let earlier = EarlierPins {
-            scopes: pin_scopes(&web80),
+            scopes: pin_scopes(&web80).into_iter().map(|s| (s, 100)).collect(),
             unknown: false,
         };
         for text in [WEB80_EXEMPT, PASS80] {
             let l = lookups(&test_policy(text), &earlier, PinMap::Flows);
             assert!(l.in_rule_chains && !l.everywhere, "{text}: {l:?}");
         }
-        // another port: port-80 flows reach no rule chain now
+        assert_eq!(everywhere_expires(&test_policy(PASS80), &earlier), None);
+        // another port: port-80 flows reach no rule chain now, until their pins expire
         let l = lookups(&test_policy(WEB81), &earlier, PinMap::Flows);
         assert!(l.everywhere, "{l:?}");
+        assert_eq!(everywhere_expires(&test_policy(WEB81), &earlier), Some(100));
         // an unreadable record keeps every lookup
         let unknown = EarlierPins {
             unknown: true,
@@ -298,16 +324,17 @@ action = "pass"
         let pass = test_policy(PASS80);
         assert_eq!(earlier_pins_at(d, "br0", TIMEOUT), EarlierPins::default());
         record_applied_at(d, "br0", &web80, TIMEOUT).expect("record");
+        let scopes = |e: EarlierPins| e.scopes.into_keys().collect::<BTreeSet<_>>();
         assert_eq!(
-            earlier_pins_at(d, "br0", TIMEOUT).scopes,
+            scopes(earlier_pins_at(d, "br0", TIMEOUT)),
             pin_scopes(&web80)
         );
         // replaced by a policy that pins nothing: web80's scope stays for the timeout
         record_applied_at(d, "br0", &pass, TIMEOUT).expect("record");
-        assert_eq!(
-            earlier_pins_at(d, "br0", TIMEOUT).scopes,
-            pin_scopes(&web80)
-        );
+        let e = earlier_pins_at(d, "br0", TIMEOUT);
+        let expires = e.scopes.values().copied().max().expect("a scope");
+        assert!(expires >= unix_now() + TIMEOUT.as_secs() - 5, "{e:?}");
+        assert_eq!(scopes(e), pin_scopes(&web80));
         // ... and is gone after it (a zero timeout: already expired)
         assert!(earlier_pins_at(d, "br0", Duration::ZERO).scopes.is_empty());
         record_applied_at(d, "br0", &pass, Duration::ZERO).expect("record");
