@@ -1130,18 +1130,6 @@ fn queue_decisions_inline_on_the_userspace_datapath() {
     );
 }
 
-/// The bridge table's prerouting chain as `nft list` shows it.
-fn prerouting(lab: &Lab) -> String {
-    let t = lab
-        .exec_ok(Ns::Br, &["nft", "list", "table", "bridge", "brdivert"])
-        .unwrap_or_default();
-    t.split("chain prerouting")
-        .nth(1)
-        .and_then(|c| c.split("chain ").next())
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// After a reload that changed which frames the rules select, every frame meets the pin
 /// lookup until the earlier policy's pins have expired; then the daemon installs the running
 /// policy again (trigger "pin timeout"), without that lookup. The record here says an
@@ -1167,12 +1155,16 @@ fn pin_lookups_for_every_frame_expire() {
     )
     .expect("pin record");
     let d = Daemon::start(&lab, &socket, "pins");
-    assert!(prerouting(&lab).contains("@flows4"), "{}", prerouting(&lab));
+    assert!(
+        lab.bridge_prerouting().contains("@flows4"),
+        "{}",
+        lab.bridge_prerouting()
+    );
     intercepted(&lab, "/d-pins-before");
     wait_until(
         "the per-frame pin lookup dropped",
         Duration::from_secs(15),
-        || !prerouting(&lab).contains("@flows4"),
+        || !lab.bridge_prerouting().contains("@flows4"),
     );
     let s = d.status();
     let last = s.last_reload.expect("a reload");

@@ -180,17 +180,6 @@ fn nft_ruleset(lab: &Lab) -> String {
         .expect("nft list ruleset")
 }
 
-/// The bridge table's prerouting chain as `nft list` shows it.
-fn prerouting(lab: &Lab) -> String {
-    let ruleset = nft_ruleset(lab);
-    ruleset
-        .split("chain prerouting")
-        .nth(1)
-        .and_then(|c| c.split("chain ").next())
-        .unwrap_or_default()
-        .to_string()
-}
-
 // ---------------------------------------------------------------------------------------
 // checks shared by the brdivert suite and the hand-made reference
 
@@ -772,7 +761,7 @@ fn reload_keeps_established_flows(dp: &str) {
     if dp == "kernel" {
         // port-80 flows reach no rule's chain now: their pins are looked up for every frame
         assert!(
-            prerouting(&lab).contains("@flows4"),
+            lab.bridge_prerouting().contains("@flows4"),
             "{}",
             nft_ruleset(&lab)
         );
@@ -808,7 +797,7 @@ fn reload_keeps_flows_of_exempted_clients(dp: &str) {
     let _running = apply(&lab);
     if dp == "kernel" {
         assert!(
-            !prerouting(&lab).contains("@flows4"),
+            !lab.bridge_prerouting().contains("@flows4"),
             "pins looked up for every frame although the scope is unchanged:\n{}",
             nft_ruleset(&lab)
         );

@@ -633,6 +633,20 @@ impl Lab {
             .with_context(|| format!("running {args:?} in {}", self.ns(ns)))
     }
 
+    /// The `prerouting` chain of `bridge brdivert` as `nft list` shows it (empty when there
+    /// is none): which lookups every bridged frame meets.
+    pub fn bridge_prerouting(&self) -> String {
+        let table = self
+            .exec_ok(Ns::Br, &["nft", "list", "table", "bridge", "brdivert"])
+            .unwrap_or_default();
+        table
+            .split("chain prerouting")
+            .nth(1)
+            .and_then(|c| c.split("chain ").next())
+            .unwrap_or_default()
+            .to_string()
+    }
+
     /// Like [`Lab::exec`] but fails unless the command exits 0; returns stdout.
     pub fn exec_ok(&self, ns: Ns, args: &[&str]) -> Result<String> {
         let out = run(&mut self.command(ns, args))?;
