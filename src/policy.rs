@@ -1372,4 +1372,6 @@ pub(crate) fn test_policy(text: &str) -> Policy {
 }
 
 #[cfg(test)]
+mod bench;
+#[cfg(test)]
 mod tests;
