@@ -682,28 +682,36 @@ impl Validator<'_> {
 
     /// Every item of a list key parsed with `parse`; an empty list is an error (leaving the key
     /// out is how to say "any"), and each bad item is reported at its own position.
-    fn list<T, R>(
+    fn list<L: rules::List, R>(
         &mut self,
         file: &RuleFile,
-        list: &Spanned<rules::OneOrMany<T>>,
+        list: &L,
         key: &str,
-        parse: impl Fn(&T) -> Result<R, (String, &'static str)>,
+        parse: impl Fn(&L::Item) -> Result<R, (String, &'static str)>,
     ) -> Vec<R> {
-        let items = rules::items(list);
-        if items.is_empty() {
+        if list.is_empty() {
             let what = format!("{key} is an empty list");
             self.err(
                 file,
-                list.span().start,
+                list.start(),
                 what,
                 "list values, or leave the key out to match any",
             );
         }
-        let mut out = Vec::new();
-        for (at, item) in items {
+        let mut out = Vec::with_capacity(list.len());
+        let mut bad = Vec::new();
+        for (i, item) in list.values().enumerate() {
             match parse(item) {
                 Ok(v) => out.push(v),
-                Err((what, fix)) => self.err(file, at, what, fix),
+                Err(e) => bad.push((i, e)),
+            }
+        }
+        // Item positions are looked up only now: finding them costs a pass over the list.
+        if !bad.is_empty() {
+            let at = list.offsets(&file.text);
+            for (i, (what, fix)) in bad {
+                let offset = at.get(i).copied().unwrap_or(list.start());
+                self.err(file, offset, what, fix);
             }
         }
         out
@@ -741,7 +749,7 @@ impl Validator<'_> {
         let Some(list) = &r.src_mac else {
             return Vec::new();
         };
-        let mut out = self.list(file, list, "src_mac", |text: &String| {
+        let mut out = self.list(file, list, "src_mac", |text: &str| {
             parse_mac(text).ok_or_else(|| {
                 (
                     format!("{text:?} is not a MAC address"),
@@ -780,8 +788,8 @@ impl Validator<'_> {
         merge_ports(out)
     }
 
-    fn nets(&mut self, file: &RuleFile, list: &rules::Strings, key: &str) -> Vec<IpNet> {
-        self.list(file, list, key, |text: &String| {
+    fn nets(&mut self, file: &RuleFile, list: &rules::Addresses, key: &str) -> Vec<IpNet> {
+        self.list(file, list, key, |text: &str| {
             parse_prefix(text).map_err(|what| {
                 (
                     format!("{key}: {what}"),
@@ -794,7 +802,7 @@ impl Validator<'_> {
     fn addr_match(
         &mut self,
         file: &RuleFile,
-        list: &Option<rules::Strings>,
+        list: &Option<rules::Addresses>,
         key: &str,
     ) -> AddrMatch {
         match list {
@@ -803,7 +811,12 @@ impl Validator<'_> {
         }
     }
 
-    fn prefixes(&mut self, file: &RuleFile, list: &Option<rules::Strings>, key: &str) -> Prefixes {
+    fn prefixes(
+        &mut self,
+        file: &RuleFile,
+        list: &Option<rules::Addresses>,
+        key: &str,
+    ) -> Prefixes {
         match list {
             None => Prefixes::default(),
             Some(l) => Prefixes::from_nets(self.nets(file, l, key)),

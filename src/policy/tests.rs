@@ -783,3 +783,34 @@ fn vlan_shadowing() {
     assert_eq!(warnings("vlan = 10\n", ""), 0);
     assert_eq!(warnings("vlan = 10\n", "vlan = 20\n"), 0);
 }
+
+#[test]
+fn bad_items_of_a_long_list_each_at_its_own_position() {
+    // a long multi-line list, with a comment holding quotes, and bad items on lines 1004
+    // and 2008 (two errors, reported in list order)
+    let mut dst = String::from("dst = [ # \"VIPs\", ']'\n");
+    for i in 0..2000u32 {
+        let [_, _, a, b] = i.to_be_bytes();
+        dst.push_str(&format!("  \"10.1.{a}.{b}\",\n"));
+        if i == 995 {
+            dst.push_str("  'nonsense', # here\n");
+        }
+        if i == 1998 {
+            dst.push_str("  \"\"\"10.2.0.1/8\"\"\",\n");
+        }
+    }
+    dst.push_str("]\n");
+    let e = build(&rule(&dst)).expect_err("should be refused");
+    let errs: Vec<String> = e.0.iter().map(ToString::to_string).collect();
+    assert_eq!(errs.len(), 2, "{e}");
+    assert!(
+        errs[0].starts_with("r.toml:1004:3: error: dst: \"nonsense\" is not an address or prefix"),
+        "{}",
+        errs[0]
+    );
+    assert!(
+        errs[1].starts_with("r.toml:2008:3: error: dst: \"10.2.0.1/8\" has host bits set"),
+        "{}",
+        errs[1]
+    );
+}
