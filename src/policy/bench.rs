@@ -3,6 +3,8 @@
 //!
 //! `cargo test --release --lib policy::bench -- --ignored --nocapture`
 //!
+//! (`BRDIVERT_BENCH_N` sets the number of rounds, 60 by default.)
+//!
 //! The rule file has the shape of `bench/kernel_lib.py gen-vips FILE 10000 100` (one `local`
 //! rule, 10,000 scattered /32 VIPs in `dst`, 100 `except_src`); set
 //! `BRDIVERT_BENCH_RULES=FILE` to time that very file instead.
@@ -75,7 +77,10 @@ fn ms(d: Duration) -> f64 {
 #[test]
 #[ignore = "timing; run in release with --ignored --nocapture"]
 fn load_10k_vips() {
-    const N: usize = 60;
+    let n: usize = std::env::var("BRDIVERT_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
     let dir = tempfile::tempdir().unwrap();
     let rules_path = dir.path().join("rules-vips.toml");
     match std::env::var_os("BRDIVERT_BENCH_RULES") {
@@ -95,8 +100,9 @@ fn load_10k_vips() {
         mark_mask: 0x00ff_0000,
     };
 
-    let (mut parse, mut build, mut load, mut wall) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..N {
+    let (mut parse, mut build, mut settings, mut load, mut wall) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for _ in 0..n {
         let f = cpu(&mut parse, || rules::parse(&rules_path, text.clone())).unwrap();
         let p = cpu(&mut build, || Policy::build(std::slice::from_ref(&f), &ctx)).unwrap();
         assert_eq!(
@@ -105,6 +111,7 @@ fn load_10k_vips() {
         );
         assert_eq!(p.rules[0].except_src.v4.len(), 100);
 
+        cpu(&mut settings, || Settings::load(&settings_path)).unwrap();
         // the whole of what `apply` does before it touches the kernel
         let t = Instant::now();
         let (_, p) = cpu(&mut load, || crate::ops::load(&settings_path)).unwrap();
@@ -112,10 +119,11 @@ fn load_10k_vips() {
         assert_eq!(p.rules.len(), 1);
     }
     println!(
-        "load_10k_vips, median of {N}, thread CPU time: rules::parse {:.2} ms, \
-         Policy::build {:.2} ms, ops::load {:.2} ms (wall {:.2} ms)",
+        "load_10k_vips, median of {n}, thread CPU time: rules::parse {:.2} ms, \
+         Policy::build {:.2} ms, Settings::load {:.2} ms, ops::load {:.2} ms (wall {:.2} ms)",
         ms(median(parse)),
         ms(median(build)),
+        ms(median(settings)),
         ms(median(load)),
         ms(median(wall))
     );
