@@ -1,5 +1,6 @@
 //! Rule files as written: strict TOML (unknown keys are errors), every value with its span so
-//! that [`crate::policy`] can name `file:line:column` for any problem it finds.
+//! that [`crate::policy`] can name `file:line:column` for any problem it finds (the items of
+//! address lists are found in the text when needed, see [`Addresses`]).
 //!
 //! This module only reads; all checking of meaning happens in `policy`.
 
@@ -35,6 +36,12 @@ struct RawFile {
 /// A list of strings (`["a", "b"]`); a single string is accepted too.
 pub type Strings = Spanned<OneOrMany<String>>;
 
+/// Like [`Strings`], for the keys whose lists can be long (addresses): the items carry no span
+/// of their own. The toml deserializer gives each `Spanned` item a map access of its own,
+/// which was most of the time spent on a 10,000-address `dst`; [`offsets`] finds the items
+/// in the file text instead, and only when a message needs one.
+pub type Addresses = Spanned<StrList>;
+
 /// A list of values, or one value on its own (`dport = 80`). Items of a list keep their own
 /// spans; a single value has the span of the whole.
 #[derive(Debug, Clone)]
@@ -51,6 +58,55 @@ pub fn items<T>(v: &Spanned<OneOrMany<T>>) -> Vec<(usize, &T)> {
             .iter()
             .map(|i| (i.span().start, i.get_ref()))
             .collect(),
+    }
+}
+
+/// A list-valued key as [`crate::policy`] checks it: its items, and where each is written.
+pub trait List {
+    type Item: ?Sized;
+    /// Where the value (the list, or the lone item) starts.
+    fn start(&self) -> usize;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn values(&self) -> impl Iterator<Item = &Self::Item>;
+    /// The byte offset of each item in `text`, the text of the file the list was read from.
+    fn offsets(&self, text: &str) -> Vec<usize>;
+}
+
+impl<T> List for Spanned<OneOrMany<T>> {
+    type Item = T;
+    fn start(&self) -> usize {
+        self.span().start
+    }
+    fn len(&self) -> usize {
+        match self.get_ref() {
+            OneOrMany::One(_) => 1,
+            OneOrMany::Many(v) => v.len(),
+        }
+    }
+    fn values(&self) -> impl Iterator<Item = &T> {
+        items(self).into_iter().map(|(_, t)| t)
+    }
+    fn offsets(&self, _text: &str) -> Vec<usize> {
+        items(self).into_iter().map(|(at, _)| at).collect()
+    }
+}
+
+impl List for Addresses {
+    type Item = str;
+    fn start(&self) -> usize {
+        self.span().start
+    }
+    fn len(&self) -> usize {
+        self.get_ref().len()
+    }
+    fn values(&self) -> impl Iterator<Item = &str> {
+        self.get_ref().iter()
+    }
+    fn offsets(&self, text: &str) -> Vec<usize> {
+        offsets(self, text)
     }
 }
 
@@ -88,6 +144,168 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
     }
 }
 
+/// The items of an [`Addresses`] value: a list of strings, or one string on its own.
+#[derive(Debug, Clone, Default)]
+pub struct StrList {
+    /// The items back to back: one allocation for the list, not one per item.
+    buf: String,
+    /// where each item ends in `buf`
+    ends: Vec<usize>,
+    /// written as one string, not as a list (its position is then the value's own)
+    one: bool,
+}
+
+impl StrList {
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> {
+        (0..self.ends.len()).map(|i| {
+            let start = if i == 0 { 0 } else { self.ends[i - 1] };
+            &self.buf[start..self.ends[i]]
+        })
+    }
+
+    fn push(&mut self, s: &str) {
+        self.buf.push_str(s);
+        self.ends.push(self.buf.len());
+    }
+}
+
+/// The byte offset in `text` (the file the value was read from) of each item of `list`, in
+/// order. Scans the list's own text, so only worth calling when an item has to be reported.
+pub fn offsets(list: &Addresses, text: &str) -> Vec<usize> {
+    let start = list.span().start;
+    let n = list.get_ref().len();
+    if list.get_ref().one {
+        return vec![start; n];
+    }
+    match scan_string_array(text, start) {
+        Some(at) if at.len() == n => at,
+        // Cannot happen for text toml accepted as a list of strings; the list's own position
+        // is still a correct place to point at.
+        _ => vec![start; n],
+    }
+}
+
+/// Start offsets of the items of the TOML array of strings that opens at `text[start]`
+/// (`[`); `None` when the text there is not such an array.
+fn scan_string_array(text: &str, start: usize) -> Option<Vec<usize>> {
+    let b = text.as_bytes();
+    if b.get(start) != Some(&b'[') {
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut i = start + 1;
+    loop {
+        match *b.get(i)? {
+            b' ' | b'\t' | b'\r' | b'\n' | b',' => i += 1,
+            b'#' => {
+                i = b[i..]
+                    .iter()
+                    .position(|&c| c == b'\n')
+                    .map_or(b.len(), |n| i + n)
+            }
+            b']' => return Some(out),
+            q @ (b'"' | b'\'') => {
+                out.push(i);
+                i = string_end(b, i, q)?;
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// The offset just past the TOML string (basic or literal, one- or multi-line) that starts at
+/// `b[i]` with the quote `q`.
+fn string_end(b: &[u8], i: usize, q: u8) -> Option<usize> {
+    let escapes = q == b'"';
+    let three = [q; 3];
+    if b[i..].starts_with(&three) {
+        let mut j = i + 3;
+        loop {
+            match *b.get(j)? {
+                b'\\' if escapes => j += 2,
+                c if c == q && b[j..].starts_with(&three) => {
+                    // up to two more quotes right before the closing ones belong to the text
+                    let mut end = j + 3;
+                    while end < j + 5 && b.get(end) == Some(&q) {
+                        end += 1;
+                    }
+                    return Some(end);
+                }
+                _ => j += 1,
+            }
+        }
+    }
+    let mut j = i + 1;
+    loop {
+        match *b.get(j)? {
+            b'\\' if escapes => j += 2,
+            c if c == q => return Some(j + 1),
+            _ => j += 1,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StrList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{DeserializeSeed, Error, SeqAccess, Unexpected, Visitor};
+
+        // Accepts and refuses exactly what `OneOrMany<String>` does, with the same messages.
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StrList;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a value or a list of values")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<StrList, A::Error> {
+                let mut list = StrList::default();
+                list.ends.reserve(seq.size_hint().unwrap_or(0));
+                while seq.next_element_seed(Append(&mut list))?.is_some() {}
+                Ok(list)
+            }
+            fn visit_str<E: Error>(self, v: &str) -> Result<StrList, E> {
+                let mut list = StrList {
+                    one: true,
+                    ..StrList::default()
+                };
+                list.push(v);
+                Ok(list)
+            }
+            fn visit_i64<E: Error>(self, v: i64) -> Result<StrList, E> {
+                Err(E::invalid_type(Unexpected::Signed(v), &"a string"))
+            }
+        }
+
+        /// One item of the list, appended to it as it is read (no `String` of its own).
+        struct Append<'a>(&'a mut StrList);
+        impl<'de> DeserializeSeed<'de> for Append<'_> {
+            type Value = ();
+            fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+                d.deserialize_str(self)
+            }
+        }
+        impl<'de> Visitor<'de> for Append<'_> {
+            type Value = ();
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: Error>(self, v: &str) -> Result<(), E> {
+                self.0.push(v);
+                Ok(())
+            }
+        }
+
+        d.deserialize_any(V)
+    }
+}
+
 /// `[[divert]]` exactly as written. See docs/configuration.md for each key.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -97,12 +315,12 @@ pub struct RawDivert {
     pub proto: Option<Spanned<String>>,
     /// ports: integers or "lo-hi" strings
     pub dport: Option<Spanned<OneOrMany<toml::Value>>>,
-    pub dst: Option<Strings>,
-    pub src: Option<Strings>,
-    pub except_src: Option<Strings>,
-    pub except_dst: Option<Strings>,
+    pub dst: Option<Addresses>,
+    pub src: Option<Addresses>,
+    pub except_src: Option<Addresses>,
+    pub except_dst: Option<Addresses>,
     /// source MAC addresses (extension)
-    pub src_mac: Option<Strings>,
+    pub src_mac: Option<Addresses>,
     /// 802.1Q VLAN ids (extension)
     pub vlan: Option<Spanned<OneOrMany<i64>>>,
     pub action: Spanned<String>,
@@ -252,5 +470,131 @@ mod tests {
                 column: 14
             }
         );
+    }
+
+    /// The same value read as `Strings` (a span per item) and as `Addresses` (spans found by
+    /// scanning the text): same items at the same offsets, or the same error at the same span.
+    /// Whether the value was accepted.
+    fn same_as_spanned(value: &str) -> bool {
+        #[derive(Debug, Deserialize)]
+        struct Old {
+            v: Strings,
+        }
+        #[derive(Debug, Deserialize)]
+        struct New {
+            v: Addresses,
+        }
+        let text = format!("x = 1 # \"[\n v  =  {value}\n");
+        match (toml::from_str::<Old>(&text), toml::from_str::<New>(&text)) {
+            (Ok(old), Ok(new)) => {
+                let old = items(&old.v);
+                let values: Vec<&str> = new.v.get_ref().iter().collect();
+                let old_values: Vec<&str> = old.iter().map(|(_, s)| s.as_str()).collect();
+                assert_eq!(values, old_values, "{text}");
+                let old_at: Vec<usize> = old.iter().map(|(at, _)| *at).collect();
+                assert_eq!(offsets(&new.v, &text), old_at, "{text}");
+                true
+            }
+            (Err(old), Err(new)) => {
+                assert_eq!(new.message(), old.message(), "{text}");
+                assert_eq!(new.span(), old.span(), "{text}");
+                false
+            }
+            (old, new) => panic!("{text}: {old:?} but {new:?}"),
+        }
+    }
+
+    #[test]
+    fn addresses_items_where_spans_put_them() {
+        for v in [
+            r#""10.0.0.1""#,
+            r#"'10.0.0.1'"#,
+            r#"[]"#,
+            r#"[ ]"#,
+            r#"["a"]"#,
+            r#"["a", "b",]"#,
+            "[\n  \"a\", # a \"comment\" with ] and ,\n  'b' ,\r\n\t\"c\"\n]",
+            r#"["a\"b", "\\", "\u00e9#]", 'c\', "é,"]"#,
+            r#"["""
+x""y\"""""", ""]"#,
+            r#"['''a''b''''', '''
+]#'''  , """"""", "x"]"#,
+            "[\"\"\"line\\\n  continued\"\"\", \"z\"]",
+        ] {
+            assert!(same_as_spanned(v), "{v}");
+        }
+    }
+
+    #[test]
+    fn addresses_refused_as_strings_are() {
+        for v in [
+            "5",
+            "true",
+            "1.5",
+            "1979-05-27",
+            "{ a = 1 }",
+            "[1]",
+            r#"["a", 2]"#,
+            r#"["a", ["b"]]"#,
+            r#"["a", { b = 1 }]"#,
+            "[1979-05-27]",
+            r#"["a" "b"]"#,
+            r#"["a""#,
+        ] {
+            assert!(!same_as_spanned(v), "{v}");
+        }
+    }
+
+    use proptest::prelude::*;
+
+    /// One TOML string token, in any of the four forms.
+    fn toml_string() -> impl Strategy<Value = String> {
+        let chars: Vec<char> = "a #,[]'\"\\é\n\t".chars().collect();
+        let content = proptest::collection::vec(proptest::sample::select(chars), 0..6);
+        (content, 0..4u8, 0..3usize).prop_map(|(c, form, quotes)| {
+            let plain: String = c.iter().filter(|c| !"'\"\\\n\t".contains(**c)).collect();
+            match form {
+                0 => {
+                    let mut s = String::from("\"");
+                    for ch in &c {
+                        match ch {
+                            '"' => s.push_str("\\\""),
+                            '\\' => s.push_str("\\\\"),
+                            '\n' => s.push_str("\\n"),
+                            '\t' => s.push_str("\\t"),
+                            _ => s.push(*ch),
+                        }
+                    }
+                    s + "\""
+                }
+                1 => format!("'{plain}'"),
+                // multi-line: raw newlines, an escaped quote, and one or two quotes right
+                // before the closing ones
+                2 => format!("\"\"\"{plain}\n\\\"{}\"\"\"", "\"".repeat(quotes)),
+                _ => format!("'''\n{plain}\n{}'''", "'".repeat(quotes)),
+            }
+        })
+    }
+
+    /// What may come between the items of an array.
+    fn gap() -> impl Strategy<Value = String> {
+        let piece = proptest::sample::select(vec![" ", "\t", "\n", "\r\n", "# c \"'],[\n"]);
+        proptest::collection::vec(piece, 0..3).prop_map(|p| p.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn addresses_items_found_in_any_array(
+            items in proptest::collection::vec((gap(), toml_string(), gap()), 0..6),
+            trailing_comma in any::<bool>(),
+            end in gap(),
+        ) {
+            let body: Vec<String> = items.iter().map(|(a, s, b)| format!("{a}{s}{b}")).collect();
+            let comma = if trailing_comma && !body.is_empty() { "," } else { "" };
+            let value = format!("[{}{comma}{end}]", body.join(","));
+            prop_assert!(same_as_spanned(&value), "{}", value);
+        }
     }
 }

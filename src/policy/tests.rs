@@ -783,3 +783,109 @@ fn vlan_shadowing() {
     assert_eq!(warnings("vlan = 10\n", ""), 0);
     assert_eq!(warnings("vlan = 10\n", "vlan = 20\n"), 0);
 }
+
+#[test]
+fn bad_items_of_a_long_list_each_at_its_own_position() {
+    // a long multi-line list, with a comment holding quotes, and bad items on lines 1004
+    // and 2008 (two errors, reported in list order)
+    let mut dst = String::from("dst = [ # \"VIPs\", ']'\n");
+    for i in 0..2000u32 {
+        let [_, _, a, b] = i.to_be_bytes();
+        dst.push_str(&format!("  \"10.1.{a}.{b}\",\n"));
+        if i == 995 {
+            dst.push_str("  'nonsense', # here\n");
+        }
+        if i == 1998 {
+            dst.push_str("  \"\"\"10.2.0.1/8\"\"\",\n");
+        }
+    }
+    dst.push_str("]\n");
+    let e = build(&rule(&dst)).expect_err("should be refused");
+    let errs: Vec<String> = e.0.iter().map(ToString::to_string).collect();
+    assert_eq!(errs.len(), 2, "{e}");
+    assert!(
+        errs[0].starts_with("r.toml:1004:3: error: dst: \"nonsense\" is not an address or prefix"),
+        "{}",
+        errs[0]
+    );
+    assert!(
+        errs[1].starts_with("r.toml:2008:3: error: dst: \"10.2.0.1/8\" has host bits set"),
+        "{}",
+        errs[1]
+    );
+}
+
+#[test]
+fn long_address_lists_merge() {
+    let p = build(&rule(
+        "dst = [\"10.0.0.3\", \"10.0.0.1\", \"10.0.0.2\", \"10.0.0.0\", \"::2\", \"::1\"]\n",
+    ))
+    .unwrap();
+    let AddrMatch::Only(d) = &p.rules[0].dst else {
+        panic!("dst")
+    };
+    assert_eq!(d.v4, vec!["10.0.0.0/30".parse().unwrap()]);
+    assert_eq!(
+        d.v6,
+        vec!["::1/128".parse().unwrap(), "::2/128".parse().unwrap()]
+    );
+}
+
+mod aggregate {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Nets bunched into a small space, so that overlaps, neighbours and duplicates are common,
+    /// next to the same nets shifted far apart (the fast path's case).
+    fn v4_nets() -> impl Strategy<Value = Vec<Ipv4Net>> {
+        let net = (0u32..64, 26u8..=32, any::<bool>()).prop_map(|(a, len, far)| {
+            let base = if far { a << 24 } else { 0x0a00_0000 | a };
+            Ipv4Net::new(base.into(), len).unwrap().trunc()
+        });
+        proptest::collection::vec(net, 0..12)
+    }
+
+    fn v6_nets() -> impl Strategy<Value = Vec<Ipv6Net>> {
+        let net = (0u128..64, 122u8..=128, any::<bool>()).prop_map(|(a, len, far)| {
+            let base = if far { a << 120 } else { a };
+            Ipv6Net::new(base.into(), len).unwrap().trunc()
+        });
+        proptest::collection::vec(net, 0..12)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        #[test]
+        fn v4_same_as_ipnet(nets in v4_nets()) {
+            prop_assert_eq!(aggregate_v4(nets.clone()), Ipv4Net::aggregate(&nets));
+        }
+
+        #[test]
+        fn v6_same_as_ipnet(nets in v6_nets()) {
+            prop_assert_eq!(aggregate_v6(nets.clone()), Ipv6Net::aggregate(&nets));
+        }
+    }
+
+    #[test]
+    fn edges_of_the_address_space() {
+        for t in [
+            &["255.255.255.255/32", "0.0.0.0/32"][..],
+            &["255.255.255.254/32", "255.255.255.255/32"],
+            &["0.0.0.0/0", "10.0.0.0/8"],
+            &["10.0.0.0/8", "10.0.0.0/8"],
+        ] {
+            let nets: Vec<Ipv4Net> = t.iter().map(|n| n.parse().unwrap()).collect();
+            assert_eq!(
+                aggregate_v4(nets.clone()),
+                Ipv4Net::aggregate(&nets),
+                "{t:?}"
+            );
+        }
+        let last: Ipv6Net = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128"
+            .parse()
+            .unwrap();
+        let nets = vec![last, "::/128".parse().unwrap()];
+        assert_eq!(aggregate_v6(nets.clone()), Ipv6Net::aggregate(&nets));
+    }
+}
