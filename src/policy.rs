@@ -326,17 +326,23 @@ pub struct DivertRule {
 }
 
 impl DivertRule {
-    /// The frames the rule's jump in the bridge table takes into its chain, as a comparable
-    /// string: ingress ports, source MACs, VLANs, protocol and destination ports. Two rules
-    /// with the same scope see the same frames in their chains (see `nft::pins`).
+    /// The frames the rule selects before its exemptions, health and action: ingress ports,
+    /// source MACs, VLANs, protocol and destination ports (its jump in the bridge table),
+    /// the IP families and the `src`/`dst` prefixes (the head of its chain), as a comparable
+    /// string. Two rules with the same scope select the same frames (see `nft::pins`). The
+    /// prefixes go in as a digest: a rule may name 10,000 VIPs.
     pub fn scope(&self) -> String {
         let mut from = self.from.clone();
         from.sort();
         let mut src_mac = self.src_mac.clone();
         src_mac.sort();
+        let addrs = format!("{:?} {:?} {:?}", self.families(), self.src, self.dst);
         format!(
-            "from={from:?} src_mac={src_mac:?} vlan={:?} proto={:?} dport={:?}",
-            self.vlan, self.proto, self.dport
+            "from={from:?} src_mac={src_mac:?} vlan={:?} proto={:?} dport={:?} addrs={:016x}",
+            self.vlan,
+            self.proto,
+            self.dport,
+            fnv1a64(addrs.as_bytes())
         )
     }
 
@@ -351,6 +357,14 @@ impl DivertRule {
             })
             .collect()
     }
+}
+
+/// FNV-1a, 64 bits: a digest that stays the same across builds (std's hasher may not), for
+/// what is recorded in the state dir.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 pub fn family_of(a: IpAddr) -> Family {

@@ -14,7 +14,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use brdivert::lab::{
-    C1_MAC, C1_V4, C2_MAC, C2_V4, C2_V6, Lab, LabOptions, Ns, Proxy, find_program, is_root,
+    C1_MAC, C1_V4, C2_MAC, C2_V4, C2_V6, Lab, LabOptions, Ns, Proxy, UP_MAC, UP_V6, find_program,
+    is_root,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_brdivert");
@@ -280,6 +281,29 @@ fn dr_spreads_connections_and_keeps_each_on_one_realserver(datapath: &str, fam: 
             ],
         )
         .expect("VIP on the realserver's lo");
+        if fam.vip == VIP6 {
+            // A realserver may solicit the router from the VIP (its reply's source), and the
+            // router's NA then goes to the VIP's MAC, not back to the realserver: the first
+            // connection stalls for seconds of ND retries. Real realservers know their
+            // router from its advertisements; here the entry is given.
+            lab.exec_ok(
+                ns,
+                &[
+                    "ip",
+                    "-6",
+                    "neigh",
+                    "replace",
+                    UP_V6,
+                    "lladdr",
+                    UP_MAC,
+                    "dev",
+                    "eth0",
+                    "nud",
+                    "permanent",
+                ],
+            )
+            .expect("the realserver's neighbour entry for the router");
+        }
         lab.spawn(ns, name, &["python3", "-c", SERVICE_PY, name, vip])
             .expect("realserver service");
         lab.wait_listening(ns, brdivert::lab::L4::Tcp, 80)
