@@ -464,9 +464,6 @@ pub async fn install_with(
             .await
             .map_err(anyhow::Error::from)?;
     }
-    // What this policy pins, before it can pin anything: later policies keep the lookups
-    // its flows need for the pins' lifetime.
-    pins::record_applied(&settings.bridge.name, policy).map_err(anyhow::Error::from)?;
     let compiling = std::time::Instant::now();
     let rs = ruleset_with(settings, policy, &t);
     tracing::debug!(
@@ -477,6 +474,10 @@ pub async fn install_with(
         .await
         .map_err(anyhow::Error::from)?
         .map_err(anyhow::Error::from)?;
+    // What this policy pins, once it is in force (a refused transaction leaves the running
+    // policy, and the record, as they were): later policies keep the lookups its flows need
+    // for the pins' lifetime.
+    pins::record_applied(&settings.bridge.name, policy).map_err(anyhow::Error::from)?;
     Ok(Installed {
         rules: policy.rules.len(),
         created: info.created,
