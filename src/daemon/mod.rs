@@ -421,7 +421,11 @@ async fn expire_pin_lookups(shared: Arc<Shared>) {
         let wait = expires.map_or(CHECK_EVERY, |at| at.saturating_sub(now) + 1);
         tokio::time::sleep(std::time::Duration::from_secs(wait.min(CHECK_EVERY))).await;
         if expires.is_some_and(|at| unix_now() as u64 >= at) {
-            reload(&shared, PINS_EXPIRED).await;
+            let r = reload(&shared, PINS_EXPIRED).await;
+            if r.result != "ok" {
+                // keep the lookups (harmless) and try again later, not every second
+                tokio::time::sleep(std::time::Duration::from_secs(CHECK_EVERY)).await;
+            }
         }
     }
 }
