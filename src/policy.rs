@@ -1348,7 +1348,8 @@ fn valid_rule_name(n: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
+/// `02:00:00:00:00:01` (or with `-`): six two-digit hex bytes.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut out = [0u8; 6];
     let mut parts = s.split([':', '-']);
     for b in &mut out {

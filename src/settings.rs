@@ -59,6 +59,28 @@ pub struct BridgeSettings {
     /// The host's addresses on the segment (REDIRECT answers from the bridge's address).
     #[serde(default)]
     pub address: Vec<IpNet>,
+    /// Userspace datapath: FDB entries that never age and never move to another port.
+    #[serde(default)]
+    pub static_fdb: Vec<StaticFdbEntry>,
+}
+
+/// `{ mac = "02:00:00:00:00:01", port = "eth1" }`: frames to `mac` always go out of `port`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StaticFdbEntry {
+    pub mac: String,
+    pub port: String,
+}
+
+impl BridgeSettings {
+    /// The static FDB entries as (MAC, port); entries whose MAC does not parse are left out
+    /// (`Settings::load` refuses them).
+    pub fn static_fdb_entries(&self) -> Vec<([u8; 6], String)> {
+        self.static_fdb
+            .iter()
+            .filter_map(|e| Some((crate::policy::parse_mac(&e.mac)?, e.port.clone())))
+            .collect()
+    }
 }
 
 fn default_bridge_name() -> String {
@@ -271,6 +293,35 @@ impl Settings {
                 );
             }
         }
+        for (i, e) in self.bridge.static_fdb.iter().enumerate() {
+            if self.bridge.datapath != Datapath::Userspace {
+                err(
+                    format!(
+                        "bridge.static_fdb[{i}]: static FDB entries are for the userspace datapath"
+                    ),
+                    "on the kernel bridge add them with `bridge fdb add MAC dev PORT master static`, or set bridge.datapath = \"userspace\"",
+                );
+            }
+            if crate::policy::parse_mac(&e.mac).is_none() {
+                err(
+                    format!(
+                        "bridge.static_fdb[{i}].mac {:?} is not a MAC address",
+                        e.mac
+                    ),
+                    "write six hex bytes, e.g. \"02:00:00:00:00:01\"",
+                );
+            }
+            if !self.bridge.ports.contains(&e.port) {
+                err(
+                    format!(
+                        "bridge.static_fdb[{i}].port {:?} is not one of bridge.ports ({})",
+                        e.port,
+                        self.bridge.ports.join(", ")
+                    ),
+                    "name one of bridge.ports",
+                );
+            }
+        }
         let m = self.kernel.mark_mask;
         if m == 0
             || (m >> m.trailing_zeros()).count_ones()
@@ -420,6 +471,45 @@ mod tests {
         assert!(s.contains("bridge.name"), "{s}");
         assert!(s.contains("bridge.ports is empty"), "{s}");
         assert!(s.contains("contiguous"), "{s}");
+    }
+
+    #[test]
+    fn static_fdb_entries() {
+        let s = load_str(
+            "[bridge]\nports = [\"eth0\", \"eth1\"]\ndatapath = \"userspace\"\n\
+             static_fdb = [{ mac = \"02:00:00:00:00:01\", port = \"eth1\" }]\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            s.bridge.static_fdb_entries(),
+            vec![([2, 0, 0, 0, 0, 1], "eth1".to_string())]
+        );
+        let e = load_str(
+            "[bridge]\nports = [\"eth0\", \"eth1\"]\n\
+             static_fdb = [{ mac = \"02:00:00:00:01\", port = \"eth9\" }]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("static_fdb[0]: static FDB entries are for the userspace datapath"),
+            "{e}"
+        );
+        assert!(e.contains("bridge fdb add"), "{e}");
+        assert!(
+            e.contains("static_fdb[0].mac \"02:00:00:00:01\" is not a MAC address"),
+            "{e}"
+        );
+        assert!(
+            e.contains("static_fdb[0].port \"eth9\" is not one of bridge.ports (eth0, eth1)"),
+            "{e}"
+        );
+        let e = load_str(
+            "[bridge]\nports = [\"eth0\"]\ndatapath = \"userspace\"\n\
+             static_fdb = [{ mac = \"02:00:00:00:00:01\", port = \"eth0\", vlan = 3 }]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("vlan"), "unknown key named: {e}");
     }
 
     #[test]

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use brdivert::daemon::control::Status;
 use brdivert::daemon::metrics::parse_exposition;
 use brdivert::lab::{
-    BR_V4, BRIDGE, L4, Lab, LabOptions, Ns, Proxy, UP_V4, find_program, in_netns, is_root,
+    BR_V4, BRIDGE, C2_MAC, C2_V4, L4, Lab, LabOptions, Ns, PORT_C1, Proxy, UP_V4, find_program,
+    in_netns, is_root,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_brdivert");
@@ -1181,4 +1182,36 @@ fn pin_lookups_for_every_frame_expire() {
         )
         .expect("nft");
     assert!(t.contains("web: pinned"), "{t}");
+}
+
+/// `bridge.static_fdb` reaches the userspace datapath under `brdivert run`: client 2's MAC
+/// pinned to client 1's own port sends client 1's frames for it back where they came from,
+/// which the datapath drops (no hairpin), whatever client 2's own frames would teach the FDB.
+#[test]
+fn static_fdb_entries_from_the_settings() {
+    let Some(lab) = lab_on("userspace") else {
+        return;
+    };
+    lab.write_rules("web", RULES_WEB).expect("rules");
+    let settings = lab.settings_path();
+    let text = std::fs::read_to_string(&settings).expect("settings");
+    let entry =
+        format!("[bridge]\nstatic_fdb = [{{ mac = \"{C2_MAC}\", port = \"{PORT_C1}\" }}]\n");
+    assert!(text.contains("[bridge]\n"), "{text}");
+    std::fs::write(&settings, text.replacen("[bridge]\n", &entry, 1)).expect("settings");
+    let socket = Daemon::configure(&lab, "");
+    let _d = Daemon::start(&lab, &socket, "fdb");
+    let ping = |dst: &str| {
+        lab.exec(Ns::C1, &["ping", "-c", "2", "-W", "1", dst])
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    assert!(
+        ping(UP_V4),
+        "client 1 reaches the router through the datapath"
+    );
+    assert!(
+        !ping(C2_V4),
+        "frames for client 2 went out of its static port anyway"
+    );
 }

@@ -21,6 +21,7 @@ fn settings(name: &str, ports: &[&str], addrs: &[&str]) -> Settings {
             ports: ports.iter().map(|s| s.to_string()).collect(),
             datapath: Datapath::Kernel,
             address: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            static_fdb: Vec::new(),
         },
         queue: Default::default(),
         control: Default::default(),

@@ -154,6 +154,7 @@ impl Bed {
                     "10.88.0.254/24".parse().unwrap(),
                     "fd88::fe/64".parse().unwrap(),
                 ],
+                static_fdb: Vec::new(),
             },
             queue: Default::default(),
             control: Default::default(),

@@ -610,6 +610,9 @@ fn warn_unreloadable(old: &Settings, new: &Settings) {
     if old.control != new.control {
         tracing::warn!("control.socket changed: takes effect when the daemon restarts");
     }
+    if old.bridge.static_fdb != new.bridge.static_fdb {
+        tracing::warn!("bridge.static_fdb changed: takes effect when the daemon restarts");
+    }
     if old.metrics != new.metrics {
         tracing::warn!("metrics.listen changed: takes effect when the daemon restarts");
     }

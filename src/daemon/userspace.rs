@@ -55,6 +55,7 @@ impl Userspace {
     ) -> Result<(Arc<Userspace>, Installed), Failure> {
         let opts = Options {
             decider,
+            static_fdb: settings.bridge.static_fdb_entries(),
             ..Options::default()
         };
         let dp = Datapath::start_with(settings, Arc::new(policy.clone()), opts)

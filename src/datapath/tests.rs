@@ -414,6 +414,7 @@ fn userspace_takes_dr_rules() {
             ports: vec!["no-such-port".into()],
             datapath: Kind::Userspace,
             address: Vec::new(),
+            static_fdb: Vec::new(),
         },
         queue: Default::default(),
         control: Default::default(),
