@@ -28,7 +28,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::QueueForm;
-use super::pins::{self, EarlierPins, PinMap};
+use super::pins::{self, EarlierPins};
 use super::{
     BaseChain, Chain, ChainType, Dir, Dynamic, Family, FlowKey, Hook, IpFamily, KeyField, L4,
     MapData, Match, Rule, Ruleset, Set, SetElem, SetKind, Stmt, TABLE_NAME, Table,
@@ -293,8 +293,7 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
     // Pinned flows keep the path they were given, whatever the rules say now; every packet
     // refreshes its pin. Looked up in each rule's chain, or for every frame while an earlier
     // policy's flows may reach no rule chain now (see `pins`).
-    let flow_pins = pins::lookups(policy, &target.earlier_pins, PinMap::Flows);
-    let dr_pins = pins::lookups(policy, &target.earlier_pins, PinMap::Dr);
+    let [flow_pins, dr_pins] = pins::lookups(policy, &target.earlier_pins);
     for f in [IpFamily::V4, IpFamily::V6] {
         if flow_pins.everywhere {
             prerouting.push(pin_rule(f, flows_map(f), "pinned".into(), target));
@@ -364,28 +363,35 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
 
         // Frames of a family or from/to addresses the rule does not select leave first (one
         // lookup, the cheapest way out for most frames of a rule with many VIPs) ...
+        // The sets made here serve the rule's own matches below too: (family, src, dst).
+        let families = r.families();
         let mut chain = Vec::new();
+        let mut selected = Vec::new();
         for f in policy::FAMILIES {
             let fam = ip_family(f);
-            if !r.families().contains(&f) {
+            if !families.contains(&f) {
                 let what = if fam == IpFamily::V4 { "ipv4" } else { "ipv6" };
                 chain.push(return_rule(vec![Match::Family(fam)], r, what));
                 continue;
             }
-            for (dir, what, prefixes) in [(Dir::Src, "src", &r.src), (Dir::Dst, "dst", &r.dst)] {
-                if let Some(set) = prefixes
+            let mut set_of = |what, prefixes: &policy::AddrMatch| {
+                prefixes
                     .restricts(f)
                     .and_then(|p| prefix_set(&mut t.sets, r, what, p, f))
-                {
+            };
+            let (src, dst) = (set_of("src", &r.src), set_of("dst", &r.dst));
+            for (dir, what, set) in [(Dir::Src, "src", &src), (Dir::Dst, "dst", &dst)] {
+                if let Some(set) = set {
                     let m = Match::Addr {
                         family: fam,
                         dir,
                         negate: true,
-                        set,
+                        set: set.clone(),
                     };
                     chain.push(return_rule(vec![m], r, what));
                 }
             }
+            selected.push((f, src, dst));
         }
         // ... then pinned flows (the rest of the rule's scope): they keep their path whatever
         // the rule's exemptions, health and action say now
@@ -398,7 +404,7 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
                 chain.push(dr_pin_rule(f, format!("{}: dr pinned", r.name)));
             }
         }
-        for f in r.families() {
+        for (f, src, dst) in selected {
             let fam = ip_family(f);
             let xsrc = prefix_set(&mut t.sets, r, "except_src", &r.except_src, f);
             let xdst = prefix_set(&mut t.sets, r, "except_dst", &r.except_dst, f);
@@ -410,14 +416,6 @@ pub fn bridge_table(policy: &Policy, target: &Target) -> Table {
                     chain.push(exempt_rule(r, fam, dir, set, what));
                 }
             }
-            let src = r
-                .src
-                .restricts(f)
-                .and_then(|p| prefix_set(&mut t.sets, r, "src", p, f));
-            let dst = r
-                .dst
-                .restricts(f)
-                .and_then(|p| prefix_set(&mut t.sets, r, "dst", p, f));
             let matches = addr_matches(fam, &src, &dst);
             if r.health.is_some() && r.action.diverts() {
                 chain.extend(health_rules(r, target, &matches));
@@ -1235,7 +1233,7 @@ pub fn describe_tproxy(addr: Option<IpAddr>, port: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nft::pins::PinScope;
+    use crate::nft::pins::{PinMap, PinScope};
 
     fn target() -> Target {
         Target {
