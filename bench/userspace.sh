@@ -47,6 +47,8 @@
 #   --only LIST     comma-separated subset of tcp,udp,cps,cpu_udp,cpu_tcp
 #   --bin PATH      userspace_bridge binary (default: build it with cargo, release)
 #   --out FILE      report (default bench/results/userspace-<date>.md; -<HHMM> added if taken)
+# Environment for `user`: BRDIVERT_THREADS, BRDIVERT_SPIN_US (forwarding threads and busy
+# poll, [bridge] threads / busy_poll_us; unset: the datapath's defaults), BRDIVERT_BATCH.
 # Needs root, iperf3, iproute2, ethtool, python3, cargo (for user*), Open vSwitch (for ovs:
 # Debian package openvswitch-switch; the system service need not run and is never touched).
 set -euo pipefail
@@ -54,7 +56,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 LIB="$HERE/userspace_lib.py"
-CMDLINE="bench/userspace.sh${*:+ $*}"
+# the datapath's experiment knobs, when set, are part of the command (examples/userspace_bridge)
+CMDLINE="$(env | grep -E '^BRDIVERT_(BATCH|THREADS|SPIN_US)=' | sort | tr '\n' ' ')bench/userspace.sh${*:+ $*}"
 ROUNDS=3 SECS=4 OUT="" BIN="" CPU_PPS=50000 CPU_MBIT=500
 CONFIGS_ARG=kernel,user,ovs,kernel-txoff,user-txoff ONLY=tcp,udp,cps,cpu_udp,cpu_tcp
 while (($#)); do

@@ -31,6 +31,25 @@ fn main() -> anyhow::Result<()> {
     {
         opts.batch = b;
     }
+    if let Some(us) = std::env::var("BRDIVERT_SPIN_US")
+        .ok()
+        .and_then(|b| b.parse().ok())
+    {
+        opts.spin = std::time::Duration::from_micros(us);
+    }
+    // BRDIVERT_THREADS, BRDIVERT_SPIN_US: Options::threads and Options::spin (experiments)
+    if let Some(t) = std::env::var("BRDIVERT_THREADS")
+        .ok()
+        .and_then(|b| b.parse().ok())
+    {
+        opts.threads = t;
+    }
+    if let Some(us) = std::env::var("BRDIVERT_SPIN_US")
+        .ok()
+        .and_then(|b| b.parse().ok())
+    {
+        opts.spin = std::time::Duration::from_micros(us);
+    }
     let dp = Datapath::start_with(&settings, policy.clone(), opts)?;
     local_rules::install_blocking(&settings, &policy, dp.local_port().1)?;
     eprintln!("userspace datapath running ({:?})", dp.local_port());

@@ -62,6 +62,14 @@ pub struct BridgeSettings {
     /// Userspace datapath: FDB entries that never age and never move to another port.
     #[serde(default)]
     pub static_fdb: Vec<StaticFdbEntry>,
+    /// Userspace datapath: forwarding threads (the ports, the local port included, are dealt
+    /// out among them); unset: one per port, at most one per CPU.
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// Userspace datapath: microseconds a forwarding thread keeps polling its ports after the
+    /// last frame before it sleeps; unset: 200 (see docs/performance.md), 0: sleep at once.
+    #[serde(default)]
+    pub busy_poll_us: Option<u64>,
 }
 
 /// `{ mac = "02:00:00:00:00:01", port = "eth1" }`: frames to `mac` always go out of `port`.
@@ -73,6 +81,11 @@ pub struct StaticFdbEntry {
 }
 
 impl BridgeSettings {
+    /// The most [`BridgeSettings::busy_poll_us`] may say: polling longer than this after a
+    /// frame buys nothing but CPU.
+    pub const MAX_BUSY_POLL_US: u64 = 10_000;
+    pub const MAX_THREADS: usize = 64;
+
     /// The static FDB entries as (MAC, port); entries whose MAC does not parse are left out
     /// (`Settings::load` refuses them).
     pub fn static_fdb_entries(&self) -> Vec<([u8; 6], String)> {
@@ -322,6 +335,42 @@ impl Settings {
                 );
             }
         }
+        let userspace_only = |key: &str| {
+            (
+                format!("bridge.{key} is for the userspace datapath"),
+                "remove it, or set bridge.datapath = \"userspace\"".to_string(),
+            )
+        };
+        if let Some(t) = self.bridge.threads {
+            if self.bridge.datapath != Datapath::Userspace {
+                let (what, fix) = userspace_only("threads");
+                err(what, &fix);
+            }
+            if t == 0 || t > BridgeSettings::MAX_THREADS {
+                err(
+                    format!("bridge.threads = {t} is out of range"),
+                    &format!(
+                        "give 1 to {} (leave it out for one per port, at most one per CPU)",
+                        BridgeSettings::MAX_THREADS
+                    ),
+                );
+            }
+        }
+        if let Some(us) = self.bridge.busy_poll_us {
+            if self.bridge.datapath != Datapath::Userspace {
+                let (what, fix) = userspace_only("busy_poll_us");
+                err(what, &fix);
+            }
+            if us > BridgeSettings::MAX_BUSY_POLL_US {
+                err(
+                    format!("bridge.busy_poll_us = {us} is out of range"),
+                    &format!(
+                        "give 0 (sleep at once) to {}",
+                        BridgeSettings::MAX_BUSY_POLL_US
+                    ),
+                );
+            }
+        }
         let m = self.kernel.mark_mask;
         if m == 0
             || (m >> m.trailing_zeros()).count_ones()
@@ -471,6 +520,50 @@ mod tests {
         assert!(s.contains("bridge.name"), "{s}");
         assert!(s.contains("bridge.ports is empty"), "{s}");
         assert!(s.contains("contiguous"), "{s}");
+    }
+
+    #[test]
+    fn forwarding_threads_and_busy_poll() {
+        let s = load_str(
+            "[bridge]\nports = [\"eth0\"]\ndatapath = \"userspace\"\n\
+             threads = 1\nbusy_poll_us = 0\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            (s.bridge.threads, s.bridge.busy_poll_us),
+            (Some(1), Some(0))
+        );
+        let s = load_str("[bridge]\nports = [\"eth0\"]\ndatapath = \"userspace\"\n").unwrap();
+        assert_eq!((s.bridge.threads, s.bridge.busy_poll_us), (None, None));
+        let e = load_str(
+            "[bridge]\nports = [\"eth0\"]\ndatapath = \"userspace\"\n\
+             threads = 0\nbusy_poll_us = 10001\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("bridge.threads = 0 is out of range"), "{e}");
+        assert!(e.contains("give 1 to 64"), "{e}");
+        assert!(
+            e.contains("bridge.busy_poll_us = 10001 is out of range"),
+            "{e}"
+        );
+        assert!(e.contains("give 0 (sleep at once) to 10000"), "{e}");
+        let e = load_str("[bridge]\nports = [\"eth0\"]\nthreads = 2\nbusy_poll_us = 50\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("bridge.threads is for the userspace datapath"),
+            "{e}"
+        );
+        assert!(
+            e.contains("bridge.busy_poll_us is for the userspace datapath"),
+            "{e}"
+        );
+        assert!(e.contains("set bridge.datapath = \"userspace\""), "{e}");
+        let e = load_str("[bridge]\nports = [\"eth0\"]\ndatapath = \"userspace\"\nthreads = -1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("threads"), "{e}");
     }
 
     #[test]

@@ -22,6 +22,8 @@ fn settings(name: &str, ports: &[&str], addrs: &[&str]) -> Settings {
             datapath: Datapath::Kernel,
             address: addrs.iter().map(|a| a.parse().unwrap()).collect(),
             static_fdb: Vec::new(),
+            threads: None,
+            busy_poll_us: None,
         },
         queue: Default::default(),
         control: Default::default(),

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use brdivert::classify::FrameSpec;
-use brdivert::datapath::{Datapath, local_rules};
+use brdivert::datapath::{Datapath, Options, local_rules};
 use brdivert::lab::{find_program, is_root};
 use brdivert::nft::compile::Target;
 use brdivert::nft::{Ruleset, netlink};
@@ -155,6 +155,8 @@ impl Bed {
                     "fd88::fe/64".parse().unwrap(),
                 ],
                 static_fdb: Vec::new(),
+                threads: None,
+                busy_poll_us: None,
             },
             queue: Default::default(),
             control: Default::default(),
@@ -168,11 +170,15 @@ impl Bed {
 
     /// Start the datapath in the bridge namespace and install its local-stack rules.
     fn start(&mut self, policy: Policy) {
+        self.start_with(policy, Options::default());
+    }
+
+    fn start_with(&mut self, policy: Policy, opts: Options) {
         let settings = self.settings();
         let policy = Arc::new(policy);
         let p = policy.clone();
         let dp = in_netns(&self.ns("br"), move || {
-            Datapath::start(&settings, p).map_err(|e| e.to_string())
+            Datapath::start_with(&settings, p, opts).map_err(|e| e.to_string())
         })
         .expect("datapath starts");
         let target = Target {
@@ -287,10 +293,35 @@ fn policy(text: &str) -> Policy {
     .expect("policy builds")
 }
 
+/// The default thread layout: one per port, at most one per CPU (with fewer CPUs than
+/// ports, some thread serves two ports), polling for a while after traffic.
 #[test]
 fn bridges_icmp_tcp_and_the_local_port() {
+    bridges_icmp_tcp_and_the_local_port_with(Options::default());
+}
+
+/// All three ports on one thread, which sleeps as soon as they are empty.
+#[test]
+fn one_thread_without_busy_polling_bridges_too() {
+    bridges_icmp_tcp_and_the_local_port_with(Options {
+        threads: 1,
+        spin: Duration::ZERO,
+        ..Options::default()
+    });
+}
+
+/// A thread per port (more threads than CPUs on a small box).
+#[test]
+fn a_thread_per_port_bridges_too() {
+    bridges_icmp_tcp_and_the_local_port_with(Options {
+        threads: 3,
+        ..Options::default()
+    });
+}
+
+fn bridges_icmp_tcp_and_the_local_port_with(opts: Options) {
     let Some(mut bed) = Bed::new() else { return };
-    bed.start(policy(""));
+    bed.start_with(policy(""), opts);
     assert!(bed.ping("h1", H2), "h1 -> h2 v4");
     assert!(bed.ping("h2", H1_6), "h2 -> h1 v6");
     assert!(bed.ping("h1", BR), "h1 -> the bridge's address on the TAP");

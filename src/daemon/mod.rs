@@ -610,8 +610,17 @@ fn warn_unreloadable(old: &Settings, new: &Settings) {
     if old.control != new.control {
         tracing::warn!("control.socket changed: takes effect when the daemon restarts");
     }
-    if old.bridge.static_fdb != new.bridge.static_fdb {
-        tracing::warn!("bridge.static_fdb changed: takes effect when the daemon restarts");
+    for (key, changed) in [
+        ("static_fdb", old.bridge.static_fdb != new.bridge.static_fdb),
+        ("threads", old.bridge.threads != new.bridge.threads),
+        (
+            "busy_poll_us",
+            old.bridge.busy_poll_us != new.bridge.busy_poll_us,
+        ),
+    ] {
+        if changed {
+            tracing::warn!("bridge.{key} changed: takes effect when the daemon restarts");
+        }
     }
     if old.metrics != new.metrics {
         tracing::warn!("metrics.listen changed: takes effect when the daemon restarts");

@@ -149,22 +149,16 @@ impl PacketPort {
         self.fd.as_raw_fd()
     }
 
-    /// Wait up to `timeout` and receive what is there (at most the batch's capacity).
-    pub fn recv(&self, b: &mut RxBatch, timeout: Duration) -> io::Result<usize> {
+    /// Receive what is queued now (at most the batch's capacity) without waiting; the
+    /// caller waits for readiness on [`PacketPort::raw_fd`].
+    pub fn recv_now(&self, b: &mut RxBatch) -> io::Result<usize> {
         b.n = 0;
-        // Under load the queue is rarely empty: try first, wait only when nothing is there.
-        let mut n = self.recv_now(b)?;
-        if n == 0 {
-            if !sys::poll_in(self.raw_fd(), timeout)? {
-                return Ok(0);
-            }
-            n = self.recv_now(b)?;
-        }
+        let n = self.recv_queued(b)?;
         b.n = n;
         Ok(n)
     }
 
-    fn recv_now(&self, b: &mut RxBatch) -> io::Result<usize> {
+    fn recv_queued(&self, b: &mut RxBatch) -> io::Result<usize> {
         let cap = b.cap();
         for i in 0..cap {
             b.iovs[i] = libc::iovec {

@@ -182,23 +182,28 @@ pub fn sendmmsg(fd: RawFd, msgs: &mut [libc::mmsghdr]) -> io::Result<usize> {
     cvt(r).map(|n| n as usize)
 }
 
-/// Wait until `fd` is readable or `timeout` passes; `Ok(true)` when readable.
-pub fn poll_in(fd: RawFd, timeout: Duration) -> io::Result<bool> {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
+/// Wait until one of `fds` is readable or `timeout` passes (an interrupted wait counts as
+/// a timeout).
+pub fn poll_readable(fds: &mut [libc::pollfd], timeout: Duration) -> io::Result<()> {
+    for p in fds.iter_mut() {
+        p.events = libc::POLLIN;
+        p.revents = 0;
+    }
+    // SAFETY: `fds` is a valid array of pollfd of the given length.
+    let r = unsafe {
+        libc::poll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            timeout.as_millis() as libc::c_int,
+        )
     };
-    // SAFETY: one valid pollfd.
-    let r = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as libc::c_int) };
     if r < 0 {
         let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(false);
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
-        return Err(e);
     }
-    Ok(r > 0)
+    Ok(())
 }
 
 pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {

@@ -7,8 +7,7 @@
 //! cross without segmentation. The device is not persistent: closing it removes it.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::time::Duration;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use ipnet::IpNet;
 
@@ -68,12 +67,10 @@ impl Tap {
         })
     }
 
-    /// Wait up to `timeout`, then read what is there (one frame per read).
-    pub fn recv(&self, b: &mut RxBatch, timeout: Duration) -> io::Result<usize> {
+    /// Read what is queued now (one frame per read) without waiting; the caller waits for
+    /// readiness on [`Tap::raw_fd`].
+    pub fn recv_now(&self, b: &mut RxBatch) -> io::Result<usize> {
         b.n = 0;
-        if !sys::poll_in(self.fd.as_raw_fd(), timeout)? {
-            return Ok(0);
-        }
         for i in 0..b.cap() {
             match sys::read(self.fd.as_raw_fd(), b.slot(i)) {
                 Ok(len) if len >= VNET_HDR_LEN + 14 => {
@@ -94,6 +91,10 @@ impl Tap {
             b.n = i + 1;
         }
         Ok(b.n)
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
     }
 
     /// Write frames (each with its vnet header); how many were taken.

@@ -415,6 +415,8 @@ fn userspace_takes_dr_rules() {
             datapath: Kind::Userspace,
             address: Vec::new(),
             static_fdb: Vec::new(),
+            threads: None,
+            busy_poll_us: None,
         },
         queue: Default::default(),
         control: Default::default(),
