@@ -47,7 +47,6 @@ pub struct Fdb {
     max: usize,
     /// dynamic entries evicted because the table was full
     pub evicted: u64,
-    last_sweep: Option<Instant>,
 }
 
 impl Fdb {
@@ -57,7 +56,6 @@ impl Fdb {
             aging,
             max: max.max(1),
             evicted: 0,
-            last_sweep: None,
         }
     }
 
@@ -151,13 +149,6 @@ impl Fdb {
             Some(p) if p == ingress => Out::Filtered,
             Some(p) => Out::Port(p),
             None => Out::Flood,
-        }
-    }
-
-    /// [`Fdb::expire`] at most once a second.
-    pub fn sweep(&mut self, now: Instant) {
-        if super::due_once_a_second(&mut self.last_sweep, now) {
-            self.expire(now);
         }
     }
 

@@ -861,6 +861,7 @@ impl Worker {
             })
             .collect();
         let sweeps_fdb = self.mine.contains(&0);
+        let mut fdb_swept: Option<Instant> = None;
         let mut last_err: Option<Instant> = None;
         let mut busy_at: Option<Instant> = None;
         while !sh.stop.load(Ordering::Relaxed) {
@@ -896,8 +897,12 @@ impl Worker {
                 std::thread::sleep(Duration::from_millis(50));
             }
             self.flows.sweep(now);
-            if sweeps_fdb && let Ok(mut f) = sh.fdb.try_lock() {
-                f.sweep(now);
+            // the shared FDB's lock only once a second, not on every poll
+            if sweeps_fdb
+                && due_once_a_second(&mut fdb_swept, now)
+                && let Ok(mut f) = sh.fdb.try_lock()
+            {
+                f.expire(now);
             }
         }
     }
