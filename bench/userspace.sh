@@ -57,7 +57,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 LIB="$HERE/userspace_lib.py"
 # the datapath's experiment knobs, when set, are part of the command (examples/userspace_bridge)
-CMDLINE="$(env | grep -E '^BRDIVERT_(BATCH|THREADS|SPIN_US)=' | sort | tr '\n' ' ')bench/userspace.sh${*:+ $*}"
+CMDLINE="$(env | { grep -E '^BRDIVERT_(BATCH|THREADS|SPIN_US)=' || true; } | sort | tr '\n' ' ')bench/userspace.sh${*:+ $*}"
 ROUNDS=3 SECS=4 OUT="" BIN="" CPU_PPS=50000 CPU_MBIT=500
 CONFIGS_ARG=kernel,user,ovs,kernel-txoff,user-txoff ONLY=tcp,udp,cps,cpu_udp,cpu_tcp
 while (($#)); do
