@@ -23,31 +23,17 @@ fn main() -> anyhow::Result<()> {
         .context("usage: userspace_bridge SETTINGS.toml")?;
     let settings = Settings::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let policy = Arc::new(Policy::load(&settings).map_err(|e| anyhow::anyhow!("{e}"))?);
-    // BRDIVERT_BATCH: frames per recvmmsg/sendmmsg (experiments; default 64)
-    let mut opts = Options::default();
-    if let Some(b) = std::env::var("BRDIVERT_BATCH")
-        .ok()
-        .and_then(|b| b.parse().ok())
-    {
-        opts.batch = b;
+    // Experiment knobs: BRDIVERT_BATCH (frames per recvmmsg/sendmmsg, default 64),
+    // BRDIVERT_THREADS and BRDIVERT_SPIN_US (over the settings' [bridge] threads and
+    // busy_poll_us).
+    let mut opts = Options::from_settings(&settings);
+    if let Some(b) = env_number("BRDIVERT_BATCH") {
+        opts.batch = b as usize;
     }
-    if let Some(us) = std::env::var("BRDIVERT_SPIN_US")
-        .ok()
-        .and_then(|b| b.parse().ok())
-    {
-        opts.spin = std::time::Duration::from_micros(us);
+    if let Some(t) = env_number("BRDIVERT_THREADS") {
+        opts.threads = t as usize;
     }
-    // BRDIVERT_THREADS, BRDIVERT_SPIN_US: Options::threads and Options::spin (experiments)
-    if let Some(t) = std::env::var("BRDIVERT_THREADS")
-        .ok()
-        .and_then(|b| b.parse().ok())
-    {
-        opts.threads = t;
-    }
-    if let Some(us) = std::env::var("BRDIVERT_SPIN_US")
-        .ok()
-        .and_then(|b| b.parse().ok())
-    {
+    if let Some(us) = env_number("BRDIVERT_SPIN_US") {
         opts.spin = std::time::Duration::from_micros(us);
     }
     let dp = Datapath::start_with(&settings, policy.clone(), opts)?;
@@ -71,4 +57,8 @@ fn main() -> anyhow::Result<()> {
     local_rules::remove_at_blocking(&settings, &brdivert::link::state_dir())?;
     eprintln!("{stats:#?}");
     Ok(())
+}
+
+fn env_number(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
 }

@@ -55,13 +55,7 @@ impl Userspace {
     ) -> Result<(Arc<Userspace>, Installed), Failure> {
         let opts = Options {
             decider,
-            static_fdb: settings.bridge.static_fdb_entries(),
-            threads: settings.bridge.threads.unwrap_or(0),
-            spin: settings.bridge.busy_poll_us.map_or(
-                crate::datapath::DEFAULT_SPIN,
-                std::time::Duration::from_micros,
-            ),
-            ..Options::default()
+            ..Options::from_settings(settings)
         };
         let dp = Datapath::start_with(settings, Arc::new(policy.clone()), opts)
             .map_err(anyhow::Error::from)?;

@@ -118,6 +118,20 @@ impl Default for Options {
     }
 }
 
+impl Options {
+    /// The defaults with what the settings say: `[bridge] static_fdb`, `threads`,
+    /// `busy_poll_us`.
+    pub fn from_settings(settings: &Settings) -> Options {
+        let b = &settings.bridge;
+        Options {
+            static_fdb: b.static_fdb_entries(),
+            threads: b.threads.unwrap_or(0),
+            spin: b.busy_poll_us.map_or(DEFAULT_SPIN, Duration::from_micros),
+            ..Options::default()
+        }
+    }
+}
+
 enum Io {
     Packet(PacketPort),
     Tap(Tap),

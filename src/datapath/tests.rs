@@ -619,3 +619,27 @@ fn dr_rewrites_the_destination_mac_and_pins_the_realserver() {
     );
     assert_eq!(f, before);
 }
+
+#[test]
+fn options_from_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("brdivert.toml");
+    let load = |extra: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "[bridge]\nports = [\"eth0\", \"eth1\"]\ndatapath = \"userspace\"\n{extra}\
+                 static_fdb = [{{ mac = \"02:00:00:00:00:01\", port = \"eth1\" }}]\n"
+            ),
+        )
+        .unwrap();
+        Options::from_settings(&Settings::load(&path).expect("valid settings"))
+    };
+    let o = load("");
+    assert_eq!((o.threads, o.spin), (0, DEFAULT_SPIN));
+    assert_eq!(o.static_fdb, vec![([2, 0, 0, 0, 0, 1], "eth1".to_string())]);
+    let o = load("threads = 1\nbusy_poll_us = 0\n");
+    assert_eq!((o.threads, o.spin), (1, Duration::ZERO));
+    let o = load("busy_poll_us = 50\n");
+    assert_eq!(o.spin, Duration::from_micros(50));
+}
