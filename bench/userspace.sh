@@ -47,6 +47,11 @@
 #   --only LIST     comma-separated subset of tcp,udp,cps,cpu_udp,cpu_tcp
 #   --bin PATH      userspace_bridge binary (default: build it with cargo, release)
 #   --out FILE      report (default bench/results/userspace-<date>.md; -<HHMM> added if taken)
+#   --halt-poll NS  set the guest's cpuidle halt polling (/sys/module/haltpoll/parameters/
+#                   guest_halt_poll_ns) to NS for the run and restore it after; on a VM with
+#                   it at 0 every wake-up of an idle vCPU costs a VM exit, which hurts the
+#                   kernel bridge's connections/s and flatters a busy-polling datapath. The
+#                   value in force is recorded in the report either way.
 # Environment for `user`: BRDIVERT_THREADS, BRDIVERT_SPIN_US (forwarding threads and busy
 # poll, [bridge] threads / busy_poll_us; unset: the datapath's defaults), BRDIVERT_BATCH.
 # Needs root, iperf3, iproute2, ethtool, python3, cargo (for user*), Open vSwitch (for ovs:
@@ -58,7 +63,7 @@ REPO=$(cd "$HERE/.." && pwd)
 LIB="$HERE/userspace_lib.py"
 # the datapath's experiment knobs, when set, are part of the command (examples/userspace_bridge)
 CMDLINE="$(env | { grep -E '^BRDIVERT_(BATCH|THREADS|SPIN_US)=' || true; } | sort | tr '\n' ' ')bench/userspace.sh${*:+ $*}"
-ROUNDS=3 SECS=4 OUT="" BIN="" CPU_PPS=50000 CPU_MBIT=500
+ROUNDS=3 SECS=4 OUT="" BIN="" CPU_PPS=50000 CPU_MBIT=500 HALT_POLL_NS=""
 CONFIGS_ARG=kernel,user,ovs,kernel-txoff,user-txoff ONLY=tcp,udp,cps,cpu_udp,cpu_tcp
 while (($#)); do
     case "$1" in
@@ -70,6 +75,7 @@ while (($#)); do
         --cpu-mbit) CPU_MBIT=$2; shift ;;
         --bin) BIN=$2; shift ;;
         --out) OUT=$2; shift ;;
+        --halt-poll) HALT_POLL_NS=$2; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -130,10 +136,12 @@ OBR=${ID}o                             # OVS bridge (and its internal TAP) in th
 WORK=$(mktemp -d "/tmp/$ID.XXXXXX")
 OVS_NS=$B OVS_DIR=$WORK/ovs
 DP_PID="" UP=""
+HALT_POLL_PARAM=/sys/module/haltpoll/parameters/guest_halt_poll_ns HALT_POLL_WAS=""
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     set +e
+    [[ -n $HALT_POLL_WAS ]] && echo "$HALT_POLL_WAS" >"$HALT_POLL_PARAM"
     if [[ -n $DP_PID ]]; then kill -TERM "$DP_PID" 2>/dev/null; wait "$DP_PID" 2>/dev/null; fi
     ovs_stop
     # Whatever else this script started inside its own namespaces (by PID, nothing else).
@@ -150,6 +158,11 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+if [[ -n $HALT_POLL_NS ]]; then
+    [[ -w $HALT_POLL_PARAM ]] || die "--halt-poll: no $HALT_POLL_PARAM here (not a guest with the haltpoll cpuidle driver)"
+    HALT_POLL_WAS=$(cat "$HALT_POLL_PARAM")
+    echo "$HALT_POLL_NS" >"$HALT_POLL_PARAM"
+fi
 
 inb() { ip netns exec "$B" "$@"; }
 inc() { ip netns exec "$C" "$@"; }
@@ -362,7 +375,7 @@ feat_json=$(for c in "${CONFIGS[@]}"; do printf '%s\t%s\n' "$c" "${FEAT[$c]:-?}"
     python3 -c 'import json,sys; print(json.dumps(dict(l.rstrip("\n").split("\t", 1) for l in sys.stdin)))')
 export CMDLINE ROUNDS SECS ONLY CPU_PPS CPU_MBIT HZ NCPU FEAT_JSON=$feat_json DATE_UTC=$(date -u +%FT%TZ)
 export CONFIGS_LIST="${CONFIGS[*]}"
-export MACHINE="$NCPU CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), kernel $(uname -r)"
+export MACHINE="$NCPU CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), kernel $(uname -r), cpuidle $(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || echo '?')$([[ -r $HALT_POLL_PARAM ]] && echo " (guest_halt_poll_ns $(cat "$HALT_POLL_PARAM"))")"
 export TOOLS="$(iperf3 --version | head -1 | cut -d' ' -f1-2), $(ip -V), $(python3 --version)$(has_config ovs && echo ", $(ovs-vswitchd --version | head -1)")"
 export BRDIVERT="$(git -C "$REPO" log -1 --format='%h %s' 2>/dev/null || echo '?')$([[ -n $(git -C "$REPO" status --porcelain 2>/dev/null) ]] && echo ' (work tree modified)')"
 export BATCH="${BRDIVERT_BATCH:-64}"
