@@ -75,7 +75,7 @@ pub enum DatapathError {
 
 /// [`Options::spin`] unless set (`[bridge] busy_poll_us`). A sleeping thread takes tens of
 /// microseconds to wake for the next frame (measured: 45 us per crossing on a 2-CPU VM whose
-/// idle vCPUs halt at once, against the kernel bridge's 4; ~12 us with guest halt polling);
+/// idle vCPUs halt at once, against the kernel bridge's 4; ~15 us with guest halt polling);
 /// polling this long after traffic catches the next frame of a request/response exchange
 /// at once, and costs nothing when the bridge is idle.
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(200);
