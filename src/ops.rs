@@ -172,6 +172,16 @@ pub fn check(settings_path: &std::path::Path) -> Result<String, Failure> {
         },
         settings.bridge.ports.join(", ")
     );
+    if settings.bridge.datapath == Datapath::Userspace {
+        let opts = crate::datapath::Options::from_settings(&settings);
+        let _ = writeln!(
+            out,
+            "forwarding threads: {} for {} ports and the local port; busy poll {} us after traffic",
+            crate::datapath::forwarding_threads(opts.threads, settings.bridge.ports.len() + 1),
+            settings.bridge.ports.len(),
+            opts.spin.as_micros()
+        );
+    }
     let _ = writeln!(out, "kernel:\n{caps}");
     let form = if policy.uses_queue() {
         Some(queue_form_of(&settings, &caps)?)

@@ -99,7 +99,8 @@ fn dr_accepted_with_userspace_datapath() {
     std::fs::write(
         &settings,
         format!(
-            "rules = [{:?}]\n[bridge]\nname = \"brx0\"\nports = [\"eth0\", \"eth1\"]\ndatapath = \"userspace\"\n",
+            "rules = [{:?}]\n[bridge]\nname = \"brx0\"\nports = [\"eth0\", \"eth1\"]\ndatapath = \"userspace\"\n\
+             threads = 1\nbusy_poll_us = 75\n",
             rules.display().to_string()
         ),
     )
@@ -112,6 +113,14 @@ fn dr_accepted_with_userspace_datapath() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(!err.contains("kernel datapath only"), "{err}");
+    // the forwarding threads and busy poll the settings ask for
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "forwarding threads: 1 for 2 ports and the local port; busy poll 75 us after traffic"
+        ),
+        "{text}"
+    );
 }
 
 /// `check` lists each `dr` realserver under its rule: named by its address (else its MAC),

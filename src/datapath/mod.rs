@@ -80,6 +80,17 @@ pub enum DatapathError {
 /// at once, and costs nothing when the bridge is idle.
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(200);
 
+/// How many forwarding threads serve `ports` ports (the local port included) for
+/// [`Options::threads`] = `wanted`: 0 means one per port, at most one per CPU; never more
+/// threads than ports.
+pub fn forwarding_threads(wanted: usize, ports: usize) -> usize {
+    match wanted {
+        0 => ports.min(std::thread::available_parallelism().map_or(ports, |c| c.get())),
+        t => t.min(ports),
+    }
+    .max(1)
+}
+
 /// Tunables (the defaults suit a small inline box).
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -360,10 +371,7 @@ impl Datapath {
             shared: shared.clone(),
             threads: Vec::new(),
         };
-        let threads = match shared.opts.threads {
-            0 => n.min(std::thread::available_parallelism().map_or(n, |c| c.get())),
-            t => t.min(n),
-        };
+        let threads = forwarding_threads(shared.opts.threads, n);
         for t in 0..threads {
             let sh = shared.clone();
             let mine: Vec<usize> = (t..n).step_by(threads).collect();

@@ -643,3 +643,12 @@ fn options_from_settings() {
     let o = load("busy_poll_us = 50\n");
     assert_eq!(o.spin, Duration::from_micros(50));
 }
+
+#[test]
+fn forwarding_threads_follow_ports_and_cpus() {
+    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+    assert_eq!(forwarding_threads(0, 3), 3.min(cpus));
+    assert_eq!(forwarding_threads(0, 1), 1);
+    assert_eq!(forwarding_threads(2, 3), 2);
+    assert_eq!(forwarding_threads(8, 3), 3, "never more threads than ports");
+}
