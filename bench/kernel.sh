@@ -14,6 +14,9 @@
 #         in dst and 100 except_src entries (generated); every IPv4 frame jumps into the rule
 #         chain and misses both set lookups, so it is bridged (the worst case per frame)
 #   bare2 (only with --aa) a second bare bridge, to show the run's own noise (A/A)
+#   nft1  (only with --floor) no brdivert: one hand-written nft bridge rule of the shape of
+#         (a)'s (prerouting, VLAN check, tcp dport 80, counter): the cost of any nft rule on
+#         the bridge hook, the floor for a ruleset-based datapath
 # Metrics: TCP throughput (iperf3), UDP 64-byte frames/s received at the server's interface
 # (iperf3 -u -l 64 -b 0; iperf3's own socket-level count is kept for reference), TCP
 # connections/s (bench/cps.py), and the apply time of the 10k-VIP policy (`brdivert apply`
@@ -25,11 +28,12 @@
 # br_netfilter's bridge-nf-call-ip{,6}tables are set to 0 in the bridge ns for ALL
 # configurations (brdivert turns them off anyway), so the bare baseline is fair.
 #
-# Usage: bench/kernel.sh [--quick] [--aa] [--pairs N] [--secs S] [--apply-reps N]
+# Usage: bench/kernel.sh [--quick] [--aa] [--floor] [--pairs N] [--secs S] [--apply-reps N]
 #                        [--only LIST] [--brdivert PATH] [--no-brdivert] [--out FILE]
 #   defaults: 7 rounds, 5 s runs, 7 apply repetitions (about 7 minutes; 9 with --aa)
 #   --quick        smoke test: 2 rounds, 2 s runs, 3 apply repetitions
 #   --aa           add a second bare-bridge configuration (A/A noise check)
+#   --floor        add the nft1 configuration (one plain nft rule, see above)
 #   --only LIST    measure only these of tcp,udp,cps,apply (comma-separated; investigations)
 #   --no-brdivert  only bare bridges (bare + bare2): debug the topology and measurement
 #   --brdivert P   binary to use (default: $BRDIVERT, else $CARGO_TARGET_DIR/release/brdivert,
@@ -43,11 +47,12 @@ REPO=$(cd "$HERE/.." && pwd)
 LIB="$HERE/kernel_lib.py"
 CMDLINE="bench/kernel.sh${*:+ $*}"
 
-PAIRS=7 SECS=5 APPLY_REPS=7 ONLY=tcp,udp,cps,apply QUICK=0 AA=0 USE_BRDIVERT=1 OUT="" BRDIVERT="${BRDIVERT:-}"
+PAIRS=7 SECS=5 APPLY_REPS=7 ONLY=tcp,udp,cps,apply QUICK=0 AA=0 FLOOR=0 USE_BRDIVERT=1 OUT="" BRDIVERT="${BRDIVERT:-}"
 while (($#)); do
     case "$1" in
         --quick) QUICK=1 PAIRS=2 SECS=2 APPLY_REPS=3 ;;
         --aa) AA=1 ;;
+        --floor) FLOOR=1 ;;
         --no-brdivert) USE_BRDIVERT=0 AA=1 ;;
         --only) ONLY=$2; shift ;;
         --pairs) PAIRS=$2; shift ;;
@@ -172,6 +177,22 @@ set_config() {
             fi
             inb nft flush ruleset
             ;;
+        nft1)
+            if ((APPLIED)); then
+                bd flush -c "$WORK/settings-vips.toml" >"$WORK/last-flush.log" 2>&1 ||
+                    die "brdivert flush failed: $(cat "$WORK/last-flush.log")"
+                APPLIED=0
+            fi
+            inb nft flush ruleset
+            inb nft -f - <<'NFT'
+table bridge floor {
+    chain prerouting {
+        type filter hook prerouting priority filter; policy accept;
+        ether type != 8021q ether type != 8021ad meta l4proto tcp tcp dport 80 counter
+    }
+}
+NFT
+            ;;
         one|vips)
             # From a flushed brdivert (no pin record left by the other configuration), so each
             # policy is measured as it runs, not in the hours after a reload that changed
@@ -217,6 +238,7 @@ measure_cps() {
 
 if ((USE_BRDIVERT)); then CONFIGS=(bare one vips); else CONFIGS=(bare); fi
 if ((AA)); then CONFIGS+=(bare2); fi
+if ((FLOOR)); then CONFIGS+=(nft1); fi
 NCFG=${#CONFIGS[@]}
 
 # ---------------------------------------------------------------------------------------
@@ -331,6 +353,7 @@ else
 fi
 CFGNOTES="bare = kernel bridge, empty ruleset; (a) = one rule 'tcp dport 80 redirect' (traffic under test is not diverted); (b) = one proto-less 'local' rule, 10,000 scattered VIP /32s in dst + 100 except_src (traffic under test misses both sets and is bridged)"
 ((AA == 0)) || CFGNOTES+="; bare2 = a second bare bridge (A/A: the run's own noise)"
+((FLOOR == 0)) || CFGNOTES+="; floor = no brdivert, one hand-written nft bridge rule shaped like (a)'s (ether type != 8021q ether type != 8021ad meta l4proto tcp tcp dport 80 counter): what any nft rule on the bridge hook costs"
 
 export DATE CMDLINE BRDESC CFGNOTES PAIRS SECS ONLY NFTSETS BRNF NFT_SUBST=${NFT_SUBST:-}
 export MACHINE="$(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), kernel $(uname -r)"

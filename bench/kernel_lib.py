@@ -22,6 +22,7 @@ CONFIG_LABELS = {
     "bare2": "bare bridge (A/A)",
     "one": "(a) 1 rule",
     "vips": "(b) 10k VIPs",
+    "nft1": "floor: 1 plain nft rule",
 }
 METRICS = [
     ("tcp", "TCP throughput (Gbit/s)", "{:.2f}"),
@@ -165,6 +166,28 @@ def summary(samples_path, apply_path, meta_path, out_path) -> None:
             w("| " + " | ".join(row) + " |")
         w("")
 
+    # With the floor configuration: brdivert's policies against one plain nft rule of the same
+    # round, i.e. what brdivert adds beyond the cost of having any rule on the bridge hook.
+    if "nft1" in configs:
+        mine = [c for c in ("one", "vips") if c in configs]
+        w("Against the floor (median of per-round ratios vs the same round's plain nft rule):\n")
+        head = ["Metric"] + [f"{CONFIG_LABELS[c]} / floor" for c in mine]
+        w("| " + " | ".join(head) + " |")
+        w("|" + "---|" * len(head))
+        for metric, label, _ in METRICS:
+            floor = data.get((metric, "nft1"), {})
+            if not floor or not mine:
+                continue
+            row = [label]
+            for c in mine:
+                vals = data.get((metric, c), {})
+                ratios = [vals[r] / floor[r] for r in vals
+                          if r in floor and floor[r] > 0 and not math.isnan(vals[r])]
+                row.append(f"**{med(ratios):.3f}** ({min(ratios):.2f}-{max(ratios):.2f})"
+                           if ratios else "n/a")
+            w("| " + " | ".join(row) + " |")
+        w("")
+
     # Apply times
     ap = {}
     if apply_path and apply_path != "-":
@@ -192,7 +215,7 @@ def summary(samples_path, apply_path, meta_path, out_path) -> None:
     # Verdict against the targets
     w("## Against the targets (every ratio >= 0.95; apply <= 15 ms)\n")
     for c in others:
-        if c == "bare2":
+        if c in ("bare2", "nft1"):
             continue
         rs = [r for r in worst.get(c, []) if not math.isnan(r)]
         ok = bool(rs) and min(rs) >= 0.95
