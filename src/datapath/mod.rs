@@ -895,7 +895,7 @@ impl Worker {
                     Ok(0) => {}
                     Ok(n) => {
                         got = true;
-                        self.forward(me, n, &mut view);
+                        self.forward(&sh, me, n, &mut view);
                     }
                     Err(e) => {
                         failed = true;
@@ -931,16 +931,15 @@ impl Worker {
     }
 
     /// Classify, learn and send on one batch of `n` frames received on port `me`.
-    fn forward(&mut self, me: usize, n: usize, view: &mut View) {
-        let sh = self.sh.clone();
+    fn forward(&mut self, sh: &Shared, me: usize, n: usize, view: &mut View) {
         let from_local = me == sh.tap_index;
         let pc = &sh.port_counters[me];
         let now = Instant::now();
         let g = sh.generation.load(Ordering::Acquire);
         if g != view.seen_gen {
             view.seen_gen = g;
-            view.cur = read_policy(&sh);
-            view.down = read_down(&sh);
+            view.cur = read_policy(sh);
+            view.down = read_down(sh);
             view.hits.track(view.cur.seq, &view.cur.policy);
         }
         let View {

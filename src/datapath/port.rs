@@ -153,12 +153,6 @@ impl PacketPort {
     /// caller waits for readiness on [`PacketPort::raw_fd`].
     pub fn recv_now(&self, b: &mut RxBatch) -> io::Result<usize> {
         b.n = 0;
-        let n = self.recv_queued(b)?;
-        b.n = n;
-        Ok(n)
-    }
-
-    fn recv_queued(&self, b: &mut RxBatch) -> io::Result<usize> {
         let cap = b.cap();
         for i in 0..cap {
             b.iovs[i] = libc::iovec {
@@ -199,6 +193,7 @@ impl PacketPort {
                 }
             }
         }
+        b.n = n;
         Ok(n)
     }
 

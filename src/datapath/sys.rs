@@ -182,13 +182,9 @@ pub fn sendmmsg(fd: RawFd, msgs: &mut [libc::mmsghdr]) -> io::Result<usize> {
     cvt(r).map(|n| n as usize)
 }
 
-/// Wait until one of `fds` is readable or `timeout` passes (an interrupted wait counts as
-/// a timeout).
+/// Wait until one of `fds` has what its `events` ask for (the caller sets `POLLIN`) or
+/// `timeout` passes (an interrupted wait counts as a timeout).
 pub fn poll_readable(fds: &mut [libc::pollfd], timeout: Duration) -> io::Result<()> {
-    for p in fds.iter_mut() {
-        p.events = libc::POLLIN;
-        p.revents = 0;
-    }
     // SAFETY: `fds` is a valid array of pollfd of the given length.
     let r = unsafe {
         libc::poll(
