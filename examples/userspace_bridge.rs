@@ -25,7 +25,7 @@ fn main() -> anyhow::Result<()> {
     let policy = Arc::new(Policy::load(&settings).map_err(|e| anyhow::anyhow!("{e}"))?);
     // Experiment knobs: BRDIVERT_BATCH (frames per recvmmsg/sendmmsg, default 64),
     // BRDIVERT_THREADS and BRDIVERT_SPIN_US (over the settings' [bridge] threads and
-    // busy_poll_us).
+    // busy_poll_us), BRDIVERT_RX_RING=0 (receive with recvmmsg, not the mapped ring).
     let mut opts = Options::from_settings(&settings);
     if let Some(b) = env_number("BRDIVERT_BATCH") {
         opts.batch = b as usize;
@@ -35,6 +35,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(us) = env_number("BRDIVERT_SPIN_US") {
         opts.spin = std::time::Duration::from_micros(us);
+    }
+    if let Some(r) = env_number("BRDIVERT_RX_RING") {
+        opts.rx_ring = r != 0;
     }
     let dp = Datapath::start_with(&settings, policy.clone(), opts)?;
     local_rules::install_blocking(&settings, &policy, dp.local_port().1)?;

@@ -3,11 +3,13 @@
 //! - Every port is an AF_PACKET socket ([`port`]); the local port is a TAP device named after
 //!   the bridge ([`tap`]) carrying the bridge's addresses, bridged like any other port.
 //! - Dedicated forwarding threads (not tokio; one per port, at most one per CPU, the ports
-//!   shared out among them) receive a batch per port (`recvmmsg`), classify each IP frame
-//!   with the same policy as the kernel datapath ([`crate::classify`]), learn source MACs in
-//!   the shared [`fdb`], and send per destination port in one `sendmmsg`. A thread that just
-//!   forwarded keeps polling for [`Options::spin`] before it sleeps: waking a sleeping thread
-//!   costs more than the whole forwarding work of a frame.
+//!   shared out among them) receive a batch per port (from the port's mapped ring,
+//!   [`port::RxRing`], or with `recvmmsg`), classify each IP frame with the same policy as
+//!   the kernel datapath ([`crate::classify`]), learn source MACs in the shared [`fdb`], and
+//!   send per destination port in one `sendmmsg`. A thread that just
+//!   forwarded keeps polling for [`Options::spin`] before it sleeps, while traffic flows both
+//!   ways ([`Shared::two_way`]): waking a sleeping thread costs more than the whole
+//!   forwarding work of a frame.
 //! - A diverted frame gets the frame diverter's move: destination MAC := the TAP's MAC, and
 //!   it is written to the TAP only. The TAP cannot carry a packet mark, so the rule's tag
 //!   rides in the frame's source MAC ([`frame::tag_mac`]) and one nft rule per diverting rule
@@ -56,7 +58,7 @@ use crate::settings::{Datapath as DatapathKind, Settings};
 use fdb::{Fdb, Out};
 use flow::{FlowKey, FlowTable, Pin};
 use frame::{VNET_HDR_LEN, VnetHdr};
-use port::{PacketPort, RxBatch, TxBatch};
+use port::{PacketPort, RxBatch, RxRing, TxBatch};
 use tap::Tap;
 
 #[derive(Debug, thiserror::Error)]
@@ -106,8 +108,12 @@ pub struct Options {
     /// per port, at most one per CPU.
     pub threads: usize,
     /// How long a thread keeps polling its ports (yielding the CPU between polls) after it
-    /// last received a frame; zero: it sleeps as soon as they are empty.
+    /// last received a frame, while frames arrive on two ports or more; zero: it sleeps as
+    /// soon as they are empty.
     pub spin: Duration,
+    /// Receive on the ports through a mapped ring ([`RxRing`]) rather than `recvmmsg`
+    /// (falls back to `recvmmsg`, with a warning, where the kernel refuses the ring).
+    pub rx_ring: bool,
     /// Decides new flows of `decide = "queue"` rules (the daemon's `PolicyDecider`). Without
     /// one they are bridged undecided, as the kernel datapath's queue rules bypass when no
     /// daemon listens.
@@ -125,6 +131,7 @@ impl Default for Options {
             static_fdb: Vec::new(),
             threads: 0,
             spin: DEFAULT_SPIN,
+            rx_ring: true,
             decider: None,
         }
     }
@@ -180,6 +187,11 @@ struct PortCounters {
     tx_errors: AtomicU64,
     mtu_dropped: AtomicU64,
     rx_bad: AtomicU64,
+    rx_copied: AtomicU64,
+    /// whether the port receives through a mapped ring ([`RxRing`])
+    rx_ring: AtomicBool,
+    /// when the port last received ([`Shared::stamp`]; 0: never)
+    last_rx: AtomicU64,
 }
 
 #[derive(Default)]
@@ -246,6 +258,36 @@ struct Shared {
     port_counters: Vec<PortCounters>,
     counters: Counters,
     opts: Options,
+    /// the origin of [`Shared::stamp`]
+    epoch: Instant,
+}
+
+impl Shared {
+    /// `t` as nanoseconds since the datapath started, plus one (0 stays "never").
+    fn stamp(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_nanos() as u64 + 1
+    }
+
+    /// Whether frames arrived on two ports or more within [`Options::spin`] before `now`:
+    /// traffic flows both ways, an exchange whose other side waits for the next frame.
+    /// Busy polling pays there; for a one-way stream nobody waits, and sleeping until the
+    /// next frame costs less CPU than polling for it.
+    fn two_way(&self, now: Instant) -> bool {
+        let since = self
+            .stamp(now)
+            .saturating_sub(self.opts.spin.as_nanos() as u64);
+        received_on_two_ports(
+            self.port_counters
+                .iter()
+                .map(|c| c.last_rx.load(Ordering::Relaxed)),
+            since,
+        )
+    }
+}
+
+/// Whether two of the ports' last-receive stamps are later than `since`.
+fn received_on_two_ports(last_rx: impl IntoIterator<Item = u64>, since: u64) -> bool {
+    last_rx.into_iter().filter(|&t| t > since).nth(1).is_some()
 }
 
 /// Counters of one port.
@@ -258,6 +300,11 @@ pub struct PortStats {
     pub tx_errors: u64,
     pub mtu_dropped: u64,
     pub rx_bad: u64,
+    /// The port receives through a mapped ring ([`Options::rx_ring`]), not `recvmmsg`.
+    pub rx_ring: bool,
+    /// Frames too big for a ring slot (GSO super-frames, jumbo frames), read whole from the
+    /// socket instead.
+    pub rx_copied: u64,
 }
 
 /// A snapshot of the datapath's counters.
@@ -346,6 +393,15 @@ impl Datapath {
             fdb.add_static(*mac, i, now);
         }
         let n = ports.len();
+        let mut rings: Vec<Option<RxRing>> = ports
+            .iter()
+            .map(|p| match p {
+                Io::Packet(p) if opts.rx_ring => RxRing::attach(p)
+                    .inspect_err(|e| tracing::warn!("{e}; receiving with recvmmsg instead"))
+                    .ok(),
+                _ => None,
+            })
+            .collect();
         let shared = Arc::new(Shared {
             ports,
             names,
@@ -363,9 +419,16 @@ impl Datapath {
             down: RwLock::new(Arc::new(HashSet::new())),
             generation: AtomicU64::new(0),
             stop: AtomicBool::new(false),
-            port_counters: (0..n).map(|_| PortCounters::default()).collect(),
+            port_counters: rings
+                .iter()
+                .map(|r| PortCounters {
+                    rx_ring: AtomicBool::new(r.is_some()),
+                    ..PortCounters::default()
+                })
+                .collect(),
             counters: Counters::default(),
             opts,
+            epoch: now,
         });
         let mut dp = Datapath {
             shared: shared.clone(),
@@ -375,6 +438,7 @@ impl Datapath {
         for t in 0..threads {
             let sh = shared.clone();
             let mine: Vec<usize> = (t..n).step_by(threads).collect();
+            let my_rings = mine.iter().map(|&p| rings[p].take()).collect();
             let name = match threads {
                 1 => "brdivert-fwd".to_string(),
                 _ if threads == n => format!("brdivert-{}", sh.names[t]),
@@ -382,7 +446,7 @@ impl Datapath {
             };
             let t = std::thread::Builder::new()
                 .name(name)
-                .spawn(move || Worker::new(sh, mine).run())
+                .spawn(move || Worker::new(sh, mine, my_rings).run())
                 .map_err(DatapathError::Thread)?;
             dp.threads.push(t);
         }
@@ -471,6 +535,8 @@ impl Datapath {
                     tx_errors: ld(&c.tx_errors),
                     mtu_dropped: ld(&c.mtu_dropped),
                     rx_bad: ld(&c.rx_bad),
+                    rx_ring: c.rx_ring.load(Ordering::Relaxed),
+                    rx_copied: ld(&c.rx_copied),
                 })
                 .collect(),
             diverted: ld(&sh.counters.diverted),
@@ -833,6 +899,8 @@ struct Worker {
     sh: Arc<Shared>,
     /// the ports this thread receives on
     mine: Vec<usize>,
+    /// their receive rings, where they have one
+    rings: Vec<Option<RxRing>>,
     rx: RxBatch,
     tx: TxBatch,
     flows: FlowTable<Pin>,
@@ -850,7 +918,7 @@ struct View {
 }
 
 impl Worker {
-    fn new(sh: Arc<Shared>, mine: Vec<usize>) -> Worker {
+    fn new(sh: Arc<Shared>, mine: Vec<usize>, rings: Vec<Option<RxRing>>) -> Worker {
         let b = sh.opts.batch;
         let n = sh.ports.len();
         Worker {
@@ -862,6 +930,7 @@ impl Worker {
             out: vec![Vec::with_capacity(b); n],
             sh,
             mine,
+            rings,
         }
     }
 
@@ -891,7 +960,11 @@ impl Worker {
             let (mut got, mut failed) = (false, false);
             for k in 0..self.mine.len() {
                 let me = self.mine[k];
-                match sh.ports[me].recv_now(&mut self.rx) {
+                let got_now = match (&mut self.rings[k], &sh.ports[me]) {
+                    (Some(ring), Io::Packet(port)) => ring.recv(port, &mut self.rx),
+                    _ => sh.ports[me].recv_now(&mut self.rx),
+                };
+                match got_now {
                     Ok(0) => {}
                     Ok(n) => {
                         got = true;
@@ -911,9 +984,11 @@ impl Worker {
                 busy_at = Some(now);
             } else if failed {
                 std::thread::sleep(Duration::from_millis(50));
-            } else if busy_at.is_some_and(|t| now.saturating_duration_since(t) < sh.opts.spin) {
-                // Traffic just passed: more is likely within microseconds, sooner than a
-                // sleeping thread would be woken for it.
+            } else if busy_at.is_some_and(|t| now.saturating_duration_since(t) < sh.opts.spin)
+                && sh.two_way(now)
+            {
+                // An exchange is under way: its next frame is likely within microseconds,
+                // sooner than a sleeping thread would be woken for it.
                 std::thread::yield_now();
             } else if let Err(e) = sys::poll_readable(&mut pollfds, Duration::from_millis(100)) {
                 tracing::warn!("waiting for frames: {e}");
@@ -946,8 +1021,11 @@ impl Worker {
             cur, down, hits, ..
         } = view;
         pc.rx_frames.fetch_add(n as u64, Ordering::Relaxed);
+        pc.last_rx.store(sh.stamp(now), Ordering::Relaxed);
         pc.rx_bad
             .fetch_add(std::mem::take(&mut self.rx.bad), Ordering::Relaxed);
+        pc.rx_copied
+            .fetch_add(std::mem::take(&mut self.rx.copied), Ordering::Relaxed);
         let mut bytes = 0u64;
         let (mut diverted, mut dropped, mut passed, mut ll, mut dr) =
             (0u64, 0u64, 0u64, 0u64, 0u64);

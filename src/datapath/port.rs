@@ -26,6 +26,8 @@ pub struct RxBatch {
     cmsgs: Vec<[u64; CMSG_LEN / 8]>,
     /// received frames that were cut short or could not be re-tagged
     pub bad: u64,
+    /// frames too big for a receive ring's slot, read whole from the socket instead
+    pub copied: u64,
 }
 
 impl RxBatch {
@@ -44,6 +46,7 @@ impl RxBatch {
             hdrs: (0..cap).map(|_| sys::empty_mmsghdr()).collect(),
             cmsgs: vec![[0u64; CMSG_LEN / 8]; cap],
             bad: 0,
+            copied: 0,
         }
     }
 
@@ -62,9 +65,40 @@ impl RxBatch {
         &mut self.bufs[i][s..s + l]
     }
 
+    /// Frame `i` arrived as `len` bytes (vnet header included) after the headroom of its
+    /// buffer: record it, or mark it to skip when it was cut short (`whole` false) or too
+    /// short to be Ethernet; put back the VLAN tag (TPID, TCI) the kernel stripped.
+    fn settle(&mut self, i: usize, len: usize, whole: bool, vlan: Option<(u16, u16)>) {
+        self.frames[i] = (HEADROOM, len);
+        if !whole || len < VNET_HDR_LEN + 14 {
+            self.frames[i] = (HEADROOM, 0);
+            self.bad += 1;
+            return;
+        }
+        if let Some((tpid, tci)) = vlan {
+            match restore_vlan(&mut self.bufs[i], HEADROOM, len, tpid, tci) {
+                Some(f) => self.frames[i] = f,
+                None => {
+                    self.frames[i] = (HEADROOM, 0);
+                    self.bad += 1;
+                }
+            }
+        }
+    }
+
     /// Read buffer `i` (after the headroom), for devices read one frame at a time.
     pub fn slot(&mut self, i: usize) -> &mut [u8] {
         &mut self.bufs[i][HEADROOM..]
+    }
+}
+
+/// The TPID of a tag the kernel stripped: as reported when the kernel says it is valid, or
+/// 802.1Q.
+fn vlan_tpid(status: u32, tpid: u16) -> u16 {
+    if status & sys::TP_STATUS_VLAN_TPID_VALID != 0 {
+        tpid
+    } else {
+        0x8100
     }
 }
 
@@ -152,9 +186,15 @@ impl PacketPort {
     /// Receive what is queued now (at most the batch's capacity) without waiting; the
     /// caller waits for readiness on [`PacketPort::raw_fd`].
     pub fn recv_now(&self, b: &mut RxBatch) -> io::Result<usize> {
-        b.n = 0;
-        let cap = b.cap();
-        for i in 0..cap {
+        let n = self.recv_into(b, 0, b.cap())?;
+        b.n = n;
+        Ok(n)
+    }
+
+    /// `recvmmsg` into batch slots `first..first + count`; how many frames arrived.
+    fn recv_into(&self, b: &mut RxBatch, first: usize, count: usize) -> io::Result<usize> {
+        let slots = first..first + count;
+        for i in slots.clone() {
             b.iovs[i] = libc::iovec {
                 iov_base: b.bufs[i][HEADROOM..].as_mut_ptr().cast(),
                 iov_len: BUF_LEN - HEADROOM,
@@ -166,34 +206,15 @@ impl PacketPort {
             h.msg_hdr.msg_control = b.cmsgs[i].as_mut_ptr().cast();
             h.msg_hdr.msg_controllen = CMSG_LEN as _;
         }
-        let n = sys::recvmmsg(self.raw_fd(), &mut b.hdrs[..cap])?;
-        for i in 0..n {
+        let n = sys::recvmmsg(self.raw_fd(), &mut b.hdrs[slots])?;
+        for i in first..first + n {
             let len = b.hdrs[i].msg_len as usize;
-            let truncated = b.hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
-            b.frames[i] = (HEADROOM, len);
-            if truncated || len < VNET_HDR_LEN + 14 {
-                b.frames[i] = (HEADROOM, 0);
-                b.bad += 1;
-                continue;
-            }
-            if let Some(aux) = sys::auxdata(&b.hdrs[i].msg_hdr)
-                && aux.tp_status & sys::TP_STATUS_VLAN_VALID != 0
-            {
-                let tpid = if aux.tp_status & sys::TP_STATUS_VLAN_TPID_VALID != 0 {
-                    aux.tp_vlan_tpid
-                } else {
-                    0x8100
-                };
-                match restore_vlan(&mut b.bufs[i], HEADROOM, len, tpid, aux.tp_vlan_tci) {
-                    Some(f) => b.frames[i] = f,
-                    None => {
-                        b.frames[i] = (HEADROOM, 0);
-                        b.bad += 1;
-                    }
-                }
-            }
+            let whole = b.hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC == 0;
+            let vlan = sys::auxdata(&b.hdrs[i].msg_hdr)
+                .filter(|aux| aux.tp_status & sys::TP_STATUS_VLAN_VALID != 0)
+                .map(|aux| (vlan_tpid(aux.tp_status, aux.tp_vlan_tpid), aux.tp_vlan_tci));
+            b.settle(i, len, whole, vlan);
         }
-        b.n = n;
         Ok(n)
     }
 
@@ -233,5 +254,117 @@ impl PacketPort {
             }
         }
         tx.hdrs.iter().take(done).filter(|h| h.msg_len > 0).count()
+    }
+}
+
+/// A port's receive ring (`PACKET_RX_RING`, TPACKET_V2): the kernel copies each frame into
+/// the next free slot of a ring mapped into this process, so receiving costs no system call
+/// and a thread can see whether frames wait by reading a status word. Slots hold an
+/// MTU-sized frame; a bigger one (a GSO super-frame) is queued on the socket whole
+/// (`PACKET_COPY_THRESH`) and its slot only says so (`TP_STATUS_COPY`): it is read with
+/// `recvmmsg` in its turn. Owned by the one thread that receives on the port.
+///
+/// TPACKET_V3 packs frames tighter but hands a block over only when it is full or its timer
+/// (at least a millisecond) runs out: too slow for a bridge.
+pub struct RxRing {
+    map: sys::RingMap,
+    /// the next slot to read
+    next: usize,
+}
+
+impl RxRing {
+    /// Slot size: a 1500-byte-MTU frame with a tag, the vnet header and the kernel's
+    /// headers (tpacket2_hdr, sockaddr_ll: the frame starts 76 bytes in).
+    pub const SLOT: usize = 2048;
+    /// Slots: 8 MiB per port, as the socket buffer it replaces.
+    pub const SLOTS: usize = 4096;
+    const BLOCK: usize = 64 * 1024;
+
+    /// Give `port` a receive ring. Before any frame is forwarded: frames queued on the
+    /// socket so far are dropped by the kernel.
+    pub fn attach(port: &PacketPort) -> io::Result<RxRing> {
+        let fd = port.raw_fd();
+        let ctx = |what: &str, e: io::Error| {
+            io::Error::new(e.kind(), format!("{what} on {:?}: {e}", port.name))
+        };
+        sys::setsockopt(fd, sys::SOL_PACKET, sys::PACKET_VERSION, &sys::TPACKET_V2)
+            .map_err(|e| ctx("PACKET_VERSION TPACKET_V2", e))?;
+        let one: libc::c_int = 1;
+        sys::setsockopt(fd, sys::SOL_PACKET, sys::PACKET_COPY_THRESH, &one)
+            .map_err(|e| ctx("PACKET_COPY_THRESH", e))?;
+        let req = sys::TpacketReq {
+            tp_block_size: Self::BLOCK as u32,
+            tp_block_nr: (Self::SLOTS * Self::SLOT / Self::BLOCK) as u32,
+            tp_frame_size: Self::SLOT as u32,
+            tp_frame_nr: Self::SLOTS as u32,
+        };
+        sys::setsockopt(fd, sys::SOL_PACKET, sys::PACKET_RX_RING, &req)
+            .map_err(|e| ctx("PACKET_RX_RING", e))?;
+        let map = sys::RingMap::map(fd, Self::SLOTS * Self::SLOT)
+            .map_err(|e| ctx("mapping the receive ring", e))?;
+        Ok(RxRing { map, next: 0 })
+    }
+
+    /// Whether a frame waits in the next slot.
+    pub fn ready(&self) -> bool {
+        self.map.status(self.next * Self::SLOT) & sys::TP_STATUS_USER != 0
+    }
+
+    /// Take what is waiting (at most the batch's capacity) into `b`, without waiting, and
+    /// hand the slots back to the kernel.
+    pub fn recv(&mut self, port: &PacketPort, b: &mut RxBatch) -> io::Result<usize> {
+        b.n = 0;
+        let mut n = 0;
+        while n < b.cap() {
+            let off = self.next * Self::SLOT;
+            let status = self.map.status(off);
+            if status & sys::TP_STATUS_USER == 0 {
+                break;
+            }
+            if status & sys::TP_STATUS_COPY != 0 {
+                // the whole frame waits on the socket, in the same order as the slots
+                b.copied += 1;
+                if port.recv_into(b, n, 1)? == 0 {
+                    b.frames[n] = (HEADROOM, 0);
+                    b.bad += 1;
+                }
+            } else {
+                self.copy_out(off, status, b, n);
+            }
+            self.map.release(off);
+            self.next = (self.next + 1) % Self::SLOTS;
+            n += 1;
+        }
+        b.n = n;
+        Ok(n)
+    }
+
+    /// Copy the frame in the slot at `off` (vnet header and frame) into batch slot `i`.
+    fn copy_out(&self, off: usize, status: u32, b: &mut RxBatch, i: usize) {
+        let field = |at: usize, len: usize| -> usize {
+            self.map.bytes(off + at, len).map_or(0, |v| match *v {
+                [a, b] => u16::from_ne_bytes([a, b]) as usize,
+                [a, b, c, d] => u32::from_ne_bytes([a, b, c, d]) as usize,
+                _ => 0,
+            })
+        };
+        // struct tpacket2_hdr: status, len, snaplen (u32); mac, net (u16); sec, nsec (u32);
+        // vlan_tci, vlan_tpid (u16)
+        let (len, snaplen, mac) = (field(4, 4), field(8, 4), field(12, 2));
+        let (tci, tpid) = (field(24, 2) as u16, field(26, 2) as u16);
+        let whole = snaplen == len && mac >= VNET_HDR_LEN;
+        let bytes = VNET_HDR_LEN + snaplen;
+        let src = whole
+            .then(|| self.map.bytes(off + mac - VNET_HDR_LEN, bytes))
+            .flatten()
+            .filter(|_| mac + snaplen <= Self::SLOT && bytes <= BUF_LEN - HEADROOM);
+        let Some(src) = src else {
+            b.settle(i, 0, false, None);
+            return;
+        };
+        b.bufs[i][HEADROOM..HEADROOM + bytes].copy_from_slice(src);
+        let vlan =
+            (status & sys::TP_STATUS_VLAN_VALID != 0).then(|| (vlan_tpid(status, tpid), tci));
+        b.settle(i, bytes, true, vlan);
     }
 }

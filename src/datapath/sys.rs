@@ -10,11 +10,18 @@ use std::time::Duration;
 pub const ETH_P_ALL: u16 = 0x0003;
 pub const SOL_PACKET: libc::c_int = 263;
 pub const PACKET_ADD_MEMBERSHIP: libc::c_int = 1;
+pub const PACKET_RX_RING: libc::c_int = 5;
+pub const PACKET_COPY_THRESH: libc::c_int = 7;
 pub const PACKET_AUXDATA: libc::c_int = 8;
+pub const PACKET_VERSION: libc::c_int = 10;
 pub const PACKET_VNET_HDR: libc::c_int = 15;
 pub const PACKET_QDISC_BYPASS: libc::c_int = 20;
 pub const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
 pub const PACKET_MR_PROMISC: libc::c_ushort = 1;
+pub const TPACKET_V2: libc::c_int = 1;
+pub const TP_STATUS_KERNEL: u32 = 0;
+pub const TP_STATUS_USER: u32 = 1 << 0;
+pub const TP_STATUS_COPY: u32 = 1 << 1;
 pub const TP_STATUS_VLAN_VALID: u32 = 1 << 4;
 pub const TP_STATUS_VLAN_TPID_VALID: u32 = 1 << 6;
 
@@ -40,6 +47,16 @@ pub struct TpacketAuxdata {
     pub tp_net: u16,
     pub tp_vlan_tci: u16,
     pub tp_vlan_tpid: u16,
+}
+
+/// `struct tpacket_req` (linux/if_packet.h): the shape of a TPACKET_V1/V2 ring.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct TpacketReq {
+    pub tp_block_size: u32,
+    pub tp_block_nr: u32,
+    pub tp_frame_size: u32,
+    pub tp_frame_nr: u32,
 }
 
 #[repr(C)]
@@ -336,4 +353,81 @@ pub fn poll_out(fd: RawFd, timeout: Duration) {
     };
     // SAFETY: one valid pollfd.
     unsafe { libc::poll(&mut p, 1, timeout.as_millis() as libc::c_int) };
+}
+
+/// A socket's packet ring mapped `MAP_SHARED` (`PACKET_RX_RING`), unmapped on drop. Frames
+/// are `frame_size` apart; each starts with a `struct tpacket2_hdr` whose first word, the
+/// status, says whether the kernel or the user owns the frame.
+pub struct RingMap {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY (Send): the mapping belongs to this value alone; moving it to another thread moves
+// the ownership. Not Sync: reading a frame and handing it back must not race.
+unsafe impl Send for RingMap {}
+
+impl RingMap {
+    pub fn map(fd: RawFd, len: usize) -> io::Result<RingMap> {
+        // SAFETY: a fresh shared mapping of the socket's ring, of the length the ring was
+        // set up with; nothing else refers to this address range.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap returned a null mapping"))?;
+        Ok(RingMap { ptr, len })
+    }
+
+    fn status_word(&self, off: usize) -> &std::sync::atomic::AtomicU32 {
+        assert!(
+            off.is_multiple_of(16) && off + 4 <= self.len,
+            "ring offset {off} out of the map"
+        );
+        // SAFETY: in bounds (checked) and 16-byte aligned (frames are TPACKET_ALIGNMENT
+        // multiples from a page-aligned base); the word is shared with the kernel, so it is
+        // only ever accessed atomically here.
+        unsafe { std::sync::atomic::AtomicU32::from_ptr(self.ptr.as_ptr().add(off).cast()) }
+    }
+
+    /// The status of the frame at `off`, read with acquire ordering: once it says the frame
+    /// is the user's, the kernel's writes to the frame are visible.
+    pub fn status(&self, off: usize) -> u32 {
+        self.status_word(off)
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Hand the frame at `off` back to the kernel (release: reads of it come first).
+    pub fn release(&self, off: usize) {
+        self.status_word(off)
+            .store(TP_STATUS_KERNEL, std::sync::atomic::Ordering::Release);
+    }
+
+    /// `len` bytes at `off`; `None` outside the map. Only for a frame the status says is the
+    /// user's: the kernel does not write it until it is released.
+    pub fn bytes(&self, off: usize, len: usize) -> Option<&[u8]> {
+        if off.checked_add(len)? > self.len {
+            return None;
+        }
+        // SAFETY: in bounds (checked); the caller owns the frame (see above), so the kernel
+        // does not write these bytes while the borrow lives.
+        Some(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(off), len) })
+    }
+}
+
+impl Drop for RingMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
 }

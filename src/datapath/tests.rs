@@ -652,3 +652,13 @@ fn forwarding_threads_follow_ports_and_cpus() {
     assert_eq!(forwarding_threads(2, 3), 2);
     assert_eq!(forwarding_threads(8, 3), 3, "never more threads than ports");
 }
+
+#[test]
+fn busy_polling_needs_traffic_on_two_ports() {
+    use super::received_on_two_ports as two;
+    assert!(!two([0, 0, 0], 0), "nothing received yet");
+    assert!(!two([7, 0, 0], 1), "one port only: a one-way stream");
+    assert!(two([7, 9, 0], 1), "two ports within the window");
+    assert!(two([7, 0, 3], 1), "a port and the local port");
+    assert!(!two([7, 9, 0], 7), "one of the two before the window");
+}
