@@ -788,6 +788,38 @@ fn userspace_datapath_under_the_daemon() {
         .unwrap_or_else(|e| panic!("{e:#}\n{}", d.log()));
     assert_eq!(r.header("Via"), None, "{r:?}");
 
+    // status and metrics count what the datapath did: the rule's packets (its own count,
+    // this datapath has no nft rule counters), the verdicts, every port's frames and how
+    // they were received
+    let st = d.status();
+    let web = st.rules.iter().find(|r| r.name == "web").expect("web row");
+    assert!(web.counters.diverted.packets > 0, "{st:?}");
+    let u = st
+        .userspace
+        .as_ref()
+        .expect("status has the userspace section");
+    assert!(u.diverted > 0 && u.fdb_entries >= 2, "{u:?}");
+    let port = |name: &str| u.ports.iter().find(|p| p.name == name).expect(name);
+    for name in ["port-c1", "port-up"] {
+        let p = port(name);
+        assert!(p.rx_ring && p.rx_frames > 0 && p.tx_frames > 0, "{p:?}");
+    }
+    assert!(
+        port("br0").rx_frames > 0,
+        "the TAP carried Squid's replies: {u:?}"
+    );
+    let shown = text(&d.ctl(&["status"]));
+    assert!(shown.contains("userspace datapath: diverted"), "{shown}");
+    let resp = scrape(&lab);
+    let m = resp.split_once("\r\n\r\n").map(|x| x.1).unwrap_or_default();
+    let samples = parse_exposition(m).unwrap_or_else(|e| panic!("{e}\n{m}"));
+    assert!(
+        samples
+            .iter()
+            .any(|(s, v)| s == "brdivert_userspace_frames_total{what=\"diverted\"}" && *v > 0.0),
+        "{m}"
+    );
+
     // a refused reload keeps the running policy
     lab.write_rules("zz-bad", "[[divert]]\nname = \"bad\"\naction = \"nope\"\n")
         .expect("rules");

@@ -113,6 +113,10 @@ pub struct Status {
     /// `dr` rules: bucket shares per realserver, forwarded frames.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dr: Vec<DrStatus>,
+    /// The userspace datapath's own counters (ports, verdicts, FDB); `None` on the kernel
+    /// datapath.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userspace: Option<crate::datapath::Stats>,
     /// NFQUEUE decisions, while the policy has `decide = "queue"` rules.
     #[serde(default)]
     pub queue: Option<super::queue::QueueStatus>,
@@ -390,6 +394,35 @@ pub fn format_status(s: &Status) -> String {
             }
         }
     }
+    if let Some(u) = &s.userspace {
+        let _ = writeln!(
+            o,
+            "userspace datapath: diverted {}, passed by rules {}, dropped by rules {}, flooded {}, link-local dropped {}, dr forwarded {}; FDB {} entries ({} evicted)",
+            u.diverted,
+            u.passed,
+            u.policy_dropped,
+            u.flooded,
+            u.link_local_dropped,
+            u.dr_forwarded,
+            u.fdb_entries,
+            u.fdb_evicted
+        );
+        for p in &u.ports {
+            let _ = writeln!(
+                o,
+                "  {:<16} rx {} frames {} bytes ({}; {} copied whole, {} bad), tx {} frames, {} errors, {} over the MTU",
+                p.name,
+                p.rx_frames,
+                p.rx_bytes,
+                if p.rx_ring { "ring" } else { "recvmmsg" },
+                p.rx_copied,
+                p.rx_bad,
+                p.tx_frames,
+                p.tx_errors,
+                p.mtu_dropped
+            );
+        }
+    }
     if let Some(q) = &s.queue {
         let us = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v}us"));
         let _ = writeln!(
@@ -448,6 +481,7 @@ mod tests {
             counters_error: None,
             health: Vec::new(),
             dr,
+            userspace: None,
             queue: None,
             last_reload: None,
             reloads: ReloadCounts {
@@ -508,6 +542,48 @@ mod tests {
         let plain = status_with(Vec::new());
         assert!(!format_status(&plain).contains("dr ("));
         assert!(!serde_json::to_string(&plain).unwrap().contains("\"dr\""));
+    }
+
+    /// The userspace datapath's section: verdict totals, the FDB, a line per port; the JSON
+    /// round-trips, and the kernel datapath's status has neither.
+    #[test]
+    fn status_shows_the_userspace_datapath_counters() {
+        let mut s = status_with(Vec::new());
+        s.userspace = Some(crate::datapath::Stats {
+            ports: vec![crate::datapath::PortStats {
+                name: "eth1".into(),
+                rx_frames: 10,
+                rx_bytes: 1500,
+                tx_frames: 9,
+                rx_ring: true,
+                rx_copied: 2,
+                ..Default::default()
+            }],
+            diverted: 4,
+            flooded: 1,
+            fdb_entries: 3,
+            ..Default::default()
+        });
+        let text = format_status(&s);
+        assert!(
+            text.contains(
+                "userspace datapath: diverted 4, passed by rules 0, dropped by rules 0, flooded 1, \
+                 link-local dropped 0, dr forwarded 0; FDB 3 entries (0 evicted)\n\
+                 \x20 eth1             rx 10 frames 1500 bytes (ring; 2 copied whole, 0 bad), \
+                 tx 9 frames, 0 errors, 0 over the MTU\n"
+            ),
+            "{text}"
+        );
+        let json = serde_json::to_string(&s).unwrap();
+        let back: Status = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+        let kernel = status_with(Vec::new());
+        assert!(!format_status(&kernel).contains("userspace datapath"));
+        assert!(
+            !serde_json::to_string(&kernel)
+                .unwrap()
+                .contains("userspace")
+        );
     }
 
     #[test]

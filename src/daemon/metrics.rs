@@ -247,6 +247,9 @@ pub fn render(st: &Status) -> String {
             }
         }
     }
+    if let Some(u) = &st.userspace {
+        userspace_metrics(&mut o, u);
+    }
     family(
         &mut o,
         "brdivert_reloads_total",
@@ -300,6 +303,116 @@ pub fn render(st: &Status) -> String {
 }
 
 /// NFQUEUE decisions (only while the policy has queue rules).
+/// The userspace datapath's own counters: per port, per verdict, the FDB.
+fn userspace_metrics(o: &mut String, u: &crate::datapath::Stats) {
+    family(
+        o,
+        "brdivert_userspace_port_frames_total",
+        "counter",
+        "Frames a port of the userspace datapath received (rx) or sent (tx); the local port (TAP) is one of them.",
+    );
+    for p in &u.ports {
+        for (dir, n) in [("rx", p.rx_frames), ("tx", p.tx_frames)] {
+            let _ = writeln!(
+                o,
+                "brdivert_userspace_port_frames_total{{port=\"{}\",direction=\"{dir}\"}} {n}",
+                esc(&p.name)
+            );
+        }
+    }
+    family(
+        o,
+        "brdivert_userspace_port_rx_bytes_total",
+        "counter",
+        "Bytes (Ethernet frames, GSO super-frames whole) a port received.",
+    );
+    for p in &u.ports {
+        let _ = writeln!(
+            o,
+            "brdivert_userspace_port_rx_bytes_total{{port=\"{}\"}} {}",
+            esc(&p.name),
+            p.rx_bytes
+        );
+    }
+    family(
+        o,
+        "brdivert_userspace_port_dropped_frames_total",
+        "counter",
+        "Frames lost at a port, by reason: rx_bad (cut short, or a tag that could not be restored), tx_error (the kernel refused to send), mtu (bigger than the outgoing port's MTU).",
+    );
+    for p in &u.ports {
+        for (why, n) in [
+            ("rx_bad", p.rx_bad),
+            ("tx_error", p.tx_errors),
+            ("mtu", p.mtu_dropped),
+        ] {
+            let _ = writeln!(
+                o,
+                "brdivert_userspace_port_dropped_frames_total{{port=\"{}\",reason=\"{why}\"}} {n}",
+                esc(&p.name)
+            );
+        }
+    }
+    family(
+        o,
+        "brdivert_userspace_port_rx_copied_frames_total",
+        "counter",
+        "Frames too big for a slot of the port's receive ring (GSO super-frames, jumbo frames), read whole from its socket.",
+    );
+    for p in &u.ports {
+        let _ = writeln!(
+            o,
+            "brdivert_userspace_port_rx_copied_frames_total{{port=\"{}\"}} {}",
+            esc(&p.name),
+            p.rx_copied
+        );
+    }
+    family(
+        o,
+        "brdivert_userspace_port_rx_ring",
+        "gauge",
+        "1 when the port receives through a mapped ring, 0 when with recvmmsg (the kernel refused the ring).",
+    );
+    for p in &u.ports {
+        let _ = writeln!(
+            o,
+            "brdivert_userspace_port_rx_ring{{port=\"{}\"}} {}",
+            esc(&p.name),
+            u8::from(p.rx_ring)
+        );
+    }
+    family(
+        o,
+        "brdivert_userspace_frames_total",
+        "counter",
+        "Frames by what the userspace datapath did with them: diverted to the local port, passed or dropped by a rule, flooded (unknown destination), link_local_dropped (IEEE link-local groups but STP), dr_forwarded (to a realserver).",
+    );
+    for (what, n) in [
+        ("diverted", u.diverted),
+        ("passed", u.passed),
+        ("policy_dropped", u.policy_dropped),
+        ("flooded", u.flooded),
+        ("link_local_dropped", u.link_local_dropped),
+        ("dr_forwarded", u.dr_forwarded),
+    ] {
+        let _ = writeln!(o, "brdivert_userspace_frames_total{{what=\"{what}\"}} {n}");
+    }
+    family(
+        o,
+        "brdivert_userspace_fdb_entries",
+        "gauge",
+        "MAC addresses the userspace datapath's FDB holds now.",
+    );
+    let _ = writeln!(o, "brdivert_userspace_fdb_entries {}", u.fdb_entries);
+    family(
+        o,
+        "brdivert_userspace_fdb_evicted_total",
+        "counter",
+        "FDB entries pushed out because the table was full.",
+    );
+    let _ = writeln!(o, "brdivert_userspace_fdb_evicted_total {}", u.fdb_evicted);
+}
+
 fn queue_metrics(o: &mut String, q: &super::queue::QueueStatus) {
     family(
         o,
@@ -493,6 +606,19 @@ mod tests {
                 }],
                 dr_forwarded: Some(42),
             }],
+            userspace: Some(crate::datapath::Stats {
+                ports: vec![crate::datapath::PortStats {
+                    name: "eth1".into(),
+                    rx_frames: 7,
+                    rx_ring: true,
+                    rx_copied: 2,
+                    mtu_dropped: 1,
+                    ..Default::default()
+                }],
+                diverted: 3,
+                fdb_entries: 4,
+                ..Default::default()
+            }),
             queue: Some(crate::daemon::queue::QueueStatus {
                 queues: vec![0],
                 packets: 3,
@@ -535,6 +661,28 @@ mod tests {
             "brdivert_dr_forwarded_frames_total{rule=\"lvs-dr\"}".to_string(),
             42.0
         )));
+        for (series, v) in [
+            (
+                "brdivert_userspace_port_frames_total{port=\"eth1\",direction=\"rx\"}",
+                7.0,
+            ),
+            (
+                "brdivert_userspace_port_dropped_frames_total{port=\"eth1\",reason=\"mtu\"}",
+                1.0,
+            ),
+            (
+                "brdivert_userspace_port_rx_copied_frames_total{port=\"eth1\"}",
+                2.0,
+            ),
+            ("brdivert_userspace_port_rx_ring{port=\"eth1\"}", 1.0),
+            ("brdivert_userspace_frames_total{what=\"diverted\"}", 3.0),
+            ("brdivert_userspace_fdb_entries", 4.0),
+        ] {
+            assert!(
+                samples.contains(&(series.to_string(), v)),
+                "{series} {v} missing:\n{text}"
+            );
+        }
         assert!(parse_exposition("bad line").is_err());
         assert!(parse_exposition("x{a=\"1} 2").is_err());
     }

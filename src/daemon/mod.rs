@@ -642,21 +642,44 @@ pub fn rule_rows(st: &State, kernel: &BTreeMap<String, RuleCounts>) -> Vec<contr
             if let Some(k) = kernel.get(&r.name) {
                 c += *k;
             }
-            control::RuleStatus {
-                name: r.name.clone(),
-                action: r.action.keyword().into(),
-                families: r
-                    .families()
-                    .iter()
-                    .map(|f| match f {
-                        Family::V4 => "ipv4".to_string(),
-                        Family::V6 => "ipv6".to_string(),
-                    })
-                    .collect(),
-                counters: c,
-            }
+            rule_row(r, c)
         })
         .collect()
+}
+
+/// The rule rows on the userspace datapath: `frames` (per rule name, since the daemon
+/// started) are the packets each rule's action took, as its `diverted` counter (bytes are
+/// not counted there); it has no exemption counters (an exempted packet is bridged as if no
+/// rule matched).
+pub fn userspace_rule_rows(
+    policy: &Policy,
+    frames: &BTreeMap<String, u64>,
+) -> Vec<control::RuleStatus> {
+    policy
+        .rules
+        .iter()
+        .map(|r| {
+            let mut row = rule_row(r, RuleCounts::default());
+            row.counters.diverted.packets = frames.get(&r.name).copied().unwrap_or(0);
+            row
+        })
+        .collect()
+}
+
+fn rule_row(r: &crate::policy::DivertRule, counters: RuleCounts) -> control::RuleStatus {
+    control::RuleStatus {
+        name: r.name.clone(),
+        action: r.action.keyword().into(),
+        families: r
+            .families()
+            .iter()
+            .map(|f| match f {
+                Family::V4 => "ipv4".to_string(),
+                Family::V6 => "ipv6".to_string(),
+            })
+            .collect(),
+        counters,
+    }
 }
 
 /// Per `dr` rule of `policy`: each realserver's share of the buckets now (computed from the
@@ -709,11 +732,15 @@ pub async fn snapshot(shared: &Arc<Shared>) -> control::Status {
         Ok(Err(e)) => (BTreeMap::new(), Some(e.to_string())),
         Err(e) => (BTreeMap::new(), Some(e.to_string())),
     };
-    // the userspace datapath's frames per rule (its dr rules' frames sent to realservers)
-    let forwarded: Option<BTreeMap<String, u64>> = shared
-        .userspace
-        .as_ref()
-        .map(|u| u.rule_frames().into_iter().collect());
+    // the userspace datapath's counters: its frames per rule (a dr rule's: sent to
+    // realservers) stand in for the kernel's rule counters, which it has none of
+    let userspace = shared.userspace.as_ref().and_then(|u| u.stats());
+    let forwarded: Option<BTreeMap<String, u64>> = shared.userspace.as_ref().map(|_| {
+        userspace
+            .iter()
+            .flat_map(|s| s.rules.iter().cloned())
+            .collect()
+    });
     let st = shared.state();
     let mut pinned = st
         .base
@@ -730,11 +757,15 @@ pub async fn snapshot(shared: &Arc<Shared>) -> control::Status {
         bridge: st.settings.bridge.name.clone(),
         uptime_seconds: shared.started_mono.elapsed().as_secs_f64(),
         started: shared.started,
-        rules: rule_rows(&st, &kernel),
+        rules: match &forwarded {
+            Some(frames) => userspace_rule_rows(&st.policy, frames),
+            None => rule_rows(&st, &kernel),
+        },
         pinned,
         counters_error: err,
         health: st.health.values().cloned().collect(),
         dr: dr_rows(&st.policy, &st.neighbours, &st.health, forwarded.as_ref()),
+        userspace,
         // (the userspace datapath's inline decider stays in place without queue rules)
         queue: shared
             .queue

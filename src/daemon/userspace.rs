@@ -112,13 +112,11 @@ impl Userspace {
         })
     }
 
-    /// Frames each rule decided since the start, by rule name (for a `dr` rule: the frames
-    /// sent to its realservers); empty once stopped.
-    pub fn rule_frames(&self) -> Vec<(String, u64)> {
-        lock(&self.dp)
-            .as_ref()
-            .map(|dp| dp.stats().rules)
-            .unwrap_or_default()
+    /// The datapath's counters (ports, verdicts, FDB, frames each rule decided since the
+    /// start by rule name; for a `dr` rule: the frames sent to its realservers); `None` once
+    /// stopped.
+    pub fn stats(&self) -> Option<crate::datapath::Stats> {
+        lock(&self.dp).as_ref().map(|dp| dp.stats())
     }
 
     /// Stop forwarding, remove the TAP (with the threads) and the local-stack rules.

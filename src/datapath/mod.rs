@@ -291,7 +291,7 @@ fn received_on_two_ports(last_rx: impl IntoIterator<Item = u64>, since: u64) -> 
 }
 
 /// Counters of one port.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PortStats {
     pub name: String,
     pub rx_frames: u64,
@@ -307,8 +307,8 @@ pub struct PortStats {
     pub rx_copied: u64,
 }
 
-/// A snapshot of the datapath's counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// A snapshot of the datapath's counters (in `brdivert status` as `userspace`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     /// `bridge.ports` in order, then the local port (TAP).
     pub ports: Vec<PortStats>,

@@ -315,6 +315,9 @@ impl RxRing {
     pub fn recv(&mut self, port: &PacketPort, b: &mut RxBatch) -> io::Result<usize> {
         b.n = 0;
         let mut n = 0;
+        // a run of frames waiting whole on the socket: batch slots copies.0.. (copies.1 of
+        // them), read with one recvmmsg when the run ends
+        let mut copies = (0, 0);
         while n < b.cap() {
             let off = self.next * Self::SLOT;
             let status = self.map.status(off);
@@ -323,20 +326,41 @@ impl RxRing {
             }
             if status & sys::TP_STATUS_COPY != 0 {
                 // the whole frame waits on the socket, in the same order as the slots
-                b.copied += 1;
-                if port.recv_into(b, n, 1)? == 0 {
-                    b.frames[n] = (HEADROOM, 0);
-                    b.bad += 1;
+                if copies.1 == 0 {
+                    copies.0 = n;
                 }
+                copies.1 += 1;
             } else {
+                Self::recv_copies(port, b, &mut copies)?;
                 self.copy_out(off, status, b, n);
             }
             self.map.release(off);
             self.next = (self.next + 1) % Self::SLOTS;
             n += 1;
         }
+        Self::recv_copies(port, b, &mut copies)?;
         b.n = n;
         Ok(n)
+    }
+
+    /// Read a run of frames that wait whole on the socket into their batch slots.
+    fn recv_copies(
+        port: &PacketPort,
+        b: &mut RxBatch,
+        (first, count): &mut (usize, usize),
+    ) -> io::Result<()> {
+        if *count == 0 {
+            return Ok(());
+        }
+        b.copied += *count as u64;
+        let got = port.recv_into(b, *first, *count)?;
+        for i in *first + got..*first + *count {
+            // announced by its slot but not on the socket: lost
+            b.frames[i] = (HEADROOM, 0);
+            b.bad += 1;
+        }
+        *count = 0;
+        Ok(())
     }
 
     /// Copy the frame in the slot at `off` (vnet header and frame) into batch slot `i`.
