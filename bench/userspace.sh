@@ -53,7 +53,8 @@
 #                   kernel bridge's connections/s and flatters a busy-polling datapath. The
 #                   value in force is recorded in the report either way.
 # Environment for `user`: BRDIVERT_THREADS, BRDIVERT_SPIN_US (forwarding threads and busy
-# poll, [bridge] threads / busy_poll_us; unset: the datapath's defaults), BRDIVERT_BATCH.
+# poll, [bridge] threads / busy_poll_us; unset: the datapath's defaults), BRDIVERT_BATCH,
+# BRDIVERT_RX_RING=0 (receive with recvmmsg instead of the mapped ring).
 # Needs root, iperf3, iproute2, ethtool, python3, cargo (for user*), Open vSwitch (for ovs:
 # Debian package openvswitch-switch; the system service need not run and is never touched).
 set -euo pipefail
@@ -62,7 +63,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 LIB="$HERE/userspace_lib.py"
 # the datapath's experiment knobs, when set, are part of the command (examples/userspace_bridge)
-CMDLINE="$(env | { grep -E '^BRDIVERT_(BATCH|THREADS|SPIN_US)=' || true; } | sort | tr '\n' ' ')bench/userspace.sh${*:+ $*}"
+CMDLINE="$(env | { grep -E '^BRDIVERT_(BATCH|THREADS|SPIN_US|RX_RING)=' || true; } | sort | tr '\n' ' ')bench/userspace.sh${*:+ $*}"
 ROUNDS=3 SECS=4 OUT="" BIN="" CPU_PPS=50000 CPU_MBIT=500 HALT_POLL_NS=""
 CONFIGS_ARG=kernel,user,ovs,kernel-txoff,user-txoff ONLY=tcp,udp,cps,cpu_udp,cpu_tcp
 while (($#)); do
