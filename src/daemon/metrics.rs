@@ -302,85 +302,55 @@ pub fn render(st: &Status) -> String {
     o
 }
 
-/// NFQUEUE decisions (only while the policy has queue rules).
 /// The userspace datapath's own counters: per port, per verdict, the FDB.
 fn userspace_metrics(o: &mut String, u: &crate::datapath::Stats) {
-    family(
+    let ports = &u.ports;
+    port_family(
         o,
-        "brdivert_userspace_port_frames_total",
-        "counter",
+        ("brdivert_userspace_port_frames_total", "counter"),
         "Frames a port of the userspace datapath received (rx) or sent (tx); the local port (TAP) is one of them.",
+        ports,
+        Some("direction"),
+        |p| vec![("rx", p.rx_frames), ("tx", p.tx_frames)],
     );
-    for p in &u.ports {
-        for (dir, n) in [("rx", p.rx_frames), ("tx", p.tx_frames)] {
-            let _ = writeln!(
-                o,
-                "brdivert_userspace_port_frames_total{{port=\"{}\",direction=\"{dir}\"}} {n}",
-                esc(&p.name)
-            );
-        }
-    }
-    family(
+    port_family(
         o,
-        "brdivert_userspace_port_rx_bytes_total",
-        "counter",
+        ("brdivert_userspace_port_rx_bytes_total", "counter"),
         "Bytes (Ethernet frames, GSO super-frames whole) a port received.",
+        ports,
+        None,
+        |p| vec![("", p.rx_bytes)],
     );
-    for p in &u.ports {
-        let _ = writeln!(
-            o,
-            "brdivert_userspace_port_rx_bytes_total{{port=\"{}\"}} {}",
-            esc(&p.name),
-            p.rx_bytes
-        );
-    }
-    family(
+    port_family(
         o,
-        "brdivert_userspace_port_dropped_frames_total",
-        "counter",
+        ("brdivert_userspace_port_dropped_frames_total", "counter"),
         "Frames lost at a port, by reason: rx_bad (cut short, or a tag that could not be restored), tx_error (the kernel refused to send), mtu (bigger than the outgoing port's MTU).",
+        ports,
+        Some("reason"),
+        |p| {
+            vec![
+                ("rx_bad", p.rx_bad),
+                ("tx_error", p.tx_errors),
+                ("mtu", p.mtu_dropped),
+            ]
+        },
     );
-    for p in &u.ports {
-        for (why, n) in [
-            ("rx_bad", p.rx_bad),
-            ("tx_error", p.tx_errors),
-            ("mtu", p.mtu_dropped),
-        ] {
-            let _ = writeln!(
-                o,
-                "brdivert_userspace_port_dropped_frames_total{{port=\"{}\",reason=\"{why}\"}} {n}",
-                esc(&p.name)
-            );
-        }
-    }
-    family(
+    port_family(
         o,
-        "brdivert_userspace_port_rx_copied_frames_total",
-        "counter",
+        ("brdivert_userspace_port_rx_copied_frames_total", "counter"),
         "Frames too big for a slot of the port's receive ring (GSO super-frames, jumbo frames), read whole from its socket.",
+        ports,
+        None,
+        |p| vec![("", p.rx_copied)],
     );
-    for p in &u.ports {
-        let _ = writeln!(
-            o,
-            "brdivert_userspace_port_rx_copied_frames_total{{port=\"{}\"}} {}",
-            esc(&p.name),
-            p.rx_copied
-        );
-    }
-    family(
+    port_family(
         o,
-        "brdivert_userspace_port_rx_ring",
-        "gauge",
+        ("brdivert_userspace_port_rx_ring", "gauge"),
         "1 when the port receives through a mapped ring, 0 when with recvmmsg (the kernel refused the ring).",
+        ports,
+        None,
+        |p| vec![("", u64::from(p.rx_ring))],
     );
-    for p in &u.ports {
-        let _ = writeln!(
-            o,
-            "brdivert_userspace_port_rx_ring{{port=\"{}\"}} {}",
-            esc(&p.name),
-            u8::from(p.rx_ring)
-        );
-    }
     family(
         o,
         "brdivert_userspace_frames_total",
@@ -397,22 +367,45 @@ fn userspace_metrics(o: &mut String, u: &crate::datapath::Stats) {
     ] {
         let _ = writeln!(o, "brdivert_userspace_frames_total{{what=\"{what}\"}} {n}");
     }
-    family(
-        o,
-        "brdivert_userspace_fdb_entries",
-        "gauge",
-        "MAC addresses the userspace datapath's FDB holds now.",
-    );
-    let _ = writeln!(o, "brdivert_userspace_fdb_entries {}", u.fdb_entries);
-    family(
-        o,
-        "brdivert_userspace_fdb_evicted_total",
-        "counter",
-        "FDB entries pushed out because the table was full.",
-    );
-    let _ = writeln!(o, "brdivert_userspace_fdb_evicted_total {}", u.fdb_evicted);
+    for (name, kind, help, n) in [
+        (
+            "brdivert_userspace_fdb_entries",
+            "gauge",
+            "MAC addresses the userspace datapath's FDB holds now.",
+            u.fdb_entries as u64,
+        ),
+        (
+            "brdivert_userspace_fdb_evicted_total",
+            "counter",
+            "FDB entries pushed out because the table was full.",
+            u.fdb_evicted,
+        ),
+    ] {
+        family(o, name, kind, help);
+        let _ = writeln!(o, "{name} {n}");
+    }
 }
 
+/// One family (name, type) with samples per port: `values` gives each port's numbers, each
+/// with its value of the label `label` (a single unlabelled number when `label` is `None`).
+fn port_family(
+    o: &mut String,
+    (name, kind): (&str, &str),
+    help: &str,
+    ports: &[crate::datapath::PortStats],
+    label: Option<&str>,
+    values: impl Fn(&crate::datapath::PortStats) -> Vec<(&'static str, u64)>,
+) {
+    family(o, name, kind, help);
+    for p in ports {
+        for (v, n) in values(p) {
+            let extra = label.map_or(String::new(), |l| format!(",{l}=\"{v}\""));
+            let _ = writeln!(o, "{name}{{port=\"{}\"{extra}}} {n}", esc(&p.name));
+        }
+    }
+}
+
+/// NFQUEUE decisions (only while the policy has queue rules).
 fn queue_metrics(o: &mut String, q: &super::queue::QueueStatus) {
     family(
         o,

@@ -6,10 +6,10 @@
 //!   shared out among them) receive a batch per port (from the port's mapped ring,
 //!   [`port::RxRing`], or with `recvmmsg`), classify each IP frame with the same policy as
 //!   the kernel datapath ([`crate::classify`]), learn source MACs in the shared [`fdb`], and
-//!   send per destination port in one `sendmmsg`. A thread that just
-//!   forwarded keeps polling for [`Options::spin`] before it sleeps, while traffic flows both
-//!   ways ([`Shared::two_way`]): waking a sleeping thread costs more than the whole
-//!   forwarding work of a frame.
+//!   send per destination port in one `sendmmsg`. A thread that just forwarded keeps
+//!   polling for [`Options::spin`] before it sleeps, while traffic flows both ways
+//!   ([`Shared::two_way`]): waking a sleeping thread costs more than the whole forwarding
+//!   work of a frame.
 //! - A diverted frame gets the frame diverter's move: destination MAC := the TAP's MAC, and
 //!   it is written to the TAP only. The TAP cannot carry a packet mark, so the rule's tag
 //!   rides in the frame's source MAC ([`frame::tag_mac`]) and one nft rule per diverting rule

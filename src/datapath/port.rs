@@ -305,11 +305,6 @@ impl RxRing {
         Ok(RxRing { map, next: 0 })
     }
 
-    /// Whether a frame waits in the next slot.
-    pub fn ready(&self) -> bool {
-        self.map.status(self.next * Self::SLOT) & sys::TP_STATUS_USER != 0
-    }
-
     /// Take what is waiting (at most the batch's capacity) into `b`, without waiting, and
     /// hand the slots back to the kernel.
     pub fn recv(&mut self, port: &PacketPort, b: &mut RxBatch) -> io::Result<usize> {
