@@ -30,6 +30,9 @@ pub struct PacketInfo {
     /// (source, destination) ports of TCP/UDP; `None` for other protocols, truncated
     /// headers and non-first fragments (as the kernel: no transport header there)
     pub ports: Option<(u16, u16)>,
+    /// TCP flags (FIN 0x01, SYN 0x02, RST 0x04, …) where `ports` is read from a TCP
+    /// header that has them; 0 otherwise
+    pub tcp_flags: u8,
 }
 
 impl PacketInfo {
@@ -110,6 +113,10 @@ pub fn parse_frame(frame: &[u8]) -> Result<PacketInfo, NotIp> {
         )),
         _ => None,
     };
+    let tcp_flags = match (l4proto, l4.get(13)) {
+        (IPPROTO_TCP, Some(&f)) if first_fragment => f,
+        _ => 0,
+    };
     Ok(PacketInfo {
         src_mac,
         dst_mac,
@@ -118,6 +125,7 @@ pub fn parse_frame(frame: &[u8]) -> Result<PacketInfo, NotIp> {
         dst,
         l4proto,
         ports,
+        tcp_flags,
     })
 }
 

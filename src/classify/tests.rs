@@ -34,6 +34,8 @@ fn parse_round_trips_v4_v6_vlan() {
         let p = info(&s);
         assert_eq!((p.src, p.dst, p.l4proto), (s.src, s.dst, s.l4proto));
         assert_eq!(p.ports, Some((40000, s.dport)));
+        // FrameSpec's TCP header is a SYN; UDP has no flags
+        assert_eq!(p.tcp_flags, if s.l4proto == 6 { 0x02 } else { 0 });
         assert_eq!(p.vlan, None);
         s.vlan = Some(42);
         let p = info(&s);
@@ -184,4 +186,18 @@ fn vlan_rules_take_their_tags_and_others_only_untagged_frames() {
     assert_eq!(c(None), Decision::Pass { rule: 1 });
     // a VLAN no rule names: bridged untouched
     assert_eq!(c(Some(20)), Decision::Bridge);
+}
+
+/// TCP flags are read only where the header has them: a header cut after the ports has
+/// ports but no flags.
+#[test]
+fn tcp_flags_only_from_a_header_that_has_them() {
+    let mut f = spec("10.0.0.1", "10.0.0.2", 6, 80).to_bytes();
+    let p = parse_frame(&f).unwrap();
+    assert_eq!(p.tcp_flags, 0x02);
+    // cut the TCP header to 13 bytes (flags at offset 13) and fix the IP total length
+    f.truncate(14 + 20 + 13);
+    f[16..18].copy_from_slice(&(20u16 + 13).to_be_bytes());
+    let p = parse_frame(&f).unwrap();
+    assert_eq!((p.ports, p.tcp_flags), (Some((40000, 80)), 0));
 }

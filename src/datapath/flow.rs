@@ -1,6 +1,14 @@
 //! Per-flow decisions: the first packet of a flow is classified, the rest follow that
-//! decision until the flow has been idle for the timeout. This is what keeps established
+//! decision until the flow has been idle for its timeout. This is what keeps established
 //! flows on their path across a policy swap (the userspace twin of conntrack-mark pinning).
+//!
+//! Timeouts, per direction (each direction of a connection is a flow of its own): once a TCP
+//! packet without SYN has passed (the handshake is done), the connection stays pinned as
+//! long as the kernel datapath's pins ([`crate::nft::compile::PIN_TIMEOUT_S`], 3 h: idle
+//! connections with the default keepalive keep their path); once a FIN or RST has passed,
+//! the entry goes after [`CLOSING_IDLE`]. Everything else, SYNs of a connection not (yet)
+//! open included (a dropped SYN's retransmissions), goes after the table's idle time (300 s
+//! by default). So closed connections do not fill the table for hours.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -8,8 +16,52 @@ use std::time::{Duration, Instant};
 
 use crate::classify::{Decision, PacketInfo};
 
+/// Idle timeout of flows other than open or closing TCP connections.
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_FLOWS: usize = 256 * 1024;
+/// Idle timeout of an open TCP connection: the kernel datapath's pin timeout.
+pub const TCP_OPEN_IDLE: Duration = Duration::from_secs(crate::nft::compile::PIN_TIMEOUT_S);
+/// Idle timeout of a TCP direction after its FIN or RST (the other side's last data and
+/// ACKs, retransmissions of the FIN).
+pub const CLOSING_IDLE: Duration = Duration::from_secs(30);
+
+const TCP_FIN_OR_RST: u8 = 0x01 | 0x04;
+const TCP_SYN: u8 = 0x02;
+
+/// Where a flow is in its life, for its idle timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// not TCP, or TCP with only SYNs so far: the table's idle time
+    Other,
+    /// TCP past its handshake: [`TCP_OPEN_IDLE`]
+    Open,
+    /// TCP after its FIN or RST: [`CLOSING_IDLE`]
+    Closing,
+}
+
+impl Stage {
+    /// The stage after a packet with `tcp_flags` (`before`: `None` for a new flow).
+    fn after(key: &FlowKey, tcp_flags: u8, before: Option<Stage>) -> Stage {
+        if key.proto != 6 {
+            Stage::Other
+        } else if tcp_flags & TCP_FIN_OR_RST != 0 || before == Some(Stage::Closing) {
+            Stage::Closing
+        } else if tcp_flags & TCP_SYN != 0 {
+            before.unwrap_or(Stage::Other)
+        } else {
+            Stage::Open
+        }
+    }
+
+    /// How long a flow in this stage may idle; `other`: the table's idle time.
+    fn idle(self, other: Duration) -> Duration {
+        match self {
+            Stage::Other => other,
+            Stage::Open => TCP_OPEN_IDLE,
+            Stage::Closing => CLOSING_IDLE,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -52,17 +104,28 @@ impl From<Decision> for Pin {
     }
 }
 
+/// One flow: what it is pinned to, when it was last seen, under which policy (the caller's
+/// sequence number) it was decided, and its stage.
+#[derive(Debug, Clone, Copy)]
+struct Entry<T> {
+    pin: T,
+    seen: Instant,
+    seq: u64,
+    stage: Stage,
+}
+
 /// Flows and what each is pinned to (`T`: a [`Decision`], or the datapath's [`Pin`]).
 #[derive(Debug)]
 pub struct FlowTable<T: Copy = Decision> {
-    /// decision, last seen, and the policy sequence number it was decided under
-    map: HashMap<FlowKey, (T, Instant, u64)>,
+    map: HashMap<FlowKey, Entry<T>>,
+    /// idle timeout of flows other than open or closing TCP connections
     idle: Duration,
     max: usize,
     last_sweep: Option<Instant>,
 }
 
 impl<T: Copy> FlowTable<T> {
+    /// `idle`: the idle timeout of flows other than open or closing TCP connections.
     pub fn new(idle: Duration, max: usize) -> FlowTable<T> {
         FlowTable {
             map: HashMap::new(),
@@ -82,46 +145,58 @@ impl<T: Copy> FlowTable<T> {
 
     /// The flow's decision, deciding with `decide` on its first packet (or after it idled
     /// out). When the table is full, packets of new flows are decided each time, uncached.
+    /// (No TCP flags: a TCP flow counts as open.)
     pub fn decide(&mut self, key: FlowKey, now: Instant, decide: impl FnOnce() -> T) -> T {
-        self.decide_seq(key, now, 0, decide).0
+        self.decide_seq(key, now, 0, 0, decide).0
     }
 
-    /// [`FlowTable::decide`], also saying under which policy (`seq`, the caller's numbering)
-    /// the decision was made, so rule indexes of older policies are not miscounted.
+    /// [`FlowTable::decide`] for a packet with `tcp_flags` (0 for other protocols), also
+    /// saying under which policy (`seq`, the caller's numbering) the decision was made, so
+    /// rule indexes of older policies are not miscounted.
     pub fn decide_seq(
         &mut self,
         key: FlowKey,
         now: Instant,
         seq: u64,
+        tcp_flags: u8,
         decide: impl FnOnce() -> T,
     ) -> (T, u64) {
-        if let Some((d, seen, s)) = self.map.get_mut(&key)
-            && now.saturating_duration_since(*seen) <= self.idle
+        let idle = self.idle;
+        if let Some(e) = self.map.get_mut(&key)
+            && now.saturating_duration_since(e.seen) <= e.stage.idle(idle)
         {
-            *seen = now;
-            return (*d, *s);
+            e.seen = now;
+            e.stage = Stage::after(&key, tcp_flags, Some(e.stage));
+            return (e.pin, e.seq);
         }
-        let d = decide();
+        let pin = decide();
         if self.map.len() >= self.max {
-            self.expire(now);
+            // at most one scan a second: a full table of live flows must not cost a scan
+            // per new flow
+            self.sweep(now);
         }
         if self.map.len() < self.max || self.map.contains_key(&key) {
-            self.map.insert(key, (d, now, seq));
+            let stage = Stage::after(&key, tcp_flags, None);
+            self.map.insert(
+                key,
+                Entry {
+                    pin,
+                    seen: now,
+                    seq,
+                    stage,
+                },
+            );
         }
-        (d, seq)
+        (pin, seq)
     }
 
     /// Drop idle flows (at most once a second).
     pub fn sweep(&mut self, now: Instant) {
         if super::due_once_a_second(&mut self.last_sweep, now) {
-            self.expire(now);
+            let idle = self.idle;
+            self.map
+                .retain(|_, e| now.saturating_duration_since(e.seen) <= e.stage.idle(idle));
         }
-    }
-
-    fn expire(&mut self, now: Instant) {
-        let idle = self.idle;
-        self.map
-            .retain(|_, (_, seen, _)| now.saturating_duration_since(*seen) <= idle);
     }
 }
 
@@ -135,9 +210,90 @@ mod tests {
             vlan: None,
             src: "10.0.0.1".parse().unwrap(),
             dst: "10.0.0.2".parse().unwrap(),
+            proto: 17,
+            ports: Some((sport, 53)),
+        }
+    }
+
+    fn tcp(sport: u16) -> FlowKey {
+        FlowKey {
             proto: 6,
             ports: Some((sport, 80)),
+            ..key(sport)
         }
+    }
+
+    /// An open TCP connection stays pinned as long as the kernel's pins (past the table's
+    /// idle time), a direction that saw FIN or RST goes after CLOSING_IDLE, and stays
+    /// closing whatever comes after.
+    #[test]
+    fn tcp_connections_stay_pinned_until_closed() {
+        let mut ft = FlowTable::new(Duration::from_secs(10), 10);
+        let t = Instant::now();
+        let seen = |ft: &mut FlowTable, k, at, flags| {
+            ft.decide_seq(k, t + at, 0, flags, || Decision::Drop { rule: 0 })
+                .0
+        };
+        let hour = Duration::from_secs(3600);
+        // SYNs only (a connection not open, e.g. a dropped one's retransmissions): the
+        // table's idle time
+        ft.decide_seq(tcp(9), t, 0, 0x02, || Decision::Drop { rule: 0 });
+        ft.decide_seq(tcp(9), t + Duration::from_secs(3), 0, 0x02, || {
+            Decision::Bridge
+        });
+        ft.sweep(t + Duration::from_secs(14));
+        assert_eq!(ft.len(), 0, "a SYN-only flow idles out like any other");
+        // open connections: SYN, then a packet without SYN
+        assert_eq!(
+            seen(&mut ft, tcp(1), Duration::ZERO, 0x02),
+            Decision::Drop { rule: 0 }
+        );
+        ft.decide_seq(tcp(2), t, 0, 0x02, || Decision::Bridge);
+        ft.decide_seq(tcp(3), t, 0, 0x02, || Decision::Bridge);
+        for k in [tcp(1), tcp(2), tcp(3)] {
+            ft.decide_seq(k, t, 0, 0x10, || Decision::Bridge);
+        }
+        // idle for two hours, still pinned (the table's own idle time is 10 s)
+        assert_eq!(seen(&mut ft, tcp(2), 2 * hour, 0x10), Decision::Bridge);
+        // FIN: closing; later packets (ACKs) keep it closing
+        assert_eq!(seen(&mut ft, tcp(3), 2 * hour, 0x11), Decision::Bridge);
+        assert_eq!(
+            seen(&mut ft, tcp(3), 2 * hour + Duration::from_secs(20), 0x10),
+            Decision::Bridge
+        );
+        ft.sweep(t + 2 * hour + CLOSING_IDLE + Duration::from_secs(21));
+        assert_eq!(ft.len(), 2, "the closed direction went, the open ones stay");
+        // RST works the same
+        let rst = 2 * hour + Duration::from_secs(60);
+        ft.decide_seq(tcp(2), t + rst, 0, 0x04, || Decision::Bridge);
+        ft.sweep(t + rst + CLOSING_IDLE + Duration::from_secs(1));
+        assert_eq!(ft.len(), 1);
+        // and past the pin timeout an idle connection is decided again
+        assert_eq!(
+            seen(
+                &mut ft,
+                tcp(1),
+                TCP_OPEN_IDLE + Duration::from_secs(1),
+                0x10
+            ),
+            Decision::Drop { rule: 0 }
+        );
+    }
+
+    /// A full table of live flows: new flows are decided uncached, and only a sweep (at most
+    /// once a second) makes room.
+    #[test]
+    fn a_full_table_makes_room_once_a_second() {
+        let mut ft = FlowTable::new(Duration::from_secs(10), 2);
+        let t = Instant::now();
+        ft.decide(key(1), t, || Decision::Bridge);
+        ft.decide(key(2), t, || Decision::Bridge);
+        ft.sweep(t); // the second's sweep is spent
+        // key(1) and key(2) idle out at t + 10 s; within the same second no room is made
+        ft.decide(key(3), t + Duration::from_millis(500), || Decision::Bridge);
+        assert_eq!(ft.len(), 2);
+        ft.decide(key(3), t + Duration::from_secs(11), || Decision::Bridge);
+        assert_eq!(ft.len(), 1, "swept, then key(3) cached");
     }
 
     #[test]
@@ -167,10 +323,10 @@ mod tests {
         let mut ft = FlowTable::new(Duration::from_secs(10), 10);
         let t = Instant::now();
         let d = Decision::Pass { rule: 3 };
-        assert_eq!(ft.decide_seq(key(1), t, 7, || d), (d, 7));
-        assert_eq!(ft.decide_seq(key(1), t, 8, || Decision::Bridge), (d, 7));
+        assert_eq!(ft.decide_seq(key(1), t, 7, 0, || d), (d, 7));
+        assert_eq!(ft.decide_seq(key(1), t, 8, 0, || Decision::Bridge), (d, 7));
         assert_eq!(
-            ft.decide_seq(key(2), t, 8, || Decision::Bridge),
+            ft.decide_seq(key(2), t, 8, 0, || Decision::Bridge),
             (Decision::Bridge, 8)
         );
     }

@@ -820,6 +820,7 @@ fn reply_matches(r: &DivertRule, iif: &str, p: &PacketInfo) -> bool {
         dst: p.src,
         l4proto: p.l4proto,
         ports: Some((dport, sport)),
+        tcp_flags: p.tcp_flags,
     };
     let as_iif = r.from.first().map_or(iif, String::as_str);
     classify::rule_matches(r, as_iif, &fwd)
@@ -870,7 +871,8 @@ pub fn process_frame(
     let Ok(info) = classify::parse_frame(eth) else {
         return (Verdict::Forward, None);
     };
-    let (pin, seq) = flows.decide_seq(FlowKey::of(iif, &info), now, rules.seq, || {
+    let key = FlowKey::of(iif, &info);
+    let (pin, seq) = flows.decide_seq(key, now, rules.seq, info.tcp_flags, || {
         rules.decide(iif_name, &info)
     });
     let d = pin.decision;

@@ -117,6 +117,7 @@ mod tests {
             dst: "192.0.2.1".parse().unwrap(),
             l4proto: 6,
             ports: Some((sport, 80)),
+            tcp_flags: 0,
         }
     }
 
