@@ -12,6 +12,8 @@
 #                 ovsdb-server + ovs-vswitchd started fresh every round (bench/ovs.sh)
 #   kernel-txoff  kernel, with the endpoints' tx checksum offload off (OVS's setting)
 #   user-txoff    user, with the endpoints' tx checksum offload off (OVS's setting)
+#   user2         user, with the binary given by --bin2 (A/B of two builds in one run;
+#                 the report then compares user2 with user round by round)
 # Endpoints (client and server eth0) keep their default offloads (tx checksum, TSO) in
 # kernel and user; OVS's netdev datapath reads frames over AF_PACKET without vnet headers,
 # so a checksum-partial frame would reach the receiver with a bad checksum: ovs (always) and
@@ -39,13 +41,15 @@
 # rate is flagged in the report. Background: 2 s of the idle machine per round (reported).
 #
 # Usage: bench/userspace.sh [--rounds N] [--secs S] [--configs LIST] [--only LIST]
-#                           [--cpu-pps N] [--cpu-mbit N] [--bin PATH] [--out FILE]
+#                           [--cpu-pps N] [--cpu-mbit N] [--bin PATH] [--bin2 PATH]
+#                           [--out FILE]
 #   defaults: 3 rounds, 4 s runs, all five configurations, all metrics, 50000 pps, 500 Mbit/s
 #   (about 2 minutes per round with the defaults; 5 rounds of 4 s: about 11 minutes)
-#   --configs LIST  comma-separated subset of kernel,user,ovs,kernel-txoff,user-txoff
+#   --configs LIST  comma-separated subset of kernel,user,ovs,kernel-txoff,user-txoff,user2
 #                   (kernel is always measured: it is the baseline of every ratio)
 #   --only LIST     comma-separated subset of tcp,udp,cps,cpu_udp,cpu_tcp
 #   --bin PATH      userspace_bridge binary (default: build it with cargo, release)
+#   --bin2 PATH     the userspace_bridge binary of `user2` (required with it)
 #   --out FILE      report (default bench/results/userspace-<date>.md; -<HHMM> added if taken)
 #   --halt-poll NS  set the guest's cpuidle halt polling (/sys/module/haltpoll/parameters/
 #                   guest_halt_poll_ns) to NS for the run and restore it after; on a VM with
@@ -64,7 +68,7 @@ REPO=$(cd "$HERE/.." && pwd)
 LIB="$HERE/userspace_lib.py"
 # the datapath's experiment knobs, when set, are part of the command (examples/userspace_bridge)
 CMDLINE="$(env | { grep -E '^BRDIVERT_(BATCH|THREADS|SPIN_US|RX_RING)=' || true; } | sort | tr '\n' ' ')bench/userspace.sh${*:+ $*}"
-ROUNDS=3 SECS=4 OUT="" BIN="" CPU_PPS=50000 CPU_MBIT=500 HALT_POLL_NS=""
+ROUNDS=3 SECS=4 OUT="" BIN="" BIN2="" CPU_PPS=50000 CPU_MBIT=500 HALT_POLL_NS=""
 CONFIGS_ARG=kernel,user,ovs,kernel-txoff,user-txoff ONLY=tcp,udp,cps,cpu_udp,cpu_tcp
 while (($#)); do
     case "$1" in
@@ -75,6 +79,7 @@ while (($#)); do
         --cpu-pps) CPU_PPS=$2; shift ;;
         --cpu-mbit) CPU_MBIT=$2; shift ;;
         --bin) BIN=$2; shift ;;
+        --bin2) BIN2=$2; shift ;;
         --out) OUT=$2; shift ;;
         --halt-poll) HALT_POLL_NS=$2; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -88,11 +93,11 @@ log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
 # Configurations: kernel first (the baseline), the rest in the canonical order.
 CONFIGS=(kernel)
-for c in user ovs kernel-txoff user-txoff; do
+for c in user user2 ovs kernel-txoff user-txoff; do
     [[ ,$CONFIGS_ARG, == *,$c,* ]] && CONFIGS+=("$c")
 done
 for c in ${CONFIGS_ARG//,/ }; do
-    [[ " kernel user ovs kernel-txoff user-txoff " == *" $c "* ]] || die "unknown configuration '$c'"
+    [[ " kernel user user2 ovs kernel-txoff user-txoff " == *" $c "* ]] || die "unknown configuration '$c'"
 done
 for m in ${ONLY//,/ }; do
     [[ " tcp udp cps cpu_udp cpu_tcp " == *" $m "* ]] || die "unknown metric '$m' in --only"
@@ -126,6 +131,10 @@ if has_config user || has_config user-txoff; then
     fi
     [[ -x $BIN ]] || die "no userspace_bridge binary at $BIN"
     BIN=$(realpath "$BIN")
+fi
+if has_config user2; then
+    [[ -n $BIN2 && -x $BIN2 ]] || die "the user2 configuration needs --bin2 PATH to a built userspace_bridge"
+    BIN2=$(realpath "$BIN2")
 fi
 
 # ---------------------------------------------------------------------------------------
@@ -205,9 +214,12 @@ up_kernel() {
     ip -n "$B" link set br0 up
 }
 down_kernel() { ip -n "$B" link del br0; }
-up_user() {
+up_user() { start_datapath "$BIN"; }
+up_user2() { start_datapath "$BIN2"; }
+down_user2() { down_user; }
+start_datapath() { # BINARY
     # ip netns exec and env exec the binary, so $! is the datapath itself (not a subshell)
-    ip netns exec "$B" env BRDIVERT_BATCH="${BRDIVERT_BATCH:-64}" BRDIVERT_STATE_DIR="$WORK/state" "$BIN" "$WORK/brdivert.toml" 2>"$WORK/dp.log" &
+    ip netns exec "$B" env BRDIVERT_BATCH="${BRDIVERT_BATCH:-64}" BRDIVERT_STATE_DIR="$WORK/state" "$1" "$WORK/brdivert.toml" 2>"$WORK/dp.log" &
     DP_PID=$!
     for ((i = 0; ; i++)); do
         grep -q running "$WORK/dp.log" 2>/dev/null && break
@@ -260,7 +272,7 @@ rx() { ins cat /sys/class/net/eth0/statistics/rx_packets; }
 sys_idle() { awk '/^cpu / { print $5 + $6 }' /proc/stat; }
 dp_pid() {
     case $(base_of "$UP") in
-        user) echo "$DP_PID" ;;
+        user | user2) echo "$DP_PID" ;;
         ovs) echo "$OVS_VSWITCHD_PID" ;;
         *) echo "" ;;
     esac

@@ -23,6 +23,7 @@ LABELS = {
     "ovs": "OVS netdev",
     "kernel-txoff": "kernel bridge, tx-csum off",
     "user-txoff": "brdivert userspace, tx-csum off",
+    "user2": "brdivert userspace, the --bin2 build",
 }
 # Targets of issue 5: the userspace datapath against the kernel bridge of the same round.
 TARGETS = {"tcp": 0.8, "udp": 0.8, "cps": 0.9}
@@ -185,6 +186,15 @@ def summary(samples_path: str, out_path: str) -> None:
         w("|" + "---|" * len(head))
         for key, label, _, _ in ms:
             w("| " + " | ".join([label] + [rcell(ratios(key, u, "ovs")) for u in us]) + " |")
+        w("")
+
+    if "user" in configs and "user2" in configs:
+        w("## `user2` (the --bin2 build) against `user` (same round)\n")
+        w("Higher-is-better rows: > 1 = user2 ahead; CPU rows: < 1 = user2 ahead.\n")
+        w("| Metric | `user2` / `user` |")
+        w("|---|---|")
+        for key, label, _, _ in ms:
+            w(f"| {label} | {rcell(ratios(key, 'user2', 'user'))} |")
         w("")
 
     w("## Against the targets\n")
