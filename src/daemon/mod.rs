@@ -651,7 +651,7 @@ pub fn rule_rows(st: &State, kernel: &BTreeMap<String, RuleCounts>) -> Vec<contr
 /// started) are the packets each rule's action took, as its `diverted` counter (bytes are
 /// not counted there); it has no exemption counters (an exempted packet is bridged as if no
 /// rule matched).
-pub fn userspace_rule_rows(
+fn userspace_rule_rows(
     policy: &Policy,
     frames: &BTreeMap<String, u64>,
 ) -> Vec<control::RuleStatus> {
