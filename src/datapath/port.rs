@@ -360,17 +360,12 @@ impl RxRing {
 
     /// Copy the frame in the slot at `off` (vnet header and frame) into batch slot `i`.
     fn copy_out(&self, off: usize, status: u32, b: &mut RxBatch, i: usize) {
-        let field = |at: usize, len: usize| -> usize {
-            self.map.bytes(off + at, len).map_or(0, |v| match *v {
-                [a, b] => u16::from_ne_bytes([a, b]) as usize,
-                [a, b, c, d] => u32::from_ne_bytes([a, b, c, d]) as usize,
-                _ => 0,
-            })
-        };
-        // struct tpacket2_hdr: status, len, snaplen (u32); mac, net (u16); sec, nsec (u32);
-        // vlan_tci, vlan_tpid (u16)
-        let (len, snaplen, mac) = (field(4, 4), field(8, 4), field(12, 2));
-        let (tci, tpid) = (field(24, 2) as u16, field(26, 2) as u16);
+        let h = self.map.header(off).unwrap_or_default();
+        let (len, snaplen, mac) = (
+            h.tp_len as usize,
+            h.tp_snaplen as usize,
+            usize::from(h.tp_mac),
+        );
         let whole = snaplen == len && mac >= VNET_HDR_LEN;
         let bytes = VNET_HDR_LEN + snaplen;
         let src = whole
@@ -382,8 +377,8 @@ impl RxRing {
             return;
         };
         b.bufs[i][HEADROOM..HEADROOM + bytes].copy_from_slice(src);
-        let vlan =
-            (status & sys::TP_STATUS_VLAN_VALID != 0).then(|| (vlan_tpid(status, tpid), tci));
+        let vlan = (status & sys::TP_STATUS_VLAN_VALID != 0)
+            .then(|| (vlan_tpid(status, h.tp_vlan_tpid), h.tp_vlan_tci));
         b.settle(i, bytes, true, vlan);
     }
 }

@@ -49,6 +49,22 @@ pub struct TpacketAuxdata {
     pub tp_vlan_tpid: u16,
 }
 
+/// `struct tpacket2_hdr` (linux/if_packet.h): the head of a frame in a TPACKET_V2 ring.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tpacket2Hdr {
+    pub tp_status: u32,
+    pub tp_len: u32,
+    pub tp_snaplen: u32,
+    pub tp_mac: u16,
+    pub tp_net: u16,
+    pub tp_sec: u32,
+    pub tp_nsec: u32,
+    pub tp_vlan_tci: u16,
+    pub tp_vlan_tpid: u16,
+    pub tp_padding: [u8; 4],
+}
+
 /// `struct tpacket_req` (linux/if_packet.h): the shape of a TPACKET_V1/V2 ring.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -411,6 +427,15 @@ impl RingMap {
     pub fn release(&self, off: usize) {
         self.status_word(off)
             .store(TP_STATUS_KERNEL, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The header of the frame at `off`; `None` outside the map. Only for a frame the status
+    /// says is the user's (see [`RingMap::bytes`]).
+    pub fn header(&self, off: usize) -> Option<Tpacket2Hdr> {
+        let b = self.bytes(off, std::mem::size_of::<Tpacket2Hdr>())?;
+        // SAFETY: `b` holds exactly a Tpacket2Hdr's bytes, and it is plain data (any bit
+        // pattern is valid); read unaligned, as `auxdata` reads its struct.
+        Some(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<Tpacket2Hdr>()) })
     }
 
     /// `len` bytes at `off`; `None` outside the map. Only for a frame the status says is the
