@@ -176,7 +176,7 @@ pub fn check(settings_path: &std::path::Path) -> Result<String, Failure> {
         let opts = crate::datapath::Options::from_settings(&settings);
         let _ = writeln!(
             out,
-            "forwarding threads: {} for {} ports and the local port; busy poll {} us after traffic",
+            "forwarding threads: {} for {} ports and the local port; busy poll {} us after two-way traffic",
             crate::datapath::forwarding_threads(opts.threads, settings.bridge.ports.len() + 1),
             settings.bridge.ports.len(),
             opts.spin.as_micros()

@@ -117,7 +117,7 @@ fn dr_accepted_with_userspace_datapath() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains(
-            "forwarding threads: 1 for 2 ports and the local port; busy poll 75 us after traffic"
+            "forwarding threads: 1 for 2 ports and the local port; busy poll 75 us after two-way traffic"
         ),
         "{text}"
     );

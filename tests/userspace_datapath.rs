@@ -294,7 +294,7 @@ fn policy(text: &str) -> Policy {
 }
 
 /// The default thread layout: one per port, at most one per CPU (with fewer CPUs than
-/// ports, some thread serves two ports), polling for a while after traffic.
+/// ports, some thread serves two ports), polling for a while after two-way traffic.
 #[test]
 fn bridges_icmp_tcp_and_the_local_port() {
     bridges_icmp_tcp_and_the_local_port_with(Options::default());
