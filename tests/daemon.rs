@@ -333,7 +333,11 @@ fn daemon_lifecycle() {
     assert_eq!(st.pid as i32, d.pid());
     let web = st.rules.iter().find(|r| r.name == "web").expect("web");
     assert_eq!(web.families, ["ipv4", "ipv6"]);
-    assert!(web.counters.diverted.packets > 0, "{st:?}");
+    let diverted = web.counters.diverted;
+    assert!(
+        diverted.packets > 0 && diverted.bytes >= 40 * diverted.packets,
+        "frames and their L3 bytes: {st:?}"
+    );
     assert!(web.counters.diverted.bytes > 0, "{st:?}");
 
     // metrics parse as Prometheus text and show the rule
@@ -793,7 +797,11 @@ fn userspace_datapath_under_the_daemon() {
     // they were received
     let st = d.status();
     let web = st.rules.iter().find(|r| r.name == "web").expect("web row");
-    assert!(web.counters.diverted.packets > 0, "{st:?}");
+    let diverted = web.counters.diverted;
+    assert!(
+        diverted.packets > 0 && diverted.bytes >= 40 * diverted.packets,
+        "frames and their L3 bytes: {st:?}"
+    );
     let u = st
         .userspace
         .as_ref()

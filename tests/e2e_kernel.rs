@@ -153,6 +153,22 @@ mod userspace_run {
         dp.set_unhealthy(down);
     }
 
+    /// What `rule` took on the userspace datapath: frames its action took, and frames of
+    /// flows decided while its target was down.
+    pub fn taken(lab: &Lab, rule: &str) -> brdivert::datapath::Taken {
+        let g = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
+        let dp = g
+            .as_ref()
+            .and_then(|m| m.get(lab.prefix()))
+            .expect("the userspace datapath runs for this lab");
+        dp.stats()
+            .rules
+            .into_iter()
+            .find(|(n, _)| n == rule)
+            .map(|(_, t)| t)
+            .unwrap_or_default()
+    }
+
     impl Running {
         /// Stop the datapath only (as if the daemon died), leaving its rules for `flush`.
         pub fn kill(mut self) {
@@ -843,6 +859,21 @@ fn set_health(lab: &Lab, dp: &str, rule: &str, up: bool) {
     }
 }
 
+/// `rule`'s counts as `brdivert status` shows them, from either datapath: the kernel's rule
+/// counters (read over netlink in the bridge namespace) or what the userspace datapath
+/// counted. (diverted, unhealthy) packets.
+fn rule_counts(lab: &Lab, dp: &str, rule: &str) -> (u64, u64) {
+    if dp == "kernel" {
+        let all = brdivert::lab::in_netns(&lab.ns(Ns::Br), brdivert::daemon::counters::read)
+            .expect("reading the rule counters");
+        let c = all.get(rule).copied().unwrap_or_default();
+        (c.diverted.packets, c.unhealthy.packets)
+    } else {
+        let t = userspace_run::taken(lab, rule);
+        (t.by_action.packets, t.unhealthy.packets)
+    }
+}
+
 /// Health down (bypass): new flows are bridged, the established diverted flow keeps going
 /// through Squid; up again: new flows are diverted again.
 fn health_flip_bypass(dp: &str) {
@@ -859,7 +890,15 @@ fn health_flip_bypass(dp: &str) {
         .expect("curl");
     wait_origin_saw(&lab, path);
     set_health(&lab, dp, "web", false);
+    let before = rule_counts(&lab, dp, "web");
+    assert!(before.0 > 0, "diverted packets counted: {before:?}");
     check_bridged(&lab, Ns::C1, UP_V4, "/t-health-down", C1_V4);
+    // the bypassed flow counts as the rule's unhealthy packets, on both datapaths
+    let after = rule_counts(&lab, dp, "web");
+    assert!(
+        after.1 > before.1,
+        "bypassed packets counted: {before:?} -> {after:?}"
+    );
     set_health(&lab, dp, "web", true);
     check_intercepted(&lab, Ns::C1, UP_V4, "/t-health-up-again", BR_V4);
     check_transfer(&lab, t, path, BR_V4);
@@ -879,6 +918,8 @@ fn health_flip_drop(dp: &str) {
         !lab.tcp_connects(Ns::C1, to).expect("connect"),
         "a new flow got through a rule that is down with on_unhealthy = drop"
     );
+    let (_, unhealthy) = rule_counts(&lab, dp, "web");
+    assert!(unhealthy > 0, "the dropped SYNs count as unhealthy");
     set_health(&lab, dp, "web", true);
     check_intercepted(&lab, Ns::C1, UP_V4, "/t-health-drop-up", BR_V4);
 }

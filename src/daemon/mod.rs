@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinHandle;
 
+use crate::datapath;
 use crate::dr::{find_realserver, parse_check_key, realserver_checks};
 use crate::ops::{self, Failure};
 use crate::policy::{Family, Health, Policy};
@@ -647,21 +648,28 @@ pub fn rule_rows(st: &State, kernel: &BTreeMap<String, RuleCounts>) -> Vec<contr
         .collect()
 }
 
-/// The rule rows on the userspace datapath: `frames` (per rule name, since the daemon
-/// started) are the packets each rule's action took, as its `diverted` counter (bytes are
-/// not counted there); it has no exemption counters (an exempted packet is bridged as if no
-/// rule matched).
+/// The rule rows on the userspace datapath: what each rule took (per rule name, since the
+/// daemon started) stands for the kernel's rule counters: frames its action took as
+/// `diverted`, frames of flows decided while its target was down as `unhealthy`. Exemptions
+/// are not counted there (an exempted frame goes on to the next rule, as if this one did
+/// not match).
 fn userspace_rule_rows(
     policy: &Policy,
-    frames: &BTreeMap<String, u64>,
+    taken: &BTreeMap<String, datapath::Taken>,
 ) -> Vec<control::RuleStatus> {
     policy
         .rules
         .iter()
         .map(|r| {
-            let mut row = rule_row(r, RuleCounts::default());
-            row.counters.diverted.packets = frames.get(&r.name).copied().unwrap_or(0);
-            row
+            let t = taken.get(&r.name).copied().unwrap_or_default();
+            rule_row(
+                r,
+                RuleCounts {
+                    diverted: t.by_action,
+                    exempted: Default::default(),
+                    unhealthy: t.unhealthy,
+                },
+            )
         })
         .collect()
 }
@@ -732,13 +740,18 @@ pub async fn snapshot(shared: &Arc<Shared>) -> control::Status {
         Ok(Err(e)) => (BTreeMap::new(), Some(e.to_string())),
         Err(e) => (BTreeMap::new(), Some(e.to_string())),
     };
-    // the userspace datapath's counters: its frames per rule (a dr rule's: sent to
-    // realservers) stand in for the kernel's rule counters, which it has none of
+    // the userspace datapath's counters: what each rule took (a dr rule's: frames sent to
+    // realservers) stands in for the kernel's rule counters, which it has none of
     let userspace = shared.userspace.as_ref().and_then(|u| u.stats());
-    let forwarded: Option<BTreeMap<String, u64>> = shared.userspace.as_ref().map(|_| {
+    let taken: Option<BTreeMap<String, datapath::Taken>> = shared.userspace.as_ref().map(|_| {
         userspace
             .iter()
             .flat_map(|s| s.rules.iter().cloned())
+            .collect()
+    });
+    let forwarded: Option<BTreeMap<String, u64>> = taken.as_ref().map(|t| {
+        t.iter()
+            .map(|(name, t)| (name.clone(), t.by_action.packets))
             .collect()
     });
     let st = shared.state();
@@ -757,8 +770,8 @@ pub async fn snapshot(shared: &Arc<Shared>) -> control::Status {
         bridge: st.settings.bridge.name.clone(),
         uptime_seconds: shared.started_mono.elapsed().as_secs_f64(),
         started: shared.started,
-        rules: match &forwarded {
-            Some(frames) => userspace_rule_rows(&st.policy, frames),
+        rules: match &taken {
+            Some(taken) => userspace_rule_rows(&st.policy, taken),
             None => rule_rows(&st, &kernel),
         },
         pinned,

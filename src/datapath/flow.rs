@@ -93,6 +93,9 @@ impl FlowKey {
 pub struct Pin {
     pub decision: Decision,
     pub dr_mac: Option<[u8; 6]>,
+    /// The rule that matched but whose target was down: `decision` is then its
+    /// `on_unhealthy` (bridge or drop), and the flow's frames count as that rule's unhealthy.
+    pub unhealthy: Option<usize>,
 }
 
 impl From<Decision> for Pin {
@@ -100,6 +103,7 @@ impl From<Decision> for Pin {
         Pin {
             decision,
             dr_mac: None,
+            unhealthy: None,
         }
     }
 }

@@ -51,6 +51,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::classify::{self, Decision, PacketInfo};
+use crate::daemon::counters::Count;
 use crate::policy::{Action, Decide, DivertRule, OnUnhealthy, Policy};
 use crate::queue::{InlineDecider, Verdict as QueueVerdict};
 use crate::settings::{Datapath as DatapathKind, Settings};
@@ -250,7 +251,7 @@ struct Shared {
     policy: RwLock<Current>,
     dr_inputs: Mutex<DrInputs>,
     /// packets per rule name since start
-    rule_hits: Mutex<HashMap<String, u64>>,
+    rule_hits: Mutex<HashMap<String, Taken>>,
     /// names of rules whose health check says their target is down
     down: RwLock<Arc<HashSet<String>>>,
     generation: AtomicU64,
@@ -322,9 +323,9 @@ pub struct Stats {
     pub fdb_entries: usize,
     pub fdb_evicted: u64,
     pub policy_generation: u64,
-    /// Packets each rule decided (divert, pass or drop), by rule name, sorted; packets of
-    /// flows decided under an earlier policy count under that policy's rule names too.
-    pub rules: Vec<(String, u64)>,
+    /// What each rule took, by rule name, sorted; frames of flows decided under an earlier
+    /// policy count under that policy's rule names too.
+    pub rules: Vec<(String, Taken)>,
 }
 
 /// The running userspace datapath. Dropping it stops it too.
@@ -554,7 +555,7 @@ impl Datapath {
                     Err(p) => p.into_inner().clone(),
                 };
                 let mut v: Vec<_> = hits.into_iter().collect();
-                v.sort();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
                 v
             },
         }
@@ -763,8 +764,8 @@ impl Rules<'_> {
             });
             return match mac {
                 Some(m) => Pin {
-                    decision: d,
                     dr_mac: Some(m),
+                    ..d.into()
                 },
                 None => Decision::Bridge.into(),
             };
@@ -792,11 +793,14 @@ impl Rules<'_> {
             };
         }
         if self.down.contains(&r.name) {
-            return match r.on_unhealthy {
+            let decision = match r.on_unhealthy {
                 OnUnhealthy::Bypass => Decision::Bridge,
                 OnUnhealthy::Drop => Decision::Drop { rule },
-            }
-            .into();
+            };
+            return Pin {
+                unhealthy: Some(rule),
+                ..decision.into()
+            };
         }
         d.into()
     }
@@ -838,13 +842,14 @@ pub struct Ingress<'a> {
 }
 
 /// Classify one received frame (vnet header + Ethernet) from port `iif_name` and apply the
-/// frame diverter's rewrite if it is diverted.
+/// frame diverter's rewrite if it is diverted. Besides the verdict: what the frame's flow
+/// is pinned to and the sequence number of the policy that decided it, for an IP frame.
 pub fn process_frame(
     buf: &mut [u8],
     at: &Ingress<'_>,
     rules: &Rules<'_>,
     flows: &mut FlowTable<Pin>,
-) -> (Verdict, Option<(Decision, u64)>) {
+) -> (Verdict, Option<(Pin, u64)>) {
     let Ingress {
         iif,
         iif_name,
@@ -891,7 +896,7 @@ pub fn process_frame(
         Decision::Drop { .. } => Verdict::Skip,
         Decision::Pass { .. } | Decision::Bridge => Verdict::Forward,
     };
-    (v, Some((d, seq)))
+    (v, Some((pin, seq)))
 }
 
 /// One forwarding thread: it receives on its ports ([`Options::threads`] says how the ports
@@ -1056,14 +1061,10 @@ impl Worker {
                 },
                 &mut self.flows,
             );
-            if let Some((
-                Decision::Divert { rule, .. } | Decision::Pass { rule } | Decision::Drop { rule },
-                at_seq,
-            )) = d
-            {
-                hits.count(at_seq, rule);
+            if let Some((pin, at_seq)) = d {
+                hits.count(at_seq, &pin, frame::l3_len(&f[VNET_HDR_LEN..]) as u64);
             }
-            match (v, d.map(|(d, _)| d)) {
+            match (v, d.map(|(pin, _)| pin.decision)) {
                 (Verdict::Divert, _) => diverted += 1,
                 (Verdict::Dr, _) => dr += 1,
                 (Verdict::Skip, Some(Decision::Drop { .. })) => dropped += 1,
@@ -1163,7 +1164,26 @@ fn read_policy(sh: &Shared) -> Current {
 /// newest few), flushed into the shared counters by rule name once per batch.
 #[derive(Default)]
 struct RuleHits {
-    seen: Vec<(u64, Arc<Policy>, Vec<u64>)>,
+    seen: Vec<(u64, Arc<Policy>, Vec<Taken>)>,
+}
+
+/// What one rule took on the userspace datapath. Bytes are L3 bytes (after the Ethernet
+/// header and VLAN tags), as the kernel datapath's counters count them at the bridge hooks;
+/// a GSO super-frame counts once, as it does there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Taken {
+    /// Frames the rule's action took: diverted, passed or dropped (a `dr` rule's: sent to a
+    /// realserver; a `decide = "queue"` rule's: as its decider said).
+    pub by_action: Count,
+    /// Frames of flows decided while the rule's target was down, bridged or dropped as its
+    /// `on_unhealthy` says.
+    pub unhealthy: Count,
+}
+
+impl Taken {
+    fn is_zero(&self) -> bool {
+        self.by_action.packets == 0 && self.unhealthy.packets == 0
+    }
 }
 
 impl RuleHits {
@@ -1176,20 +1196,41 @@ impl RuleHits {
         if self.seen.len() >= Self::KEEP {
             self.seen.remove(0);
         }
-        self.seen
-            .push((seq, policy.clone(), vec![0; policy.rules.len()]));
+        self.seen.push((
+            seq,
+            policy.clone(),
+            vec![Taken::default(); policy.rules.len()],
+        ));
     }
 
-    fn count(&mut self, seq: u64, rule: usize) {
+    /// One frame of `bytes` L3 bytes of a flow pinned to `pin` under policy `seq`.
+    fn count(&mut self, seq: u64, pin: &Pin, bytes: u64) {
+        let (rule, unhealthy) = match (pin.unhealthy, pin.decision) {
+            (Some(rule), _) => (rule, true),
+            (
+                None,
+                Decision::Divert { rule, .. } | Decision::Pass { rule } | Decision::Drop { rule },
+            ) => (rule, false),
+            (None, Decision::Bridge) => return,
+        };
         if let Some((_, _, hits)) = self.seen.iter_mut().find(|(s, _, _)| *s == seq)
             && let Some(h) = hits.get_mut(rule)
         {
-            *h += 1;
+            let c = if unhealthy {
+                &mut h.unhealthy
+            } else {
+                &mut h.by_action
+            };
+            *c += Count { packets: 1, bytes };
         }
     }
 
-    fn flush(&mut self, into: &Mutex<HashMap<String, u64>>) {
-        if !self.seen.iter().any(|(_, _, h)| h.iter().any(|&n| n > 0)) {
+    fn flush(&mut self, into: &Mutex<HashMap<String, Taken>>) {
+        if self
+            .seen
+            .iter()
+            .all(|(_, _, h)| h.iter().all(Taken::is_zero))
+        {
             return;
         }
         let mut m = match into.lock() {
@@ -1197,10 +1238,12 @@ impl RuleHits {
             Err(p) => p.into_inner(),
         };
         for (_, policy, hits) in &mut self.seen {
-            for (r, n) in policy.rules.iter().zip(hits.iter_mut()) {
-                if *n > 0 {
-                    *m.entry(r.name.clone()).or_default() += *n;
-                    *n = 0;
+            for (r, h) in policy.rules.iter().zip(hits.iter_mut()) {
+                if !h.is_zero() {
+                    let t = m.entry(r.name.clone()).or_default();
+                    t.by_action += h.by_action;
+                    t.unhealthy += h.unhealthy;
+                    *h = Taken::default();
                 }
             }
         }

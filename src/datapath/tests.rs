@@ -242,8 +242,66 @@ on_unhealthy = "drop"
         down: &down,
         ..up
     };
-    assert_eq!(dn.decide("p1", &i80), Decision::Bridge.into());
-    assert_eq!(dn.decide("p1", &i81), Decision::Drop { rule: 1 }.into());
+    assert_eq!(
+        dn.decide("p1", &i80),
+        Pin {
+            unhealthy: Some(0),
+            ..Decision::Bridge.into()
+        }
+    );
+    assert_eq!(
+        dn.decide("p1", &i81),
+        Pin {
+            unhealthy: Some(1),
+            ..Decision::Drop { rule: 1 }.into()
+        }
+    );
+}
+
+/// A rule's frames and L3 bytes are counted as taken by its action, or as unhealthy when
+/// its flow was decided while the target was down; a frame no rule took counts nowhere.
+/// Counted under the policy that decided the flow, by rule name, and flushed once.
+#[test]
+fn rule_hits_count_frames_and_bytes_by_action_and_unhealthy() {
+    let p = Arc::new(policy(RULES));
+    let mut hits = RuleHits::default();
+    hits.track(7, &p);
+    let web = Decision::Divert {
+        rule: 0,
+        tag: p.rules[0].tag,
+        action: p.rules[0].action,
+    };
+    hits.count(7, &web.into(), 60);
+    hits.count(7, &web.into(), 1500);
+    let bypassed = Pin {
+        unhealthy: Some(0),
+        ..Decision::Bridge.into()
+    };
+    hits.count(7, &bypassed, 40);
+    hits.count(7, &Decision::Drop { rule: 1 }.into(), 52);
+    hits.count(7, &Decision::Bridge.into(), 99);
+    // a policy this thread does not know (older than it keeps): not counted
+    hits.count(3, &web.into(), 1000);
+    let shared = Mutex::new(HashMap::new());
+    hits.flush(&shared);
+    hits.flush(&shared);
+    let m = shared.into_inner().unwrap();
+    let count = |packets, bytes| Count { packets, bytes };
+    assert_eq!(
+        m["web"],
+        Taken {
+            by_action: count(2, 1560),
+            unhealthy: count(1, 40),
+        }
+    );
+    assert_eq!(
+        m["nope"],
+        Taken {
+            by_action: count(1, 52),
+            unhealthy: count(0, 0),
+        }
+    );
+    assert_eq!(m.len(), 2);
 }
 
 proptest! {
