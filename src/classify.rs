@@ -175,6 +175,35 @@ pub fn taken_by(i: usize, r: &DivertRule) -> Decision {
 
 /// Does rule `r` take this packet (exemptions already applied)?
 pub fn rule_matches(r: &DivertRule, iif: &str, p: &PacketInfo) -> bool {
+    rule_match(r, iif, p) == RuleMatch::Yes
+}
+
+/// How rule `r` meets a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleMatch {
+    No,
+    /// It reached the rule's exemptions (`except_src`/`except_dst`), which returned it: the
+    /// kernel datapath counts it as the rule's "exempted".
+    Exempted,
+    Yes,
+}
+
+/// [`rule_matches`], telling an exempted packet apart.
+pub fn rule_match(r: &DivertRule, iif: &str, p: &PacketInfo) -> RuleMatch {
+    if !reaches_exemptions(r, iif, p) {
+        RuleMatch::No
+    } else if r.except_src.contains(p.src) || r.except_dst.contains(p.dst) {
+        RuleMatch::Exempted
+    } else if r.src.contains(p.src) && r.dst.contains(p.dst) {
+        RuleMatch::Yes
+    } else {
+        RuleMatch::No
+    }
+}
+
+/// Does the packet get as far as rule `r`'s exemptions (the base chain's jump, then the
+/// rule chain's family check)?
+fn reaches_exemptions(r: &DivertRule, iif: &str, p: &PacketInfo) -> bool {
     // The base chain's jump: ingress port, source MAC, L4 protocol and port.
     if !r.from.is_empty() && !r.from.iter().any(|f| f == iif) {
         return false;
@@ -205,14 +234,9 @@ pub fn rule_matches(r: &DivertRule, iif: &str, p: &PacketInfo) -> bool {
             }
         }
     }
-    // The rule's chain: only its families; exemptions return; then the address match.
-    if !r.families().contains(&p.family()) {
-        return false;
-    }
-    if r.except_src.contains(p.src) || r.except_dst.contains(p.dst) {
-        return false;
-    }
-    r.src.contains(p.src) && r.dst.contains(p.dst)
+    // The rule's chain: only its families; then exemptions return, then the address match
+    // (in rule_match).
+    r.families().contains(&p.family())
 }
 
 /// A frame to build (tests, benchmarks, fuzz seeds): Ethernet, optional 802.1Q tag, IPv4 or

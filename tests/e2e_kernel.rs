@@ -11,6 +11,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
+use brdivert::daemon::counters::RuleCounts;
 use brdivert::settings::{Datapath as Kind, Settings};
 
 use brdivert::lab::{
@@ -451,6 +452,13 @@ fn except_src_bypasses(dp: &str) {
     let _dp = apply(&lab);
     check_bridged(&lab, Ns::C2, UP_V4, "/t-exempt", C2_V4);
     check_bridged(&lab, Ns::C2, &format!("[{UP_V6}]"), "/t-exempt-6", C2_V6);
+    // counted as the rule's exemptions (IPv4 and IPv6 requests: more than one packet each)
+    let c = rule_counts(&lab, dp, "web");
+    assert!(
+        c.exempted.packets >= 4 && c.exempted.bytes >= 40 * c.exempted.packets,
+        "{c:?}"
+    );
+    assert_eq!(c.diverted.packets, 0, "nothing diverted yet: {c:?}");
     check_intercepted(&lab, Ns::C1, UP_V4, "/t-not-exempt", BR_V4);
 }
 
@@ -861,16 +869,19 @@ fn set_health(lab: &Lab, dp: &str, rule: &str, up: bool) {
 
 /// `rule`'s counts as `brdivert status` shows them, from either datapath: the kernel's rule
 /// counters (read over netlink in the bridge namespace) or what the userspace datapath
-/// counted. (diverted, unhealthy) packets.
-fn rule_counts(lab: &Lab, dp: &str, rule: &str) -> (u64, u64) {
+/// counted.
+fn rule_counts(lab: &Lab, dp: &str, rule: &str) -> RuleCounts {
     if dp == "kernel" {
         let all = brdivert::lab::in_netns(&lab.ns(Ns::Br), brdivert::daemon::counters::read)
             .expect("reading the rule counters");
-        let c = all.get(rule).copied().unwrap_or_default();
-        (c.diverted.packets, c.unhealthy.packets)
+        all.get(rule).copied().unwrap_or_default()
     } else {
         let t = userspace_run::taken(lab, rule);
-        (t.by_action.packets, t.unhealthy.packets)
+        RuleCounts {
+            diverted: t.by_action,
+            exempted: t.exempted,
+            unhealthy: t.unhealthy,
+        }
     }
 }
 
@@ -891,12 +902,15 @@ fn health_flip_bypass(dp: &str) {
     wait_origin_saw(&lab, path);
     set_health(&lab, dp, "web", false);
     let before = rule_counts(&lab, dp, "web");
-    assert!(before.0 > 0, "diverted packets counted: {before:?}");
+    assert!(
+        before.diverted.packets > 0,
+        "diverted packets counted: {before:?}"
+    );
     check_bridged(&lab, Ns::C1, UP_V4, "/t-health-down", C1_V4);
     // the bypassed flow counts as the rule's unhealthy packets, on both datapaths
     let after = rule_counts(&lab, dp, "web");
     assert!(
-        after.1 > before.1,
+        after.unhealthy.packets > before.unhealthy.packets,
         "bypassed packets counted: {before:?} -> {after:?}"
     );
     set_health(&lab, dp, "web", true);
@@ -918,8 +932,11 @@ fn health_flip_drop(dp: &str) {
         !lab.tcp_connects(Ns::C1, to).expect("connect"),
         "a new flow got through a rule that is down with on_unhealthy = drop"
     );
-    let (_, unhealthy) = rule_counts(&lab, dp, "web");
-    assert!(unhealthy > 0, "the dropped SYNs count as unhealthy");
+    let c = rule_counts(&lab, dp, "web");
+    assert!(
+        c.unhealthy.packets > 0,
+        "the dropped SYNs count as unhealthy: {c:?}"
+    );
     set_health(&lab, dp, "web", true);
     check_intercepted(&lab, Ns::C1, UP_V4, "/t-health-drop-up", BR_V4);
 }

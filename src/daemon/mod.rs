@@ -650,9 +650,8 @@ pub fn rule_rows(st: &State, kernel: &BTreeMap<String, RuleCounts>) -> Vec<contr
 
 /// The rule rows on the userspace datapath: what each rule took (per rule name, since the
 /// daemon started) stands for the kernel's rule counters: frames its action took as
-/// `diverted`, frames of flows decided while its target was down as `unhealthy`. Exemptions
-/// are not counted there (an exempted frame goes on to the next rule, as if this one did
-/// not match).
+/// `diverted`, frames of flows decided while its target was down as `unhealthy`, frames of
+/// flows its exemptions returned as `exempted`.
 fn userspace_rule_rows(
     policy: &Policy,
     taken: &BTreeMap<String, datapath::Taken>,
@@ -666,7 +665,7 @@ fn userspace_rule_rows(
                 r,
                 RuleCounts {
                     diverted: t.by_action,
-                    exempted: Default::default(),
+                    exempted: t.exempted,
                     unhealthy: t.unhealthy,
                 },
             )

@@ -96,6 +96,8 @@ pub struct Pin {
     /// The rule that matched but whose target was down: `decision` is then its
     /// `on_unhealthy` (bridge or drop), and the flow's frames count as that rule's unhealthy.
     pub unhealthy: Option<usize>,
+    /// The first rule whose exemptions returned the flow before it was decided.
+    pub exempted: Option<usize>,
 }
 
 impl From<Decision> for Pin {
@@ -104,6 +106,7 @@ impl From<Decision> for Pin {
             decision,
             dr_mac: None,
             unhealthy: None,
+            exempted: None,
         }
     }
 }

@@ -50,7 +50,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::classify::{self, Decision, PacketInfo};
+use crate::classify::{self, Decision, PacketInfo, RuleMatch};
 use crate::daemon::counters::Count;
 use crate::policy::{Action, Decide, DivertRule, OnUnhealthy, Policy};
 use crate::queue::{InlineDecider, Verdict as QueueVerdict};
@@ -715,18 +715,25 @@ pub(crate) fn due_once_a_second(last: &mut Option<Instant>, now: Instant) -> boo
 }
 
 /// The policy's decision for a packet that arrived on `iif`, including the TPROXY return
-/// path (the origin's replies to a TPROXY'd flow go to the proxy's socket too). Rules are
-/// tried in order, each rule's reply match right after its own match, as in the kernel
-/// datapath's bridge table; the matching itself is `classify::rule_matches`.
-pub fn decide(policy: &Policy, iif: &str, p: &PacketInfo) -> Decision {
+/// path (the origin's replies to a TPROXY'd flow go to the proxy's socket too), and the
+/// first rule whose exemptions returned the packet on the way. Rules are tried in order,
+/// each rule's reply match right after its own match, as in the kernel datapath's bridge
+/// table; the matching itself is `classify::rule_match`.
+pub fn decide(policy: &Policy, iif: &str, p: &PacketInfo) -> (Decision, Option<usize>) {
+    let mut exempted = None;
     for (i, r) in policy.rules.iter().enumerate() {
-        if classify::rule_matches(r, iif, p)
-            || (matches!(r.action, Action::Tproxy { .. }) && reply_matches(r, iif, p))
-        {
-            return classify::taken_by(i, r);
+        match classify::rule_match(r, iif, p) {
+            RuleMatch::Yes => return (classify::taken_by(i, r), exempted),
+            RuleMatch::Exempted => {
+                exempted.get_or_insert(i);
+            }
+            RuleMatch::No => {}
+        }
+        if matches!(r.action, Action::Tproxy { .. }) && reply_matches(r, iif, p) {
+            return (classify::taken_by(i, r), exempted);
         }
     }
-    Decision::Bridge
+    (Decision::Bridge, exempted)
 }
 
 /// The rules in force for new flows: the policy, the rules whose targets are down, the
@@ -750,7 +757,15 @@ impl Rules<'_> {
     /// - else the health state: a diverting rule whose target is down bypasses (bridges) or
     ///   drops, as its `on_unhealthy` says.
     pub fn decide(&self, iif: &str, p: &PacketInfo) -> Pin {
-        let d = decide(self.policy, iif, p);
+        let (d, exempted) = decide(self.policy, iif, p);
+        Pin {
+            exempted,
+            ..self.pin(d, p)
+        }
+    }
+
+    /// What a flow the policy decided `d` for is pinned to.
+    fn pin(&self, d: Decision, p: &PacketInfo) -> Pin {
         let Decision::Divert { rule, action, .. } = d else {
             return d.into();
         };
@@ -1178,11 +1193,16 @@ pub struct Taken {
     /// Frames of flows decided while the rule's target was down, bridged or dropped as its
     /// `on_unhealthy` says.
     pub unhealthy: Count,
+    /// Frames of flows the rule's `except_src`/`except_dst` returned (counted for the first
+    /// rule that exempted the flow, where the kernel counts every such rule).
+    pub exempted: Count,
 }
 
 impl Taken {
     fn is_zero(&self) -> bool {
-        self.by_action.packets == 0 && self.unhealthy.packets == 0
+        [self.by_action, self.unhealthy, self.exempted]
+            .iter()
+            .all(|c| c.packets == 0)
     }
 }
 
@@ -1205,24 +1225,25 @@ impl RuleHits {
 
     /// One frame of `bytes` L3 bytes of a flow pinned to `pin` under policy `seq`.
     fn count(&mut self, seq: u64, pin: &Pin, bytes: u64) {
-        let (rule, unhealthy) = match (pin.unhealthy, pin.decision) {
-            (Some(rule), _) => (rule, true),
+        let taken = match (pin.unhealthy, pin.decision) {
+            (Some(_), _) | (None, Decision::Bridge) => None,
             (
                 None,
                 Decision::Divert { rule, .. } | Decision::Pass { rule } | Decision::Drop { rule },
-            ) => (rule, false),
-            (None, Decision::Bridge) => return,
+            ) => Some(rule),
         };
-        if let Some((_, _, hits)) = self.seen.iter_mut().find(|(s, _, _)| *s == seq)
-            && let Some(h) = hits.get_mut(rule)
-        {
-            let c = if unhealthy {
-                &mut h.unhealthy
-            } else {
-                &mut h.by_action
-            };
-            *c += Count { packets: 1, bytes };
-        }
+        let Some((_, _, hits)) = self.seen.iter_mut().find(|(s, _, _)| *s == seq) else {
+            return;
+        };
+        let one = Count { packets: 1, bytes };
+        let mut add = |rule: Option<usize>, what: fn(&mut Taken) -> &mut Count| {
+            if let Some(h) = rule.and_then(|r| hits.get_mut(r)) {
+                *what(h) += one;
+            }
+        };
+        add(taken, |h| &mut h.by_action);
+        add(pin.unhealthy, |h| &mut h.unhealthy);
+        add(pin.exempted, |h| &mut h.exempted);
     }
 
     fn flush(&mut self, into: &Mutex<HashMap<String, Taken>>) {
@@ -1243,6 +1264,7 @@ impl RuleHits {
                     let t = m.entry(r.name.clone()).or_default();
                     t.by_action += h.by_action;
                     t.unhealthy += h.unhealthy;
+                    t.exempted += h.exempted;
                     *h = Taken::default();
                 }
             }

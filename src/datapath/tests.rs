@@ -178,20 +178,25 @@ port = 3129
     assert_eq!(run(&p, &mut flows, &mut f, "p2"), Verdict::Forward);
 }
 
+/// `decide` agrees with `classify` on forward packets, and names the rule whose exemptions
+/// returned the packet (web's `except_src`) only for a packet that reached them.
 #[test]
 fn decide_agrees_with_classify_forward() {
     let p = policy(RULES);
-    for (src, dport, iif) in [
-        ("10.0.0.1", 80, "p1"),
-        ("10.0.0.5", 80, "p1"),
-        ("10.0.0.1", 23, "p2"),
-        ("10.0.0.1", 443, "p1"),
+    for (src, dport, iif, exempted) in [
+        ("10.0.0.1", 80, "p1", None),
+        ("10.0.0.5", 80, "p1", Some(0)),
+        // web takes only from p1: its exemptions are not reached from p2
+        ("10.0.0.5", 80, "p2", None),
+        ("10.0.0.5", 23, "p1", None),
+        ("10.0.0.1", 23, "p2", None),
+        ("10.0.0.1", 443, "p1", None),
     ] {
         let f = frame(src, "192.0.2.1", 1234, dport);
         let info = classify::parse_frame(&f[VNET_HDR_LEN..]).unwrap();
         assert_eq!(
             decide(&p, iif, &info),
-            classify::classify(&p, iif, &info),
+            (classify::classify(&p, iif, &info), exempted),
             "{src} {dport} {iif}"
         );
     }
@@ -259,7 +264,8 @@ on_unhealthy = "drop"
 }
 
 /// A rule's frames and L3 bytes are counted as taken by its action, or as unhealthy when
-/// its flow was decided while the target was down; a frame no rule took counts nowhere.
+/// its flow was decided while the target was down, and as exempted for the rule whose
+/// exemptions returned the flow; a frame no rule took or exempted counts nowhere.
 /// Counted under the policy that decided the flow, by rule name, and flushed once.
 #[test]
 fn rule_hits_count_frames_and_bytes_by_action_and_unhealthy() {
@@ -278,7 +284,12 @@ fn rule_hits_count_frames_and_bytes_by_action_and_unhealthy() {
         ..Decision::Bridge.into()
     };
     hits.count(7, &bypassed, 40);
-    hits.count(7, &Decision::Drop { rule: 1 }.into(), 52);
+    // exempted from web, then dropped by nope
+    let exempted_then_dropped = Pin {
+        exempted: Some(0),
+        ..Decision::Drop { rule: 1 }.into()
+    };
+    hits.count(7, &exempted_then_dropped, 52);
     hits.count(7, &Decision::Bridge.into(), 99);
     // a policy this thread does not know (older than it keeps): not counted
     hits.count(3, &web.into(), 1000);
@@ -292,13 +303,14 @@ fn rule_hits_count_frames_and_bytes_by_action_and_unhealthy() {
         Taken {
             by_action: count(2, 1560),
             unhealthy: count(1, 40),
+            exempted: count(1, 52),
         }
     );
     assert_eq!(
         m["nope"],
         Taken {
             by_action: count(1, 52),
-            unhealthy: count(0, 0),
+            ..Taken::default()
         }
     );
     assert_eq!(m.len(), 2);
