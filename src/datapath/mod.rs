@@ -1232,6 +1232,9 @@ impl RuleHits {
                 Decision::Divert { rule, .. } | Decision::Pass { rule } | Decision::Drop { rule },
             ) => Some(rule),
         };
+        if taken.is_none() && pin.unhealthy.is_none() && pin.exempted.is_none() {
+            return; // the common case: bridged, no rule involved
+        }
         let Some((_, _, hits)) = self.seen.iter_mut().find(|(s, _, _)| *s == seq) else {
             return;
         };
