@@ -682,3 +682,67 @@ fn arp_shield_verdicts_match_the_kernel_rules() {
     // other ARP: not the shield's business
     assert_eq!(arp_shield(&p, &mut frame(1, router, rs)), None);
 }
+
+/// A port whose ring is not read fills up: the kernel drops what does not fit, and
+/// `take_drops` (`PACKET_STATISTICS`, the datapath's `rx_full`) hands that count over once.
+#[test]
+fn frames_dropped_with_the_ring_full_are_counted() {
+    use brdivert::datapath::frame::VNET_HDR_LEN;
+    use brdivert::datapath::port::{PacketPort, RxBatch, RxRing, TxBatch};
+    let Some(bed) = Bed::new() else { return };
+    bed.ok(
+        "br",
+        &[
+            "ip", "link", "add", "f1", "type", "veth", "peer", "name", "f2",
+        ],
+    );
+    const SENT: usize = RxRing::SLOTS + 1000;
+    let (drops, again, kept) = in_netns(&bed.ns("br"), || {
+        let err = |e: std::io::Error| e.to_string();
+        let tx_port = PacketPort::open("f1").map_err(err)?;
+        let rx_port = PacketPort::open("f2").map_err(err)?;
+        let mut ring = RxRing::attach(&rx_port).map_err(err)?;
+        // a broadcast UDP frame, behind its (empty) vnet header
+        let mut frame = vec![0u8; VNET_HDR_LEN];
+        frame.extend(
+            FrameSpec {
+                src_mac: [2, 0, 0, 0, 0, 1],
+                dst_mac: [0xff; 6],
+                vlan: None,
+                src: "10.99.0.1".parse().map_err(|e| format!("{e}"))?,
+                dst: "10.99.0.255".parse().map_err(|e| format!("{e}"))?,
+                l4proto: 17,
+                sport: 9,
+                dport: 9,
+            }
+            .to_bytes(),
+        );
+        let mut tx = TxBatch::default();
+        let batch = vec![frame.as_slice(); 100];
+        let mut sent = 0;
+        while sent < SENT {
+            sent += tx_port.send(&mut tx, &batch[..100.min(SENT - sent)]);
+        }
+        // the veth hands frames over synchronously; the ring has filled by now
+        let drops = rx_port.take_drops().map_err(err)?;
+        let again = rx_port.take_drops().map_err(err)?;
+        let mut b = RxBatch::new(64);
+        let mut kept = 0;
+        loop {
+            match ring.recv(&rx_port, &mut b).map_err(err)? {
+                0 => break,
+                n => kept += n,
+            }
+        }
+        Ok((drops, again, kept))
+    })
+    .expect("in the namespace");
+    // IPv6 autoconfiguration may add a few frames of its own: ring capacity is the bound
+    assert_eq!(kept, RxRing::SLOTS, "the ring kept what fit");
+    assert!(
+        drops as usize >= SENT - RxRing::SLOTS,
+        "dropped {drops} of {SENT} with {} slots",
+        RxRing::SLOTS
+    );
+    assert_eq!(again, 0, "the count was handed over and reset");
+}

@@ -410,13 +410,14 @@ pub fn format_status(s: &Status) -> String {
         for p in &u.ports {
             let _ = writeln!(
                 o,
-                "  {:<16} rx {} frames {} bytes ({}; {} copied whole, {} bad), tx {} frames, {} errors, {} over the MTU",
+                "  {:<16} rx {} frames {} bytes ({}; {} copied whole, {} bad, {} lost with the ring full), tx {} frames, {} errors, {} over the MTU",
                 p.name,
                 p.rx_frames,
                 p.rx_bytes,
                 if p.rx_ring { "ring" } else { "recvmmsg" },
                 p.rx_copied,
                 p.rx_bad,
+                p.rx_full,
                 p.tx_frames,
                 p.tx_errors,
                 p.mtu_dropped
@@ -557,6 +558,7 @@ mod tests {
                 tx_frames: 9,
                 rx_ring: true,
                 rx_copied: 2,
+                rx_full: 5,
                 ..Default::default()
             }],
             diverted: 4,
@@ -569,8 +571,8 @@ mod tests {
             text.contains(
                 "userspace datapath: diverted 4, passed by rules 0, dropped by rules 0, flooded 1, \
                  link-local dropped 0, dr forwarded 0; FDB 3 entries (0 evicted)\n\
-                 \x20 eth1             rx 10 frames 1500 bytes (ring; 2 copied whole, 0 bad), \
-                 tx 9 frames, 0 errors, 0 over the MTU\n"
+                 \x20 eth1             rx 10 frames 1500 bytes (ring; 2 copied whole, 0 bad, \
+                 5 lost with the ring full), tx 9 frames, 0 errors, 0 over the MTU\n"
             ),
             "{text}"
         );

@@ -324,11 +324,12 @@ fn userspace_metrics(o: &mut String, u: &crate::datapath::Stats) {
     port_family(
         o,
         ("brdivert_userspace_port_dropped_frames_total", "counter"),
-        "Frames lost at a port, by reason: rx_bad (cut short, or a tag that could not be restored), tx_error (the kernel refused to send), mtu (bigger than the outgoing port's MTU).",
+        "Frames lost at a port, by reason: rx_full (the kernel dropped them, the port's receive ring was full: the datapath fell behind), rx_bad (cut short, or a tag that could not be restored), tx_error (the kernel refused to send), mtu (bigger than the outgoing port's MTU).",
         ports,
         Some("reason"),
         |p| {
             vec![
+                ("rx_full", p.rx_full),
                 ("rx_bad", p.rx_bad),
                 ("tx_error", p.tx_errors),
                 ("mtu", p.mtu_dropped),
@@ -606,6 +607,7 @@ mod tests {
                     rx_ring: true,
                     rx_copied: 2,
                     mtu_dropped: 1,
+                    rx_full: 6,
                     ..Default::default()
                 }],
                 diverted: 3,
@@ -662,6 +664,10 @@ mod tests {
             (
                 "brdivert_userspace_port_dropped_frames_total{port=\"eth1\",reason=\"mtu\"}",
                 1.0,
+            ),
+            (
+                "brdivert_userspace_port_dropped_frames_total{port=\"eth1\",reason=\"rx_full\"}",
+                6.0,
             ),
             (
                 "brdivert_userspace_port_rx_copied_frames_total{port=\"eth1\"}",

@@ -189,6 +189,8 @@ struct PortCounters {
     mtu_dropped: AtomicU64,
     rx_bad: AtomicU64,
     rx_copied: AtomicU64,
+    /// frames the kernel dropped on the port's socket, as of the last [`Datapath::stats`]
+    rx_full: AtomicU64,
     /// whether the port receives through a mapped ring ([`RxRing`])
     rx_ring: AtomicBool,
     /// when the port last received ([`Shared::stamp`]; 0: never)
@@ -306,6 +308,10 @@ pub struct PortStats {
     /// Frames too big for a ring slot (GSO super-frames, jumbo frames), read whole from the
     /// socket instead.
     pub rx_copied: u64,
+    /// Frames the kernel dropped because the port's ring (or socket queue) was full: the
+    /// datapath fell behind. Not counted for the local port (TAP).
+    #[serde(default)]
+    pub rx_full: u64,
 }
 
 /// A snapshot of the datapath's counters (in `brdivert status` as `userspace`).
@@ -523,6 +529,17 @@ impl Datapath {
             Ok(f) => (f.len(), f.evicted),
             Err(p) => (p.get_ref().len(), p.get_ref().evicted),
         };
+        for (port, c) in sh.ports.iter().zip(&sh.port_counters) {
+            if let Io::Packet(p) = port {
+                match p.take_drops() {
+                    Ok(n) => c.rx_full.fetch_add(n, Ordering::Relaxed),
+                    Err(e) => {
+                        tracing::debug!("PACKET_STATISTICS on {}: {e}", p.name);
+                        0
+                    }
+                };
+            }
+        }
         Stats {
             ports: sh
                 .names
@@ -538,6 +555,7 @@ impl Datapath {
                     rx_bad: ld(&c.rx_bad),
                     rx_ring: c.rx_ring.load(Ordering::Relaxed),
                     rx_copied: ld(&c.rx_copied),
+                    rx_full: ld(&c.rx_full),
                 })
                 .collect(),
             diverted: ld(&sh.counters.diverted),

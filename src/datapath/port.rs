@@ -183,6 +183,12 @@ impl PacketPort {
         self.fd.as_raw_fd()
     }
 
+    /// Frames the kernel dropped for want of room in this socket's ring or receive queue
+    /// since the last call (the datapath fell behind).
+    pub fn take_drops(&self) -> io::Result<u64> {
+        sys::take_packet_drops(self.raw_fd()).map(u64::from)
+    }
+
     /// Receive what is queued now (at most the batch's capacity) without waiting; the
     /// caller waits for readiness on [`PacketPort::raw_fd`].
     pub fn recv_now(&self, b: &mut RxBatch) -> io::Result<usize> {

@@ -11,6 +11,7 @@ pub const ETH_P_ALL: u16 = 0x0003;
 pub const SOL_PACKET: libc::c_int = 263;
 pub const PACKET_ADD_MEMBERSHIP: libc::c_int = 1;
 pub const PACKET_RX_RING: libc::c_int = 5;
+pub const PACKET_STATISTICS: libc::c_int = 6;
 pub const PACKET_COPY_THRESH: libc::c_int = 7;
 pub const PACKET_AUXDATA: libc::c_int = 8;
 pub const PACKET_VERSION: libc::c_int = 10;
@@ -157,6 +158,33 @@ pub fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, v: &T) ->
         )
     })
     .map(drop)
+}
+
+/// `struct tpacket_stats` (linux/if_packet.h; TPACKET_V1/V2 and ring-less sockets).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct TpacketStats {
+    tp_packets: u32,
+    tp_drops: u32,
+}
+
+/// Frames the kernel dropped on this packet socket (its ring or receive queue was full)
+/// since the last call: `PACKET_STATISTICS` hands the counts over and resets them.
+pub fn take_packet_drops(fd: RawFd) -> io::Result<u32> {
+    let mut st = TpacketStats::default();
+    let mut len = std::mem::size_of::<TpacketStats>() as libc::socklen_t;
+    // SAFETY: `st` is a live, writable TpacketStats and `len` says its size; the kernel
+    // writes at most `len` bytes.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd,
+            SOL_PACKET,
+            PACKET_STATISTICS,
+            (&mut st as *mut TpacketStats).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(st.tp_drops)
 }
 
 pub fn set_promisc(fd: RawFd, ifindex: i32) -> io::Result<()> {
