@@ -889,3 +889,187 @@ mod aggregate {
         assert_eq!(aggregate_v6(nets.clone()), Ipv6Net::aggregate(&nets));
     }
 }
+
+/// Rule files as they come from disk, fuzzed through the whole load (TOML with spans, then
+/// validation): the shipped examples mutated, and soups of TOML tokens and rule keys. Never
+/// a panic; a refusal names the file and, where it has a position, one inside the text, and
+/// says what is wrong and how to fix it.
+mod file_fuzz {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::sample::{Index, select};
+
+    const SHIPPED: [&str; 6] = [
+        include_str!("../../rules/squid-intercept.toml"),
+        include_str!("../../rules/squid-intercept-queue.toml"),
+        include_str!("../../rules/squid-tproxy.toml"),
+        include_str!("../../rules/vip-local-fwmark.toml"),
+        include_str!("../../rules/lvs-dr-bridge.toml"),
+        include_str!("../../rules/lvs-dr-on-bridge.toml"),
+    ];
+
+    const TOKENS: &[&str] = &[
+        "[[divert]]\n",
+        "[[divert.realservers]]\n",
+        "\n",
+        " = ",
+        ", ",
+        "[",
+        "]",
+        "{",
+        "}",
+        "#",
+        "name",
+        "from",
+        "proto",
+        "dport",
+        "dst",
+        "src",
+        "except_src",
+        "except_dst",
+        "src_mac",
+        "vlan",
+        "action",
+        "port",
+        "address",
+        "fwmark",
+        "decide",
+        "arp_shield",
+        "health",
+        "on_unhealthy",
+        "realservers",
+        "connect",
+        "interval",
+        "timeout",
+        "fall",
+        "rise",
+        "mac",
+        "\"a\"",
+        "\"redirect\"",
+        "\"tproxy\"",
+        "\"local\"",
+        "\"pass\"",
+        "\"drop\"",
+        "\"dr\"",
+        "\"queue\"",
+        "\"bypass\"",
+        "\"tcp\"",
+        "\"udp\"",
+        "\"10.0.0.0/8\"",
+        "\"10.0.0.1\"",
+        "\"fd00::/8\"",
+        "\"::1\"",
+        "\"eth0\"",
+        "\"02:00:00:00:00:01\"",
+        "\"80-90\"",
+        "\"1s\"",
+        "\"127.0.0.1:3129\"",
+        "0",
+        "1",
+        "80",
+        "3129",
+        "4095",
+        "65536",
+        "-1",
+        "0x10000",
+        "true",
+        "1.5",
+        "\"\u{e9}\"",
+    ];
+
+    fn check(text: &str) -> Result<(), TestCaseError> {
+        // ports: None skips the `from` names check, so the shipped files load as they are
+        let ctx = Context {
+            ports: None,
+            mark_mask: 0x00ff_0000,
+        };
+        let loaded = rules::parse(Path::new("t.toml"), text.to_string())
+            .and_then(|f| Policy::build(&[f], &ctx).map(drop));
+        let Err(Refused(diags)) = loaded else {
+            return Ok(());
+        };
+        prop_assert!(!diags.is_empty());
+        let lines: Vec<&str> = text.split('\n').collect();
+        for d in &diags {
+            prop_assert_eq!(&d.file, Path::new("t.toml"));
+            prop_assert!(!d.what.is_empty() && !d.fix.is_empty(), "{:?}", d);
+            if d.line > 0 {
+                let line = lines.get(d.line - 1);
+                prop_assert!(
+                    line.is_some(),
+                    "line {} of {}: {:?}",
+                    d.line,
+                    lines.len(),
+                    d
+                );
+                let chars = line.map_or(0, |l| l.chars().count());
+                prop_assert!(
+                    d.column >= 1 && d.column <= chars + 1,
+                    "column {} of {}: {:?}",
+                    d.column,
+                    chars,
+                    d
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn shipped_rule_files_load() {
+        for text in SHIPPED {
+            let f = rules::parse(Path::new("t.toml"), text.to_string()).expect("parses");
+            let ctx = Context {
+                ports: None,
+                mark_mask: 0x00ff_0000,
+            };
+            Policy::build(&[f], &ctx).expect("builds");
+        }
+    }
+
+    fn a_char() -> impl Strategy<Value = char> {
+        prop_oneof![
+            select(vec![
+                '"', '\'', '[', ']', '{', '}', '=', ',', '.', '-', '\n', '#', ' ', '0', '9', 'x',
+                ':', '/', '\\'
+            ]),
+            any::<char>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(512)))]
+
+        /// A shipped file with up to 4 characters replaced, inserted or deleted, then maybe
+        /// cut short.
+        #[test]
+        fn mutated_rule_files_are_loaded_or_refused_with_a_position(
+            which in 0..SHIPPED.len(),
+            edits in proptest::collection::vec((any::<Index>(), 0u8..3, a_char()), 0..5),
+            cut in proptest::option::of(any::<Index>()),
+        ) {
+            let mut t: Vec<char> = SHIPPED[which].chars().collect();
+            for (at, op, c) in edits {
+                let i = at.index(t.len() + 1);
+                match op {
+                    0 if i < t.len() => t[i] = c,
+                    1 => t.insert(i, c),
+                    _ if i < t.len() => { t.remove(i); }
+                    _ => {}
+                }
+            }
+            if let Some(at) = cut {
+                t.truncate(at.index(t.len() + 1));
+            }
+            check(&t.into_iter().collect::<String>())?;
+        }
+
+        /// Soups of the rule files' own tokens: keys, values of every type, brackets.
+        #[test]
+        fn token_soups_are_loaded_or_refused_with_a_position(
+            tokens in proptest::collection::vec(select(TOKENS), 0..40),
+        ) {
+            check(&format!("[[divert]]\n{}", tokens.concat()))?;
+        }
+    }
+}
