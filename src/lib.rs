@@ -24,12 +24,5 @@ pub mod queue;
 pub mod rules;
 pub mod settings;
 
-/// Cases for a property test that feeds arbitrary input to a parser: `default` in the test
-/// suite; `BRDIVERT_FUZZ_CASES=N` for a long run (docs/architecture.md, "Tests").
 #[cfg(test)]
-pub(crate) fn fuzz_cases(default: u32) -> u32 {
-    std::env::var("BRDIVERT_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+pub(crate) mod fuzz;

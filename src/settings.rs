@@ -677,30 +677,18 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(crate::fuzz_cases(256)))]
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(crate::fuzz::fuzz_cases(256)))]
 
         /// The shipped settings file with up to 4 characters replaced, inserted or deleted:
         /// never a panic; loaded, or refused naming the file, what is wrong and how to fix it.
         #[test]
         fn mutated_settings_files_are_loaded_or_refused(
-            edits in proptest::collection::vec(
-                (proptest::prelude::any::<proptest::sample::Index>(), 0u8..3, proptest::prelude::any::<char>()),
-                0..5,
-            ),
+            edits in crate::fuzz::edits(4),
         ) {
-            let mut t: Vec<char> = include_str!("../systemd/brdivert.toml").chars().collect();
-            for (at, op, c) in edits {
-                let i = at.index(t.len() + 1);
-                match op {
-                    0 if i < t.len() => t[i] = c,
-                    1 => t.insert(i, c),
-                    _ if i < t.len() => { t.remove(i); }
-                    _ => {}
-                }
-            }
+            let t = crate::fuzz::mutate(include_str!("../systemd/brdivert.toml"), &edits);
             let dir = tempfile::tempdir().map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
             let p = dir.path().join("brdivert.toml");
-            std::fs::write(&p, t.into_iter().collect::<String>())
+            std::fs::write(&p, t)
                 .map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
             if let Err(Refused(diags)) = Settings::load(&p) {
                 proptest::prop_assert!(!diags.is_empty());

@@ -133,7 +133,7 @@ fn families_and_prefixes() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(20_000)))]
+    #![proptest_config(ProptestConfig::with_cases(crate::fuzz::fuzz_cases(20_000)))]
 
     /// Arbitrary bytes never panic the parser or the classifier.
     #[test]

@@ -317,7 +317,7 @@ fn rule_hits_count_frames_and_bytes_by_action_and_unhealthy() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(2000)))]
+    #![proptest_config(ProptestConfig::with_cases(crate::fuzz::fuzz_cases(2000)))]
 
     /// Arbitrary bytes as a received frame (vnet header + Ethernet): no panic, and a
     /// diverted frame only ever has its MAC addresses changed.

@@ -1027,41 +1027,22 @@ mod file_fuzz {
         }
     }
 
-    fn a_char() -> impl Strategy<Value = char> {
-        prop_oneof![
-            select(vec![
-                '"', '\'', '[', ']', '{', '}', '=', ',', '.', '-', '\n', '#', ' ', '0', '9', 'x',
-                ':', '/', '\\'
-            ]),
-            any::<char>(),
-        ]
-    }
-
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(512)))]
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz::fuzz_cases(512)))]
 
         /// A shipped file with up to 4 characters replaced, inserted or deleted, then maybe
         /// cut short.
         #[test]
         fn mutated_rule_files_are_loaded_or_refused_with_a_position(
             which in 0..SHIPPED.len(),
-            edits in proptest::collection::vec((any::<Index>(), 0u8..3, a_char()), 0..5),
+            edits in crate::fuzz::edits(4),
             cut in proptest::option::of(any::<Index>()),
         ) {
-            let mut t: Vec<char> = SHIPPED[which].chars().collect();
-            for (at, op, c) in edits {
-                let i = at.index(t.len() + 1);
-                match op {
-                    0 if i < t.len() => t[i] = c,
-                    1 => t.insert(i, c),
-                    _ if i < t.len() => { t.remove(i); }
-                    _ => {}
-                }
-            }
+            let mut t = crate::fuzz::mutate(SHIPPED[which], &edits);
             if let Some(at) = cut {
-                t.truncate(at.index(t.len() + 1));
+                t.truncate(t.floor_char_boundary(at.index(t.len() + 1)));
             }
-            check(&t.into_iter().collect::<String>())?;
+            check(&t)?;
         }
 
         /// Soups of the rule files' own tokens: keys, values of every type, brackets.
