@@ -252,7 +252,7 @@ struct Shared {
     fdb: Mutex<Fdb>,
     policy: RwLock<Current>,
     dr_inputs: Mutex<DrInputs>,
-    /// packets per rule name since start
+    /// what each rule took, by rule name, since start
     rule_hits: Mutex<HashMap<String, Taken>>,
     /// names of rules whose health check says their target is down
     down: RwLock<Arc<HashSet<String>>>,
