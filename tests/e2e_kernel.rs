@@ -154,9 +154,8 @@ mod userspace_run {
         dp.set_unhealthy(down);
     }
 
-    /// What `rule` took on the userspace datapath: frames its action took, and frames of
-    /// flows decided while its target was down.
-    pub fn taken(lab: &Lab, rule: &str) -> brdivert::datapath::Taken {
+    /// What `rule` took on the userspace datapath (its rows of `status`).
+    pub fn taken(lab: &Lab, rule: &str) -> brdivert::daemon::counters::RuleCounts {
         let g = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
         let dp = g
             .as_ref()
@@ -876,12 +875,7 @@ fn rule_counts(lab: &Lab, dp: &str, rule: &str) -> RuleCounts {
             .expect("reading the rule counters");
         all.get(rule).copied().unwrap_or_default()
     } else {
-        let t = userspace_run::taken(lab, rule);
-        RuleCounts {
-            diverted: t.by_action,
-            exempted: t.exempted,
-            unhealthy: t.unhealthy,
-        }
+        userspace_run::taken(lab, rule)
     }
 }
 

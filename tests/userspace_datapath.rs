@@ -495,8 +495,8 @@ port = 8080
         // frames and their L3 bytes (at least an IPv4 and a TCP header each)
         assert!(
             stats.rules.iter().any(|(n, c)| n == rule
-                && c.by_action.packets > 0
-                && c.by_action.bytes >= 40 * c.by_action.packets),
+                && c.diverted.packets > 0
+                && c.diverted.bytes >= 40 * c.diverted.packets),
             "{rule}: {stats:?}"
         );
     }
@@ -562,7 +562,7 @@ action = "drop"
         stats
             .rules
             .iter()
-            .any(|(n, c)| n == "nope" && c.by_action.packets > 0),
+            .any(|(n, c)| n == "nope" && c.diverted.packets > 0),
         "{stats:?}"
     );
     assert_eq!(stats.policy_generation, 1);

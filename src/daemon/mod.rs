@@ -32,7 +32,6 @@ use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinHandle;
 
-use crate::datapath;
 use crate::dr::{find_realserver, parse_check_key, realserver_checks};
 use crate::ops::{self, Failure};
 use crate::policy::{Family, Health, Policy};
@@ -654,22 +653,12 @@ pub fn rule_rows(st: &State, kernel: &BTreeMap<String, RuleCounts>) -> Vec<contr
 /// flows its exemptions returned as `exempted`.
 fn userspace_rule_rows(
     policy: &Policy,
-    taken: &BTreeMap<String, datapath::Taken>,
+    taken: &BTreeMap<String, RuleCounts>,
 ) -> Vec<control::RuleStatus> {
     policy
         .rules
         .iter()
-        .map(|r| {
-            let t = taken.get(&r.name).copied().unwrap_or_default();
-            rule_row(
-                r,
-                RuleCounts {
-                    diverted: t.by_action,
-                    exempted: t.exempted,
-                    unhealthy: t.unhealthy,
-                },
-            )
-        })
+        .map(|r| rule_row(r, taken.get(&r.name).copied().unwrap_or_default()))
         .collect()
 }
 
@@ -742,7 +731,7 @@ pub async fn snapshot(shared: &Arc<Shared>) -> control::Status {
     // the userspace datapath's counters: what each rule took (a dr rule's: frames sent to
     // realservers) stands in for the kernel's rule counters, which it has none of
     let userspace = shared.userspace.as_ref().and_then(|u| u.stats());
-    let taken: Option<BTreeMap<String, datapath::Taken>> = shared.userspace.as_ref().map(|_| {
+    let taken: Option<BTreeMap<String, RuleCounts>> = shared.userspace.as_ref().map(|_| {
         userspace
             .iter()
             .flat_map(|s| s.rules.iter().cloned())
@@ -750,7 +739,7 @@ pub async fn snapshot(shared: &Arc<Shared>) -> control::Status {
     });
     let forwarded: Option<BTreeMap<String, u64>> = taken.as_ref().map(|t| {
         t.iter()
-            .map(|(name, t)| (name.clone(), t.by_action.packets))
+            .map(|(name, t)| (name.clone(), t.diverted.packets))
             .collect()
     });
     let st = shared.state();

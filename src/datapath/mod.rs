@@ -51,7 +51,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::classify::{self, Decision, PacketInfo, RuleMatch};
-use crate::daemon::counters::Count;
+use crate::daemon::counters::{Count, RuleCounts};
 use crate::policy::{Action, Decide, DivertRule, OnUnhealthy, Policy};
 use crate::queue::{InlineDecider, Verdict as QueueVerdict};
 use crate::settings::{Datapath as DatapathKind, Settings};
@@ -253,7 +253,7 @@ struct Shared {
     policy: RwLock<Current>,
     dr_inputs: Mutex<DrInputs>,
     /// what each rule took, by rule name, since start
-    rule_hits: Mutex<HashMap<String, Taken>>,
+    rule_hits: Mutex<HashMap<String, RuleCounts>>,
     /// names of rules whose health check says their target is down
     down: RwLock<Arc<HashSet<String>>>,
     generation: AtomicU64,
@@ -329,9 +329,16 @@ pub struct Stats {
     pub fdb_entries: usize,
     pub fdb_evicted: u64,
     pub policy_generation: u64,
-    /// What each rule took, by rule name, sorted; frames of flows decided under an earlier
-    /// policy count under that policy's rule names too.
-    pub rules: Vec<(String, Taken)>,
+    /// What each rule took, by rule name, sorted, in the rows the kernel datapath's rule
+    /// counters fill: `diverted`, the frames its action took (diverted, passed or dropped; a
+    /// `dr` rule's: sent to a realserver; a `decide = "queue"` rule's: as its decider said);
+    /// `unhealthy`, frames of flows decided while its target was down; `exempted`, frames of
+    /// flows its `except_src`/`except_dst` returned (counted for the first rule that exempted
+    /// the flow, where the kernel counts every such rule). Bytes are L3 bytes (after the
+    /// Ethernet header and VLAN tags), as the kernel's counters count them at the bridge
+    /// hooks; a GSO super-frame counts once, as it does there. Frames of flows decided under
+    /// an earlier policy count under that policy's rule names too.
+    pub rules: Vec<(String, RuleCounts)>,
 }
 
 /// The running userspace datapath. Dropping it stops it too.
@@ -1197,31 +1204,7 @@ fn read_policy(sh: &Shared) -> Current {
 /// newest few), flushed into the shared counters by rule name once per batch.
 #[derive(Default)]
 struct RuleHits {
-    seen: Vec<(u64, Arc<Policy>, Vec<Taken>)>,
-}
-
-/// What one rule took on the userspace datapath. Bytes are L3 bytes (after the Ethernet
-/// header and VLAN tags), as the kernel datapath's counters count them at the bridge hooks;
-/// a GSO super-frame counts once, as it does there.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Taken {
-    /// Frames the rule's action took: diverted, passed or dropped (a `dr` rule's: sent to a
-    /// realserver; a `decide = "queue"` rule's: as its decider said).
-    pub by_action: Count,
-    /// Frames of flows decided while the rule's target was down, bridged or dropped as its
-    /// `on_unhealthy` says.
-    pub unhealthy: Count,
-    /// Frames of flows the rule's `except_src`/`except_dst` returned (counted for the first
-    /// rule that exempted the flow, where the kernel counts every such rule).
-    pub exempted: Count,
-}
-
-impl Taken {
-    fn is_zero(&self) -> bool {
-        [self.by_action, self.unhealthy, self.exempted]
-            .iter()
-            .all(|c| c.packets == 0)
-    }
+    seen: Vec<(u64, Arc<Policy>, Vec<RuleCounts>)>,
 }
 
 impl RuleHits {
@@ -1237,7 +1220,7 @@ impl RuleHits {
         self.seen.push((
             seq,
             policy.clone(),
-            vec![Taken::default(); policy.rules.len()],
+            vec![RuleCounts::default(); policy.rules.len()],
         ));
     }
 
@@ -1257,21 +1240,22 @@ impl RuleHits {
             return;
         };
         let one = Count { packets: 1, bytes };
-        let mut add = |rule: Option<usize>, what: fn(&mut Taken) -> &mut Count| {
+        let mut add = |rule: Option<usize>, what: fn(&mut RuleCounts) -> &mut Count| {
             if let Some(h) = rule.and_then(|r| hits.get_mut(r)) {
                 *what(h) += one;
             }
         };
-        add(taken, |h| &mut h.by_action);
+        add(taken, |h| &mut h.diverted);
         add(pin.unhealthy, |h| &mut h.unhealthy);
         add(pin.exempted, |h| &mut h.exempted);
     }
 
-    fn flush(&mut self, into: &Mutex<HashMap<String, Taken>>) {
+    fn flush(&mut self, into: &Mutex<HashMap<String, RuleCounts>>) {
+        let zero = RuleCounts::default();
         if self
             .seen
             .iter()
-            .all(|(_, _, h)| h.iter().all(Taken::is_zero))
+            .all(|(_, _, h)| h.iter().all(|c| *c == zero))
         {
             return;
         }
@@ -1281,12 +1265,8 @@ impl RuleHits {
         };
         for (_, policy, hits) in &mut self.seen {
             for (r, h) in policy.rules.iter().zip(hits.iter_mut()) {
-                if !h.is_zero() {
-                    let t = m.entry(r.name.clone()).or_default();
-                    t.by_action += h.by_action;
-                    t.unhealthy += h.unhealthy;
-                    t.exempted += h.exempted;
-                    *h = Taken::default();
+                if *h != zero {
+                    *m.entry(r.name.clone()).or_default() += std::mem::take(h);
                 }
             }
         }

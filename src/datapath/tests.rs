@@ -300,17 +300,17 @@ fn rule_hits_count_frames_and_bytes_by_action_and_unhealthy() {
     let count = |packets, bytes| Count { packets, bytes };
     assert_eq!(
         m["web"],
-        Taken {
-            by_action: count(2, 1560),
+        RuleCounts {
+            diverted: count(2, 1560),
             unhealthy: count(1, 40),
             exempted: count(1, 52),
         }
     );
     assert_eq!(
         m["nope"],
-        Taken {
-            by_action: count(1, 52),
-            ..Taken::default()
+        RuleCounts {
+            diverted: count(1, 52),
+            ..RuleCounts::default()
         }
     );
     assert_eq!(m.len(), 2);
