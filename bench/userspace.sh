@@ -14,6 +14,9 @@
 #   user-txoff    user, with the endpoints' tx checksum offload off (OVS's setting)
 #   user2         user, with the binary given by --bin2 (A/B of two builds in one run;
 #                 the report then compares user2 with user round by round)
+#   loop          the floor of the technique: examples/afpacket_copy_loop, one thread per
+#                 direction copying frames (vnet header included) from one AF_PACKET socket
+#                 to the other with the datapath's port I/O; no FDB, policy, TAP or ring
 # Endpoints (client and server eth0) keep their default offloads (tx checksum, TSO) in
 # kernel and user; OVS's netdev datapath reads frames over AF_PACKET without vnet headers,
 # so a checksum-partial frame would reach the receiver with a bad checksum: ovs (always) and
@@ -42,14 +45,16 @@
 #
 # Usage: bench/userspace.sh [--rounds N] [--secs S] [--configs LIST] [--only LIST]
 #                           [--cpu-pps N] [--cpu-mbit N] [--bin PATH] [--bin2 PATH]
-#                           [--out FILE]
+#                           [--loop-bin PATH] [--out FILE]
 #   defaults: 3 rounds, 4 s runs, all five configurations, all metrics, 50000 pps, 500 Mbit/s
 #   (about 2 minutes per round with the defaults; 5 rounds of 4 s: about 11 minutes)
-#   --configs LIST  comma-separated subset of kernel,user,ovs,kernel-txoff,user-txoff,user2
+#   --configs LIST  comma-separated subset of kernel,user,ovs,kernel-txoff,user-txoff,user2,
+#                   loop
 #                   (kernel is always measured: it is the baseline of every ratio)
 #   --only LIST     comma-separated subset of tcp,udp,cps,cpu_udp,cpu_tcp
 #   --bin PATH      userspace_bridge binary (default: build it with cargo, release)
 #   --bin2 PATH     the userspace_bridge binary of `user2` (required with it)
+#   --loop-bin PATH the afpacket_copy_loop binary of `loop` (default: build it, release)
 #   --out FILE      report (default bench/results/userspace-<date>.md; -<HHMM> added if taken)
 #   --halt-poll NS  set the guest's cpuidle halt polling (/sys/module/haltpoll/parameters/
 #                   guest_halt_poll_ns) to NS for the run and restore it after; on a VM with
@@ -68,7 +73,7 @@ REPO=$(cd "$HERE/.." && pwd)
 LIB="$HERE/userspace_lib.py"
 # the datapath's experiment knobs, when set, are part of the command (examples/userspace_bridge)
 CMDLINE="$(env | { grep -E '^BRDIVERT_(BATCH|THREADS|SPIN_US|RX_RING)=' || true; } | sort | tr '\n' ' ')bench/userspace.sh${*:+ $*}"
-ROUNDS=3 SECS=4 OUT="" BIN="" BIN2="" CPU_PPS=50000 CPU_MBIT=500 HALT_POLL_NS=""
+ROUNDS=3 SECS=4 OUT="" BIN="" BIN2="" LOOP_BIN="" CPU_PPS=50000 CPU_MBIT=500 HALT_POLL_NS=""
 CONFIGS_ARG=kernel,user,ovs,kernel-txoff,user-txoff ONLY=tcp,udp,cps,cpu_udp,cpu_tcp
 while (($#)); do
     case "$1" in
@@ -80,6 +85,7 @@ while (($#)); do
         --cpu-mbit) CPU_MBIT=$2; shift ;;
         --bin) BIN=$2; shift ;;
         --bin2) BIN2=$2; shift ;;
+        --loop-bin) LOOP_BIN=$2; shift ;;
         --out) OUT=$2; shift ;;
         --halt-poll) HALT_POLL_NS=$2; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -93,11 +99,11 @@ log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
 # Configurations: kernel first (the baseline), the rest in the canonical order.
 CONFIGS=(kernel)
-for c in user user2 ovs kernel-txoff user-txoff; do
+for c in user user2 loop ovs kernel-txoff user-txoff; do
     [[ ,$CONFIGS_ARG, == *,$c,* ]] && CONFIGS+=("$c")
 done
 for c in ${CONFIGS_ARG//,/ }; do
-    [[ " kernel user user2 ovs kernel-txoff user-txoff " == *" $c "* ]] || die "unknown configuration '$c'"
+    [[ " kernel user user2 loop ovs kernel-txoff user-txoff " == *" $c "* ]] || die "unknown configuration '$c'"
 done
 for m in ${ONLY//,/ }; do
     [[ " tcp udp cps cpu_udp cpu_tcp " == *" $m "* ]] || die "unknown metric '$m' in --only"
@@ -135,6 +141,17 @@ fi
 if has_config user2; then
     [[ -n $BIN2 && -x $BIN2 ]] || die "the user2 configuration needs --bin2 PATH to a built userspace_bridge"
     BIN2=$(realpath "$BIN2")
+fi
+if has_config loop; then
+    if [[ -z $LOOP_BIN ]]; then
+        command -v cargo >/dev/null || die "missing cargo (or give --loop-bin PATH to a built afpacket_copy_loop)"
+        log "building examples/afpacket_copy_loop (release)"
+        (cd "$REPO" && cargo build --release --example afpacket_copy_loop >/dev/null 2>&1) ||
+            die "cargo build --release --example afpacket_copy_loop failed"
+        LOOP_BIN=${CARGO_TARGET_DIR:-$REPO/target}/release/examples/afpacket_copy_loop
+    fi
+    [[ -x $LOOP_BIN ]] || die "no afpacket_copy_loop binary at $LOOP_BIN"
+    LOOP_BIN=$(realpath "$LOOP_BIN")
 fi
 
 # ---------------------------------------------------------------------------------------
@@ -214,12 +231,14 @@ up_kernel() {
     ip -n "$B" link set br0 up
 }
 down_kernel() { ip -n "$B" link del br0; }
-up_user() { start_datapath "$BIN"; }
-up_user2() { start_datapath "$BIN2"; }
+up_user() { start_datapath "$BIN" "$WORK/brdivert.toml"; }
+up_user2() { start_datapath "$BIN2" "$WORK/brdivert.toml"; }
 down_user2() { down_user; }
-start_datapath() { # BINARY
+up_loop() { start_datapath "$LOOP_BIN" pc ps; }
+down_loop() { down_user; }
+start_datapath() { # BINARY ARGS...
     # ip netns exec and env exec the binary, so $! is the datapath itself (not a subshell)
-    ip netns exec "$B" env BRDIVERT_BATCH="${BRDIVERT_BATCH:-64}" BRDIVERT_STATE_DIR="$WORK/state" "$1" "$WORK/brdivert.toml" 2>"$WORK/dp.log" &
+    ip netns exec "$B" env BRDIVERT_BATCH="${BRDIVERT_BATCH:-64}" BRDIVERT_STATE_DIR="$WORK/state" "$@" 2>"$WORK/dp.log" &
     DP_PID=$!
     for ((i = 0; ; i++)); do
         grep -q running "$WORK/dp.log" 2>/dev/null && break
@@ -272,7 +291,7 @@ rx() { ins cat /sys/class/net/eth0/statistics/rx_packets; }
 sys_idle() { awk '/^cpu / { print $5 + $6 }' /proc/stat; }
 dp_pid() {
     case $(base_of "$UP") in
-        user | user2) echo "$DP_PID" ;;
+        user | user2 | loop) echo "$DP_PID" ;;
         ovs) echo "$OVS_VSWITCHD_PID" ;;
         *) echo "" ;;
     esac

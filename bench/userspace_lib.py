@@ -24,6 +24,7 @@ LABELS = {
     "kernel-txoff": "kernel bridge, tx-csum off",
     "user-txoff": "brdivert userspace, tx-csum off",
     "user2": "brdivert userspace, the --bin2 build",
+    "loop": "AF_PACKET copy loop (floor)",
 }
 # Targets of issue 5: the userspace datapath against the kernel bridge of the same round.
 TARGETS = {"tcp": 0.8, "udp": 0.8, "cps": 0.9}
@@ -197,6 +198,16 @@ def summary(samples_path: str, out_path: str) -> None:
             w(f"| {label} | {rcell(ratios(key, 'user2', 'user'))} |")
         w("")
 
+    if "user" in configs and "loop" in configs:
+        w("## `user` against `loop`, the bare AF_PACKET copy loop (same round)\n")
+        w("How much of the technique's floor the datapath keeps while it also learns, "
+          "classifies and serves its TAP. Higher-is-better rows: 1 = as fast as the bare loop.\n")
+        w("| Metric | `user` / `loop` |")
+        w("|---|---|")
+        for key, label, _, _ in ms:
+            w(f"| {label} | {rcell(ratios(key, 'user', 'loop'))} |")
+        w("")
+
     w("## Against the targets\n")
     w("Targets (issue 5): TCP ≥ 0.8×, 64-byte pps ≥ 0.8×, connections/s ≥ 0.9× the kernel "
       "bridge, and ahead of OVS on every figure. Judged on the median of per-round ratios; "
@@ -267,7 +278,11 @@ def summary(samples_path: str, out_path: str) -> None:
         "with `datapath_type=netdev` and NORMAL (MAC-learning) forwarding, its own ovsdb-server and "
         "ovs-vswitchd started per round with private paths (database, sockets, pidfiles, logs in "
         "the bench's work dir; a system Open vSwitch is never contacted). The userspace datapath "
-        "and OVS are started fresh every round. No process is pinned.",
+        "and OVS are started fresh every round. No process is pinned. `loop` (when measured) "
+        "is `examples/afpacket_copy_loop`: one thread per direction, poll + recvmmsg on one "
+        "port's AF_PACKET socket, sendmmsg of the same frames (vnet header included) on the "
+        "other's, with the datapath's port I/O and nothing else (no FDB, policy, TAP, ring or "
+        "busy polling): the floor of the technique on this machine.",
         "Endpoint offloads: OVS's netdev datapath reads frames over AF_PACKET without vnet "
         "headers, so a frame whose checksum was left to offload would reach the receiver with a "
         "bad checksum; `ovs` therefore runs with `ethtool -K eth0 tx off` on both endpoints, which "

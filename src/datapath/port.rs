@@ -189,6 +189,17 @@ impl PacketPort {
         sys::take_packet_drops(self.raw_fd()).map(u64::from)
     }
 
+    /// Wait until a frame is queued or `timeout` passes (for callers that do not poll
+    /// several descriptors themselves).
+    pub fn wait_readable(&self, timeout: Duration) -> io::Result<()> {
+        let mut fds = [libc::pollfd {
+            fd: self.raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        sys::poll_readable(&mut fds, timeout)
+    }
+
     /// Receive what is queued now (at most the batch's capacity) without waiting; the
     /// caller waits for readiness on [`PacketPort::raw_fd`].
     pub fn recv_now(&self, b: &mut RxBatch) -> io::Result<usize> {
