@@ -127,31 +127,29 @@ if has_config ovs && ! ovs_deps; then
   (the script starts its own ovsdb-server and ovs-vswitchd with private paths in its work dir;
   the system service need not run and is never touched), or leave ovs out: --configs kernel,user"
 fi
-if has_config user || has_config user-txoff; then
-    if [[ -z $BIN ]]; then
-        command -v cargo >/dev/null || die "missing cargo (or give --bin PATH to a built userspace_bridge)"
-        log "building examples/userspace_bridge (release)"
-        (cd "$REPO" && cargo build --release --example userspace_bridge >/dev/null 2>&1) ||
-            die "cargo build --release --example userspace_bridge failed"
-        BIN=${CARGO_TARGET_DIR:-$REPO/target}/release/examples/userspace_bridge
+# example_binary NAME GIVEN OPTION: the path of examples/NAME, GIVEN (from OPTION) or built
+# here (release); dies if there is none
+example_binary() {
+    local bin=$2
+    if [[ -z $bin ]]; then
+        command -v cargo >/dev/null || die "missing cargo (or give $3 PATH to a built $1)"
+        log "building examples/$1 (release)"
+        (cd "$REPO" && cargo build --release --example "$1" >/dev/null 2>&1) ||
+            die "cargo build --release --example $1 failed"
+        bin=${CARGO_TARGET_DIR:-$REPO/target}/release/examples/$1
     fi
-    [[ -x $BIN ]] || die "no userspace_bridge binary at $BIN"
-    BIN=$(realpath "$BIN")
+    [[ -x $bin ]] || die "no $1 binary at $bin"
+    realpath "$bin"
+}
+if has_config user || has_config user-txoff; then
+    BIN=$(example_binary userspace_bridge "$BIN" --bin)
 fi
 if has_config user2; then
     [[ -n $BIN2 && -x $BIN2 ]] || die "the user2 configuration needs --bin2 PATH to a built userspace_bridge"
     BIN2=$(realpath "$BIN2")
 fi
 if has_config loop; then
-    if [[ -z $LOOP_BIN ]]; then
-        command -v cargo >/dev/null || die "missing cargo (or give --loop-bin PATH to a built afpacket_copy_loop)"
-        log "building examples/afpacket_copy_loop (release)"
-        (cd "$REPO" && cargo build --release --example afpacket_copy_loop >/dev/null 2>&1) ||
-            die "cargo build --release --example afpacket_copy_loop failed"
-        LOOP_BIN=${CARGO_TARGET_DIR:-$REPO/target}/release/examples/afpacket_copy_loop
-    fi
-    [[ -x $LOOP_BIN ]] || die "no afpacket_copy_loop binary at $LOOP_BIN"
-    LOOP_BIN=$(realpath "$LOOP_BIN")
+    LOOP_BIN=$(example_binary afpacket_copy_loop "$LOOP_BIN" --loop-bin)
 fi
 
 # ---------------------------------------------------------------------------------------

@@ -22,15 +22,19 @@ fn main() -> anyhow::Result<()> {
         (Some(a), Some(b)) => (a, b),
         _ => anyhow::bail!("usage: afpacket_copy_loop PORT_A PORT_B"),
     };
-    // Each direction owns its own receiving socket and its own sending socket, so the two
-    // threads share nothing.
-    let a_to_b = (PacketPort::open(&a)?, PacketPort::open(&b)?);
-    let b_to_a = (PacketPort::open(&b)?, PacketPort::open(&a)?);
-    eprintln!("afpacket copy loop running ({a} <-> {b})");
-    let t = std::thread::spawn(move || copy(&a_to_b.0, &a_to_b.1));
-    copy(&b_to_a.0, &b_to_a.1)?;
-    t.join()
-        .map_err(|_| anyhow::anyhow!("a copy thread panicked"))?
+    // One socket per port, as in the datapath: each thread receives on its own port's and
+    // sends on the other's (a second socket bound to a port would receive a clone of
+    // every frame too, and nobody would read it).
+    let (a, b) = (PacketPort::open(&a)?, PacketPort::open(&b)?);
+    eprintln!("afpacket copy loop running ({} <-> {})", a.name, b.name);
+    std::thread::scope(|s| {
+        let a_to_b = s.spawn(|| copy(&a, &b));
+        let b_to_a = copy(&b, &a);
+        a_to_b
+            .join()
+            .map_err(|_| anyhow::anyhow!("a copy thread panicked"))??;
+        b_to_a
+    })
 }
 
 fn copy(from: &PacketPort, to: &PacketPort) -> anyhow::Result<()> {
