@@ -1227,6 +1227,7 @@ fn pin_lookups_for_every_frame_expire() {
 /// `bridge.static_fdb` reaches the userspace datapath under `brdivert run`: client 2's MAC
 /// pinned to client 1's own port sends client 1's frames for it back where they came from,
 /// which the datapath drops (no hairpin), whatever client 2's own frames would teach the FDB.
+/// A reload takes the entry away (client 2 is reachable again, learnt) and brings it back.
 #[test]
 fn static_fdb_entries_from_the_settings() {
     let Some(lab) = lab_on("userspace") else {
@@ -1234,13 +1235,14 @@ fn static_fdb_entries_from_the_settings() {
     };
     lab.write_rules("web", RULES_WEB).expect("rules");
     let settings = lab.settings_path();
-    let text = std::fs::read_to_string(&settings).expect("settings");
+    let original = std::fs::read_to_string(&settings).expect("settings");
     let entry =
         format!("[bridge]\nstatic_fdb = [{{ mac = \"{C2_MAC}\", port = \"{PORT_C1}\" }}]\n");
-    assert!(text.contains("[bridge]\n"), "{text}");
-    std::fs::write(&settings, text.replacen("[bridge]\n", &entry, 1)).expect("settings");
+    assert!(original.contains("[bridge]\n"), "{original}");
+    let pinned = original.replacen("[bridge]\n", &entry, 1);
+    std::fs::write(&settings, &pinned).expect("settings");
     let socket = Daemon::configure(&lab, "");
-    let _d = Daemon::start(&lab, &socket, "fdb");
+    let d = Daemon::start(&lab, &socket, "fdb");
     let ping = |dst: &str| {
         lab.exec(Ns::C1, &["ping", "-c", "2", "-W", "1", dst])
             .map(|o| o.status.success())
@@ -1253,5 +1255,32 @@ fn static_fdb_entries_from_the_settings() {
     assert!(
         !ping(C2_V4),
         "frames for client 2 went out of its static port anyway"
+    );
+
+    let reload = |what: &str| {
+        let out = d.ctl(&["reload"]);
+        assert!(out.status.success(), "reload ({what}): {}", text(&out));
+        let last = d.status().last_reload.expect("last reload");
+        assert!(last.ok(), "reload ({what}): {last:?}");
+    };
+    // Daemon::configure added its own keys to the file: take the entry out of that text
+    let configured = std::fs::read_to_string(&settings).expect("settings");
+    assert!(configured.contains(&entry), "{configured}");
+    std::fs::write(&settings, configured.replacen(&entry, "[bridge]\n", 1)).expect("settings");
+    reload("entry removed");
+    assert!(
+        ping(C2_V4),
+        "client 2 unreachable after its static entry was removed"
+    );
+    assert!(
+        !d.log().contains("static_fdb changed"),
+        "the change should apply, not wait for a restart:\n{}",
+        d.log()
+    );
+    std::fs::write(&settings, &configured).expect("settings");
+    reload("entry back");
+    assert!(
+        !ping(C2_V4),
+        "the static entry did not come back with the reload"
     );
 }

@@ -607,29 +607,33 @@ fn failed(
 
 /// Settings a reload cannot change while running (they take effect at the next start).
 fn warn_unreloadable(old: &Settings, new: &Settings) {
-    if old.control != new.control {
-        tracing::warn!("control.socket changed: takes effect when the daemon restarts");
+    for key in unreloadable_changes(old, new) {
+        tracing::warn!("{key} changed: takes effect when the daemon restarts");
     }
-    for (key, changed) in [
-        ("static_fdb", old.bridge.static_fdb != new.bridge.static_fdb),
-        ("threads", old.bridge.threads != new.bridge.threads),
+}
+
+/// The keys that differ between `old` and `new` and that only a restart applies.
+fn unreloadable_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
+    let (o, n) = (&old.bridge, &new.bridge);
+    // the userspace datapath opens its ports and creates its TAP (name, addresses) at start
+    let userspace = n.datapath == crate::settings::Datapath::Userspace;
+    [
+        ("control.socket", old.control != new.control),
+        ("bridge.threads", o.threads != n.threads),
+        ("bridge.busy_poll_us", o.busy_poll_us != n.busy_poll_us),
+        ("bridge.ports", userspace && o.ports != n.ports),
+        ("bridge.name", userspace && o.name != n.name),
+        ("bridge.address", userspace && o.address != n.address),
+        ("metrics.listen", old.metrics != new.metrics),
         (
-            "busy_poll_us",
-            old.bridge.busy_poll_us != new.bridge.busy_poll_us,
+            "daemon.watch",
+            old.daemon.watch != new.daemon.watch
+                || old.daemon.watch_interval_ms != new.daemon.watch_interval_ms,
         ),
-    ] {
-        if changed {
-            tracing::warn!("bridge.{key} changed: takes effect when the daemon restarts");
-        }
-    }
-    if old.metrics != new.metrics {
-        tracing::warn!("metrics.listen changed: takes effect when the daemon restarts");
-    }
-    if old.daemon.watch != new.daemon.watch
-        || old.daemon.watch_interval_ms != new.daemon.watch_interval_ms
-    {
-        tracing::warn!("daemon.watch changed: takes effect when the daemon restarts");
-    }
+    ]
+    .into_iter()
+    .filter_map(|(key, changed)| changed.then_some(key))
+    .collect()
 }
 
 /// Per rule: name, action, families and counters (base + the kernel's current counts).
@@ -986,6 +990,48 @@ async fn serve(config: &Path, settings: Settings, policy: Policy) -> Result<Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn settings(text: &str) -> Settings {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("brdivert.toml");
+        std::fs::write(&p, text).expect("write");
+        Settings::load(&p).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// What a reload only warns about: the userspace datapath's ports, TAP name and
+    /// addresses (fixed at start), never its static FDB entries (replaced by the reload);
+    /// on the kernel datapath `apply` takes ports, name and addresses as they come.
+    #[test]
+    fn unreloadable_changes_by_datapath() {
+        let base = "[bridge]\nports = [\"a\", \"b\"]\naddress = [\"10.0.0.1/24\"]\n";
+        for (datapath, fixed_at_start) in [("kernel", false), ("userspace", true)] {
+            let old = settings(&format!("{base}datapath = \"{datapath}\"\n"));
+            assert!(unreloadable_changes(&old, &old.clone()).is_empty());
+            let mut new = old.clone();
+            new.bridge.ports.push("c".into());
+            new.bridge.name = "br9".into();
+            new.bridge.address.clear();
+            let want: Vec<&str> = if fixed_at_start {
+                vec!["bridge.ports", "bridge.name", "bridge.address"]
+            } else {
+                vec![]
+            };
+            assert_eq!(unreloadable_changes(&old, &new), want, "{datapath}");
+        }
+        let old = settings(&format!("{base}datapath = \"userspace\"\n"));
+        let mut new = old.clone();
+        new.bridge.threads = Some(1);
+        new.bridge.busy_poll_us = Some(0);
+        new.bridge.static_fdb = settings(&format!(
+            "{base}datapath = \"userspace\"\nstatic_fdb = [{{ mac = \"02:00:00:00:00:01\", port = \"a\" }}]\n"
+        ))
+        .bridge
+        .static_fdb;
+        assert_eq!(
+            unreloadable_changes(&old, &new),
+            vec!["bridge.threads", "bridge.busy_poll_us"]
+        );
+    }
 
     fn info(key: &str, up: bool) -> HealthInfo {
         HealthInfo {

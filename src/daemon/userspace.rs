@@ -86,9 +86,9 @@ impl Userspace {
         ))
     }
 
-    /// A validated new policy: local-stack rules first (the new rules' tags must be known
-    /// before frames carry them), the new `dr` realservers' MACs (with `dr_down`, the
-    /// realservers whose checks say down), then the datapath's classifier.
+    /// A validated new policy: the static FDB entries, local-stack rules (the new rules'
+    /// tags must be known before frames carry them), the new `dr` realservers' MACs (with
+    /// `dr_down`, the realservers whose checks say down), then the datapath's classifier.
     pub fn reload(
         &self,
         settings: &Settings,
@@ -100,6 +100,9 @@ impl Userspace {
             Failure::Runtime(anyhow::anyhow!("the userspace datapath is stopped"))
         })?;
         let mac = dp.local_port().1;
+        // first: the one step that can refuse the new settings, so a refusal changes nothing
+        dp.set_static_fdb(&settings.bridge.static_fdb_entries())
+            .map_err(|e| Failure::Runtime(e.into()))?;
         local_rules::install_blocking(settings, policy, mac).map_err(Failure::Runtime)?;
         let neighbours = learn_realservers(settings, policy)?;
         dp.set_dr_state(neighbours.clone(), dr_down.clone());

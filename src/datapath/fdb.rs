@@ -79,6 +79,16 @@ impl Fdb {
         );
     }
 
+    /// Replace every static entry with `entries` (a reload's new list). Learnt entries
+    /// stay, except where a new static entry takes their address over; an address that is
+    /// no longer static is learnt again from its next frame.
+    pub fn set_static(&mut self, entries: &[([u8; 6], usize)], now: Instant) {
+        self.map.retain(|_, e| !e.is_static);
+        for &(mac, port) in entries {
+            self.add_static(mac, port, now);
+        }
+    }
+
     /// Learn that `mac` lives behind `port`.
     pub fn learn(&mut self, mac: [u8; 6], port: usize, now: Instant) -> Learned {
         if is_multicast(&mac) || mac == [0; 6] {
@@ -227,6 +237,29 @@ mod tests {
         assert_eq!(f.lookup(&C, much_later), Some(3));
         f.expire(much_later);
         assert_eq!(f.lookup(&C, much_later), Some(3));
+    }
+
+    #[test]
+    fn static_entries_replaced() {
+        let (mut f, t) = fdb();
+        f.add_static(C, 3, t);
+        f.learn(A, 0, t);
+        f.learn(B, 1, t);
+        // C is no longer static, A becomes static on another port, B stays learnt
+        f.set_static(&[(A, 2)], t);
+        assert_eq!(f.lookup(&C, t), None, "the old static entry went");
+        assert_eq!(f.learn(A, 0, t), Learned::Ignored, "A is static now");
+        assert_eq!(f.lookup(&A, t), Some(2));
+        assert_eq!(f.lookup(&B, t), Some(1), "learnt entries stay");
+        assert_eq!(f.learn(C, 0, t), Learned::New, "C is learnt again");
+        let much_later = t + Duration::from_secs(10_000);
+        f.expire(much_later);
+        assert_eq!(
+            f.lookup(&A, much_later),
+            Some(2),
+            "new static entries do not age"
+        );
+        assert_eq!(f.len(), 1);
     }
 
     #[test]

@@ -398,14 +398,10 @@ impl Datapath {
 
         let now = Instant::now();
         let mut fdb = Fdb::new(opts.fdb_aging, opts.fdb_max);
-        fdb.add_static(tap_mac, tap_index, now);
-        for (mac, port) in &opts.static_fdb {
-            let i = names
-                .iter()
-                .position(|n| n == port)
-                .ok_or_else(|| DatapathError::UnknownStaticPort { port: port.clone() })?;
-            fdb.add_static(*mac, i, now);
-        }
+        fdb.set_static(
+            &static_entries(&names, (tap_mac, tap_index), &opts.static_fdb)?,
+            now,
+        );
         let n = ports.len();
         let mut rings: Vec<Option<RxRing>> = ports
             .iter()
@@ -479,6 +475,16 @@ impl Datapath {
             &self.shared.names[self.shared.tap_index],
             self.shared.tap_mac,
         )
+    }
+
+    /// Replace the static FDB entries (`[bridge] static_fdb` after a reload); the local
+    /// port's own entry stays. Refused, with nothing changed, if an entry names a port this
+    /// datapath does not have.
+    pub fn set_static_fdb(&self, entries: &[([u8; 6], String)]) -> Result<(), DatapathError> {
+        let sh = &self.shared;
+        let entries = static_entries(&sh.names, (sh.tap_mac, sh.tap_index), entries)?;
+        lock(&sh.fdb).set_static(&entries, Instant::now());
+        Ok(())
     }
 
     /// Swap in a new policy: new flows follow it from the next batch on, established flows
@@ -605,6 +611,24 @@ impl Drop for Datapath {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// The FDB's static entries by port index: the local port's own MAC on the local port,
+/// then the settings' entries (MAC, port name).
+fn static_entries(
+    names: &[String],
+    (tap_mac, tap_index): ([u8; 6], usize),
+    entries: &[([u8; 6], String)],
+) -> Result<Vec<([u8; 6], usize)>, DatapathError> {
+    let mut out = vec![(tap_mac, tap_index)];
+    for (mac, port) in entries {
+        let i = names
+            .iter()
+            .position(|n| n == port)
+            .ok_or_else(|| DatapathError::UnknownStaticPort { port: port.clone() })?;
+        out.push((*mac, i));
+    }
+    Ok(out)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
