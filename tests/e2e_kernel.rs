@@ -4,9 +4,11 @@
 //! - `kernel::*` run the real binary (`brdivert apply -c <lab settings>`) and check traffic.
 //! - `userspace::*` run the same checks (one `datapath_suite!` source) on the userspace
 //!   datapath, started in-process in the lab's bridge namespace through the library API
-//!   (`Datapath::start` + `local_rules::install_at_blocking`, as `brdivert run` will), since
-//!   `apply` refuses that datapath. When `brdivert run` lands, `apply()` below can start the
-//!   daemon instead.
+//!   (`Datapath::start` + `local_rules::install_at_blocking`, the steps `brdivert run`
+//!   takes), since `apply` refuses that datapath. In-process, a test can flip a rule's
+//!   health directly (`Datapath::set_unhealthy`, what the daemon's checker calls) and read
+//!   the datapath's counters; `tests/daemon.rs` covers the same datapath under the real
+//!   `brdivert run` (start, reload, health, status, metrics, static FDB).
 
 use std::net::SocketAddr;
 use std::path::Path;
