@@ -1000,7 +1000,7 @@ mod tests {
 
     /// What a reload only warns about: the userspace datapath's ports, TAP name and
     /// addresses (fixed at start), never its static FDB entries (replaced by the reload);
-    /// on the kernel datapath `apply` takes ports, name and addresses as they come.
+    /// on the kernel datapath a reload sets them up again (`link::setup`).
     #[test]
     fn unreloadable_changes_by_datapath() {
         let base = "[bridge]\nports = [\"a\", \"b\"]\naddress = [\"10.0.0.1/24\"]\n";
