@@ -484,16 +484,18 @@ pub fn valid_ifname(name: &str) -> bool {
             .any(|c| c == '/' || c == ':' || c.is_whitespace())
 }
 
+/// Load a settings file holding `text` (written to a temporary directory), for unit tests.
+#[cfg(test)]
+pub(crate) fn load_str(text: &str) -> Result<Settings, Refused> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("brdivert.toml");
+    std::fs::write(&p, text).expect("writing the settings file");
+    Settings::load(&p)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn load_str(text: &str) -> Result<Settings, Refused> {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("brdivert.toml");
-        std::fs::write(&p, text).unwrap();
-        Settings::load(&p)
-    }
 
     #[test]
     fn defaults_fill_in() {

@@ -992,10 +992,7 @@ mod tests {
     use super::*;
 
     fn settings(text: &str) -> Settings {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join("brdivert.toml");
-        std::fs::write(&p, text).expect("write");
-        Settings::load(&p).unwrap_or_else(|e| panic!("{e}"))
+        crate::settings::load_str(text).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// What a reload only warns about: the userspace datapath's ports, TAP name and
@@ -1022,11 +1019,10 @@ mod tests {
         let mut new = old.clone();
         new.bridge.threads = Some(1);
         new.bridge.busy_poll_us = Some(0);
-        new.bridge.static_fdb = settings(&format!(
-            "{base}datapath = \"userspace\"\nstatic_fdb = [{{ mac = \"02:00:00:00:00:01\", port = \"a\" }}]\n"
-        ))
-        .bridge
-        .static_fdb;
+        new.bridge.static_fdb = vec![crate::settings::StaticFdbEntry {
+            mac: "02:00:00:00:00:01".into(),
+            port: "a".into(),
+        }];
         assert_eq!(
             unreloadable_changes(&old, &new),
             vec!["bridge.threads", "bridge.busy_poll_us"]

@@ -692,18 +692,12 @@ fn dr_rewrites_the_destination_mac_and_pins_the_realserver() {
 
 #[test]
 fn options_from_settings() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("brdivert.toml");
     let load = |extra: &str| {
-        std::fs::write(
-            &path,
-            format!(
-                "[bridge]\nports = [\"eth0\", \"eth1\"]\ndatapath = \"userspace\"\n{extra}\
-                 static_fdb = [{{ mac = \"02:00:00:00:00:01\", port = \"eth1\" }}]\n"
-            ),
-        )
-        .unwrap();
-        Options::from_settings(&Settings::load(&path).expect("valid settings"))
+        let text = format!(
+            "[bridge]\nports = [\"eth0\", \"eth1\"]\ndatapath = \"userspace\"\n{extra}\
+             static_fdb = [{{ mac = \"02:00:00:00:00:01\", port = \"eth1\" }}]\n"
+        );
+        Options::from_settings(&crate::settings::load_str(&text).expect("valid settings"))
     };
     let o = load("");
     assert_eq!((o.threads, o.spin), (0, DEFAULT_SPIN));
